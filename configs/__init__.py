@@ -1,0 +1,1 @@
+"""Experiment configs (installed as ``twomamba_jax.configs``): model size x mixer x data x schedule."""

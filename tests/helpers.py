@@ -1,0 +1,28 @@
+"""Shared test utilities: random inputs and relative errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def random_qkv(rng, batch=2, length=37, heads=3, key_dim=8, value_dim=5, dtype=jnp.float64,
+               decay=True, non_negative=False):
+    """Random (q, k, v, log_decay) with log-decays in [-0.5, 0]; q, k >= 0 when ``non_negative``."""
+    q = rng.standard_normal((batch, length, heads, key_dim))
+    k = rng.standard_normal((batch, length, heads, key_dim))
+    if non_negative:
+        q, k = np.abs(q), np.abs(k)
+    v = rng.standard_normal((batch, length, heads, value_dim))
+    log_decay = -rng.uniform(0.0, 0.5, (batch, length, heads)) if decay else None
+    cast = lambda x: None if x is None else jnp.asarray(x, dtype)
+    return cast(q), cast(k), cast(v), (None if log_decay is None else jnp.asarray(log_decay, jnp.float64))
+
+
+def rel_error(x, y) -> float:
+    """Frobenius-norm relative error ||x - y|| / ||y||, in float64."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    return float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-300))
+
+
+def tree_rel_error(xs, ys) -> float:
+    return max(rel_error(x, y) for x, y in zip(jax.tree.leaves(xs), jax.tree.leaves(ys), strict=True))

@@ -1,0 +1,93 @@
+"""Small building blocks: RMSNorm, the SwiGLU MLP and the causal depthwise convolution."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from twomamba_jax.nn import initializers as inits
+
+
+class RMSNorm(nnx.Module):
+    """``x / rms(x) * scale`` over the trailing ``len(shape)`` axes, computed in float32.
+
+    shape: the normalized trailing shape, e.g. (M,) or (H, d) (one RMS over all heads); axes: its logical names.
+    """
+
+    def __init__(self, shape: int | Sequence[int], *, axes: Sequence[str | None] = ("embed",), eps: float = 1e-5,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        self.eps = eps
+        self.scale = inits.make_param(rngs, inits.ones, shape, axes, param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        axes = tuple(range(-self.scale.ndim, 0))
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axes, keepdims=True) + self.eps)
+        return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class SwiGLU(nnx.Module):
+    """``down(silu(x @ gate) * (x @ up))``: (B, N, M) -> (B, N, M), hidden width ``mlp_dim``."""
+
+    def __init__(self, model_dim: int, mlp_dim: int, *, init: str = "torch", dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        inits.check_init(init)
+        self.dtype = dtype
+        self.gate = inits.make_param(rngs, inits.linear_weight(init, model_dim), (model_dim, mlp_dim),
+                                     ("embed", "mlp"), param_dtype)
+        self.up = inits.make_param(rngs, inits.linear_weight(init, model_dim), (model_dim, mlp_dim),
+                                   ("embed", "mlp"), param_dtype)
+        self.down = inits.make_param(rngs, inits.linear_weight(init, mlp_dim), (mlp_dim, model_dim),
+                                     ("mlp", "embed"), param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.dtype)
+        hidden = jax.nn.silu(x @ self.gate[...].astype(self.dtype)) * (x @ self.up[...].astype(self.dtype))
+        return hidden @ self.down[...].astype(self.dtype)
+
+
+class CausalConv(nnx.Module):
+    """Depthwise causal convolution over time, ``u_t = b + sum_{s<w} K[s] * p_{t-s}``, one filter per channel.
+
+    Channels may have any shape (e.g. (3, H, d) for fused q/k/v), named by ``channel_axes`` for sharding.
+    """
+
+    def __init__(self, window: int, channel_shape: Sequence[int], channel_axes: Sequence[str | None], *,
+                 use_bias: bool = True, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.window = window
+        self.kernel = inits.make_param(rngs, inits.conv_weight(window), (window, *channel_shape),
+                                       ("conv", *channel_axes), param_dtype)
+        self.bias = (inits.make_param(rngs, inits.conv_weight(window), tuple(channel_shape), channel_axes,
+                                      param_dtype) if use_bias else None)
+
+    def init_history(self, batch_size: int, dtype) -> jax.Array:
+        """Zero history (B, w - 1, *channels): the conv sees zeros before the first token."""
+        return jnp.zeros((batch_size, self.window - 1, *self.kernel.shape[1:]), dtype)
+
+    def __call__(self, x: jax.Array, history: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """x: (B, T, *channels); history: the w - 1 inputs before x (None = zeros).
+
+        Returns (u (B, T, *channels), the new history: the last w - 1 inputs).
+        """
+        if history is None:
+            history = self.init_history(x.shape[0], x.dtype)
+        padded = jnp.concatenate([history.astype(x.dtype), x], axis=1)
+        length = x.shape[1]
+        kernel = self.kernel[...].astype(x.dtype)
+        offset = self.window - 1
+        u = sum(kernel[s] * padded[:, offset - s: offset - s + length] for s in range(self.window))
+        if self.bias is not None:
+            u = u + self.bias[...].astype(x.dtype)
+        return u, padded[:, padded.shape[1] - offset:]
+
+
+def check_model_input(x, model_dim: int) -> None:
+    """Module inputs are (B, N, M) floating arrays with M = model_dim."""
+    if not hasattr(x, "ndim") or x.ndim != 3 or x.shape[-1] != model_dim:
+        raise ValueError(f"x: expected shape (B, N, {model_dim}); got {getattr(x, 'shape', type(x).__name__)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"x: expected a floating-point array; got dtype {x.dtype}")

@@ -1,0 +1,122 @@
+"""The Llama-style language model of SPEC section 4, with any mixer."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from twomamba_jax import ops
+from twomamba_jax.nn import initializers as inits
+from twomamba_jax.nn.attention import AttentionConfig, SoftmaxAttention
+from twomamba_jax.nn.layers import RMSNorm, SwiGLU
+from twomamba_jax.nn.mamba2 import Mamba2, Mamba2Config
+from twomamba_jax.nn.mixer import DecayedAttention, MixerConfig
+
+AnyMixerConfig = MixerConfig | Mamba2Config | AttentionConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Sizes and mixer of a ``LanguageModel``.
+
+    mixer: a ``MixerConfig`` (decayed attention), ``Mamba2Config`` or ``AttentionConfig`` (softmax);
+      ``twomamba_jax.presets.mixer_config(name)`` gives the named ones.
+    dtype: compute dtype (e.g. jnp.bfloat16); param_dtype: parameter dtype (float32 recommended).
+    """
+
+    vocab_size: int
+    model_dim: int
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    mlp_dim: int
+    mixer: AnyMixerConfig = MixerConfig()
+    init: str = "torch"
+    norm_eps: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def __post_init__(self):
+        for name in ("vocab_size", "model_dim", "num_layers", "num_heads", "head_dim", "mlp_dim"):
+            ops.validation.check_positive_int(name, getattr(self, name))
+        inits.check_init(self.init)
+        if not isinstance(self.mixer, AnyMixerConfig):
+            raise ValueError("mixer: expected a MixerConfig, Mamba2Config or AttentionConfig "
+                             f"(see twomamba_jax.presets.mixer_config); got {self.mixer!r}")
+
+
+def make_mixer(config: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
+    """The sequence mixer that ``config.mixer`` describes, at the model's width."""
+    common = dict(init=config.init, dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
+    mixer = config.mixer
+    if isinstance(mixer, Mamba2Config):
+        return Mamba2(config.model_dim, mixer, **common)
+    cls = SoftmaxAttention if isinstance(mixer, AttentionConfig) else DecayedAttention
+    return cls(config.model_dim, config.num_heads, config.head_dim, mixer, **common)
+
+
+class Block(nnx.Module):
+    """``x += mixer(RMSNorm(x)); x += SwiGLU(RMSNorm(x))``."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        norm = dict(eps=config.norm_eps, param_dtype=config.param_dtype, rngs=rngs)
+        self.mixer_norm = RMSNorm(config.model_dim, **norm)
+        self.mixer = make_mixer(config, rngs)
+        self.mlp_norm = RMSNorm(config.model_dim, **norm)
+        self.mlp = SwiGLU(config.model_dim, config.mlp_dim, init=config.init, dtype=config.dtype,
+                          param_dtype=config.param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.mixer(self.mixer_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+    def step(self, x: jax.Array, cache):
+        y, cache = self.mixer.step(self.mixer_norm(x), cache)
+        x = x + y
+        return x + self.mlp(self.mlp_norm(x)), cache
+
+
+class LanguageModel(nnx.Module):
+    """Decoder-only LM: tokens (B, N) int -> logits (B, N, vocab) float32. Untied embedding and LM head."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed = inits.make_param(rngs, inits.normal(), (config.vocab_size, config.model_dim),
+                                      ("vocab", "embed"), config.param_dtype)
+        self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.final_norm = RMSNorm(config.model_dim, eps=config.norm_eps, param_dtype=config.param_dtype, rngs=rngs)
+        self.lm_head = inits.make_param(rngs, inits.normal(), (config.model_dim, config.vocab_size),
+                                        ("embed", "vocab"), config.param_dtype)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """tokens: (B, N) integer ids -> logits (B, N, vocab_size) float32."""
+        x = self._embed(tokens)
+        for block in self.blocks:
+            x = block(x)
+        return self._logits(x)
+
+    def init_cache(self, batch_size: int, max_len: int) -> tuple:
+        """One decoding cache per block; ``max_len`` bounds the KV caches (softmax, exp)."""
+        return tuple(block.mixer.init_cache(batch_size, max_len) for block in self.blocks)
+
+    def step(self, tokens: jax.Array, cache: tuple) -> tuple[jax.Array, tuple]:
+        """Advance over tokens: (B, T) (a prompt, or one token). Returns (logits (B, T, vocab), cache)."""
+        x = self._embed(tokens)
+        new_cache = []
+        for block, block_cache in zip(self.blocks, cache, strict=True):
+            x, block_cache = block.step(x, block_cache)
+            new_cache.append(block_cache)
+        return self._logits(x), tuple(new_cache)
+
+    def _embed(self, tokens):
+        if not hasattr(tokens, "ndim") or tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens: expected an integer array of shape (B, N); got "
+                             f"{getattr(tokens, 'shape', type(tokens).__name__)} {getattr(tokens, 'dtype', '')}")
+        return jnp.take(self.embed[...], tokens, axis=0).astype(self.config.dtype)
+
+    def _logits(self, x):
+        x = self.final_norm(x)
+        return jnp.einsum("bnm,mv->bnv", x, self.lm_head[...].astype(x.dtype), preferred_element_type=jnp.float32)

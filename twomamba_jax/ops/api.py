@@ -1,0 +1,153 @@
+"""The public entry points: ``decayed_attention`` (whole sequences) and ``decayed_attention_step`` (one token)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+
+from twomamba_jax.ops.chunked import chunked_attention
+from twomamba_jax.ops.recurrent import recurrent_step
+from twomamba_jax.ops.reference import reference_attention
+from twomamba_jax.ops.state import AttentionState, check_state
+from twomamba_jax.ops.validation import check_normalize, check_positive_int, check_power, check_qkv, check_scale
+
+IMPLS = ("auto", "reference", "chunked", "associative")
+DEFAULT_CHUNK_SIZE = 64
+
+# Up to this many tokens "auto" takes the dense form: at short N one masked matmul beats the chunked form's
+# F x dv state traffic on every backend (see benchmarks/ops_cpu.py). Pallas kernels take over on accelerators.
+DENSE_MAX_LEN = 1024
+
+
+def _resolve_impl(impl: str, power, length: int) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}; got {impl!r}")
+    if power == "exp":
+        if impl in ("chunked", "associative"):
+            raise ValueError(
+                f'impl: power="exp" has no finite state, so only the dense form exists; use impl="reference" '
+                f'or "auto"; got {impl!r}'
+            )
+        return "reference"
+    if impl == "auto":
+        return "reference" if length <= DENSE_MAX_LEN else "chunked"
+    return impl
+
+
+def _keep_dtypes(new_state, old_state):
+    """A state passed in comes back in the same dtypes (so it can be a lax.scan carry)."""
+    if old_state is None:
+        return new_state
+    return jax.tree.map(lambda new, old: new.astype(old.dtype), new_state, old_state)
+
+
+def decayed_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    log_decay: jax.Array | None = None,
+    *,
+    power: int | str,
+    normalize: str | None,
+    scale: float | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    impl: str = "auto",
+    initial_state: AttentionState | None = None,
+    return_state: bool = False,
+):
+    """Causal decayed attention ``y_i = sum_{j<=i} f(s_ij) exp(g_i - g_j) v_j`` (optionally / its row sum).
+
+    Args:
+      q: (B, N, H, dk) queries.
+      k: (B, N, H, dk) keys.
+      v: (B, N, H, dv) values; dv may differ from dk (Mamba-2: dk = d_state, dv = head dim).
+      log_decay: (B, N, H) per-token log-decay ``a_t <= 0``; ``g = cumsum(a)``. None means no decay.
+      power: 1 (f(s) = s), 2 (f(s) = s^2, 2Mamba) or "exp" (f(s) = exp(s), 2Mamba-E).
+      normalize: "softmax" divides by ``sum_j w_ij`` (the weights must be >= 0: power 1 needs non-negative
+        q, k, e.g. a ReLU); None leaves the sum unnormalized (the module's output RMSNorm follows).
+      scale: ``s_ij = scale * q_i . k_j``; default ``1 / sqrt(dk)``.
+      chunk_size: tokens per chunk for "chunked" and "associative"; N need not be a multiple of it.
+      impl: "reference" (dense O(N^2)), "chunked" (lax.scan over chunks), "associative" (associative_scan
+        over chunk summaries), or "auto" (dense up to ``DENSE_MAX_LEN`` tokens, chunked beyond). Power "exp"
+        has no finite state and always runs dense.
+      initial_state: the state of the tokens before this sequence, as returned with ``return_state=True``
+        or made by ``init_state``: a ``RecurrentState`` (powers 1, 2) or a ``KVCache`` (exp; it must have room
+        for N more tokens).
+      return_state: also return the state after the last token, for ``decayed_attention_step``.
+
+    Returns:
+      y: (B, N, H, dv) in q's dtype, or ``(y, state)`` with ``return_state=True``.
+    """
+    check_qkv(q, k, v, log_decay, token_axis=True)
+    check_power(power)
+    check_normalize(normalize)
+    check_scale(scale)
+    check_positive_int("chunk_size", chunk_size)
+    batch, length, heads, dk = q.shape
+    dv = v.shape[-1]
+    impl = _resolve_impl(impl, power, length)
+    if initial_state is not None:
+        check_state(initial_state, batch_size=batch, num_heads=heads, key_dim=dk, value_dim=dv,
+                    power=power, normalize=normalize)
+        _check_cache_room(initial_state, length)
+    scale = 1.0 / math.sqrt(dk) if scale is None else float(scale)
+
+    common = dict(power=power, normalize=normalize, scale=scale, initial_state=initial_state,
+                  return_state=return_state)
+    if impl == "reference":
+        out = reference_attention(q, k, v, log_decay, **common)
+    else:
+        state_pass = "scan" if impl == "chunked" else "associative"
+        out = chunked_attention(q, k, v, log_decay, chunk_size=chunk_size, state_pass=state_pass, **common)
+    if return_state:
+        y, state = out
+        return y, _keep_dtypes(state, initial_state)
+    return out
+
+
+def _check_cache_room(state, length: int) -> None:
+    """A KV cache must hold the new tokens: nothing is silently dropped (checked when the length is concrete)."""
+    if not hasattr(state, "length"):
+        return
+    capacity = state.keys.shape[1]
+    if length > capacity:
+        raise ValueError(f"initial_state: the KV cache holds {capacity} tokens; got {length} new tokens")
+    if not isinstance(state.length, jax.core.Tracer) and int(state.length) + length > capacity:
+        raise ValueError(
+            f"initial_state: the KV cache holds {capacity} tokens and has {int(state.length)}; "
+            f"no room for {length} more"
+        )
+
+
+def decayed_attention_step(
+    q_t: jax.Array,
+    k_t: jax.Array,
+    v_t: jax.Array,
+    log_decay_t: jax.Array | None,
+    state: AttentionState,
+    *,
+    power: int | str,
+    normalize: str | None,
+    scale: float | None = None,
+):
+    """One decoding step of ``decayed_attention``.
+
+    Args:
+      q_t, k_t: (B, H, dk); v_t: (B, H, dv); log_decay_t: (B, H) or None.
+      state: from ``init_state`` or ``decayed_attention(..., return_state=True)``.
+
+    Returns:
+      (y_t (B, H, dv) in q_t's dtype, the state after this token, in the dtypes of ``state``).
+    """
+    check_qkv(q_t, k_t, v_t, log_decay_t, token_axis=False)
+    check_power(power)
+    check_normalize(normalize)
+    check_scale(scale)
+    batch, heads, dk = q_t.shape
+    check_state(state, batch_size=batch, num_heads=heads, key_dim=dk, value_dim=v_t.shape[-1],
+                power=power, normalize=normalize, name="state")
+    _check_cache_room(state, 1)
+    scale = 1.0 / math.sqrt(dk) if scale is None else float(scale)
+    y, new_state = recurrent_step(q_t, k_t, v_t, log_decay_t, state, power=power, normalize=normalize, scale=scale)
+    return y, _keep_dtypes(new_state, state)

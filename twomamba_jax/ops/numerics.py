@@ -1,0 +1,27 @@
+"""Numerical conventions shared by every implementation of the ops."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Softmax-normalized outputs divide by a sum of non-negative weights; a sum that is exactly zero
+# (e.g. a ReLU that zeroed every key) must give 0, not NaN.
+NORMALIZER_EPS = 1e-8
+
+
+def compute_dtype(*xs: jax.Array) -> jnp.dtype:
+    """float32 for half-precision inputs (decays, cumsums and accumulators need it), float64 for float64."""
+    return jnp.result_type(jnp.float32, *(x.dtype for x in xs))
+
+
+def normalized(numerator: jax.Array, normalizer: jax.Array | None) -> jax.Array:
+    """``numerator / normalizer`` with the normalizer broadcast over the last (value) axis; identity when None."""
+    if normalizer is None:
+        return numerator
+    return numerator / jnp.maximum(normalizer, NORMALIZER_EPS)[..., None]
+
+
+def masked_decay(g_query: jax.Array, g_key: jax.Array, mask: jax.Array) -> jax.Array:
+    """``exp(g_i - g_j)`` where mask, else 0, masking before the exp so no inf (and no inf * 0) appears."""
+    return jnp.exp(jnp.where(mask, g_query[..., :, None] - g_key[..., None, :], -jnp.inf))
