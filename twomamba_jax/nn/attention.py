@@ -46,10 +46,11 @@ class AttentionCache(NamedTuple):
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     """Rotary embedding (rotate-half form). x: (B, T, H, d) with d even; positions: (T,) integer."""
     half = x.shape[-1] // 2
-    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq  # (T, d/2)
+    dtype = jnp.promote_types(x.dtype, jnp.float32)  # angles of late positions need float32 at least
+    inv_freq = theta ** (-jnp.arange(half, dtype=dtype) / half)
+    angles = positions.astype(dtype)[:, None] * inv_freq  # (T, d/2)
     sin, cos = jnp.sin(angles)[:, None, :], jnp.cos(angles)[:, None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    x1, x2 = jnp.split(x.astype(dtype), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 

@@ -68,4 +68,4 @@ def make_param(
     """A parameter carrying logical axis names (one per dim) for sharding rules to map onto a mesh."""
     if len(axes) != len(shape):
         raise ValueError(f"axes: expected one name per dim of shape {tuple(shape)}; got {tuple(axes)}")
-    return nnx.Param(initializer(rngs.params(), tuple(shape), dtype), sharding=tuple(axes), eager_sharding=False)
+    return nnx.Param(initializer(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes), eager_sharding=False)

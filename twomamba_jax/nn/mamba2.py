@@ -71,7 +71,8 @@ def ssd(x, dt, A, B, C, *, chunk_size=ops.DEFAULT_CHUNK_SIZE, impl="auto", initi
     keys = jnp.repeat(B, heads // groups, axis=2)
     queries = jnp.repeat(C, heads // groups, axis=2)
     values = x * dt[..., None].astype(x.dtype)
-    log_decay = A.astype(jnp.float32) * dt.astype(jnp.float32)
+    decay_dtype = jnp.promote_types(dt.dtype, jnp.float32)
+    log_decay = A.astype(decay_dtype) * dt.astype(decay_dtype)
     return ops.decayed_attention(queries, keys, values, log_decay, power=1, normalize=None, scale=1.0,
                                  chunk_size=chunk_size, impl=impl, initial_state=initial_state,
                                  return_state=return_state)
@@ -149,8 +150,9 @@ class Mamba2(nnx.Module):
         xs = xs.reshape(batch, length, self.num_heads, cfg.head_dim)
         B = B.reshape(batch, length, cfg.num_groups, cfg.d_state)
         C = C.reshape(batch, length, cfg.num_groups, cfg.d_state)
-        dt = jax.nn.softplus(dt_raw.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
-        A = -jnp.exp(self.A_log[...].astype(jnp.float32))
+        f32 = jnp.promote_types(dtype, jnp.float32)  # decays in float32 at least
+        dt = jax.nn.softplus(dt_raw.astype(f32) + self.dt_bias[...].astype(f32))
+        A = -jnp.exp(self.A_log[...].astype(f32))
 
         common = dict(chunk_size=cfg.chunk_size, impl=cfg.impl)
         if cache is None:
@@ -161,10 +163,10 @@ class Mamba2(nnx.Module):
         y = y + xs * (D if cfg.d_has_hdim else D[:, None])
 
         # Gated RMSNorm (norm after the gate), one RMS per group of heads.
-        gated = (y * jax.nn.silu(z.reshape(y.shape))).astype(jnp.float32)
+        gated = (y * jax.nn.silu(z.reshape(y.shape))).astype(f32)
         grouped = gated.reshape(batch, length, cfg.num_groups, -1)
         grouped = grouped * jax.lax.rsqrt(jnp.mean(grouped**2, axis=-1, keepdims=True) + cfg.norm_eps)
-        y = grouped.reshape(y.shape) * self.norm_scale[...].astype(jnp.float32)
+        y = grouped.reshape(y.shape) * self.norm_scale[...].astype(f32)
         y = y.reshape(batch, length, self.d_ssm).astype(dtype)
         if self.d_mlp:
             y = jnp.concatenate([jax.nn.silu(z0) * x0, y], axis=-1)

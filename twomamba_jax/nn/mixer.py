@@ -154,13 +154,14 @@ class DecayedAttention(nnx.Module):
                 p = jax.nn.silu(p)
         q, k, v = p[:, :, 0], p[:, :, 1], p[:, :, 2]
 
-        # Decays and dt in float32 whatever the compute dtype (SPEC section 2, numerics).
-        x32 = x.astype(jnp.float32)
-        dt = jax.nn.softplus(x32 @ self.dt_proj[...].astype(jnp.float32)) if cfg.needs_dt else None
+        # Decays and dt in float32 (or wider) whatever the compute dtype (SPEC section 2, numerics).
+        f32 = jnp.promote_types(dtype, jnp.float32)
+        x32 = x.astype(f32)
+        dt = jax.nn.softplus(x32 @ self.dt_proj[...].astype(f32)) if cfg.needs_dt else None
         if cfg.decay == "original":
-            log_decay = -jnp.exp(self.A_log[...].astype(jnp.float32)) * dt
+            log_decay = -jnp.exp(self.A_log[...].astype(f32)) * dt
         elif cfg.decay == "softplus":
-            log_decay = -jax.nn.softplus(x32 @ self.decay_proj[...].astype(jnp.float32))
+            log_decay = -jax.nn.softplus(x32 @ self.decay_proj[...].astype(f32))
         else:
             log_decay = None
         residual = v * self.D[...].astype(dtype) if cfg.d_residual else None

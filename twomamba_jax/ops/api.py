@@ -16,8 +16,9 @@ IMPLS = ("auto", "reference", "chunked", "associative")
 DEFAULT_CHUNK_SIZE = 64
 
 # Up to this many tokens "auto" takes the dense form: at short N one masked matmul beats the chunked form's
-# F x dv state traffic on every backend (see benchmarks/ops_cpu.py). Pallas kernels take over on accelerators.
-DENSE_MAX_LEN = 1024
+# F x dv state traffic. Measured on CPU (benchmarks/ops_cpu.py, power 2, d = 64), forward and backward
+# cross near 2k tokens; memory of the dense form grows as N^2, so beyond this the chunked form is used.
+DENSE_MAX_LEN = 2048
 
 
 def _resolve_impl(impl: str, power, length: int) -> str:

@@ -1,0 +1,122 @@
+"""Every named mixer and every paper config: builds, is causal, decodes like its forward pass, trains in bf16."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from twomamba_jax import nn, presets
+
+MODEL_DIM, HEADS, HEAD_DIM = 32, 2, 16
+SMALL_MAMBA = dict(head_dim=16, d_state=8)
+
+
+def _mixer(name, dtype=jnp.float64, **overrides):
+    config = presets.mixer_config(name, **overrides)
+    if isinstance(config, nn.Mamba2Config):
+        import dataclasses
+
+        d_ssm = 16 if config.d_ssm else None
+        config = dataclasses.replace(config, d_ssm=d_ssm, **SMALL_MAMBA)
+    model = nn.ModelConfig(vocab_size=11, model_dim=MODEL_DIM, num_layers=1, num_heads=HEADS, head_dim=HEAD_DIM,
+                           mlp_dim=64, mixer=config, dtype=dtype, param_dtype=dtype)
+    return nn.make_mixer(model, nnx.Rngs(0))
+
+
+def _impls(name):
+    """Powers 1 and 2 are checked on both algorithms (chunk 4 makes several chunks); others have one path."""
+    config = presets.mixer_config(name)
+    if isinstance(config, nn.MixerConfig) and config.power != "exp":
+        return [dict(impl="reference"), dict(impl="chunked", chunk_size=4), dict(impl="associative", chunk_size=4)]
+    return [dict(impl="chunked", chunk_size=4)] if isinstance(config, nn.Mamba2Config) else [{}]
+
+
+ALL = [(name, kw) for name in presets.MIXER_PRESETS for kw in _impls(name)]
+
+
+def _x(rng, length=13, dtype=jnp.float64):
+    return jnp.asarray(rng.standard_normal((2, length, MODEL_DIM)), dtype)
+
+
+def test_paper_configs_are_the_28_of_the_paper():
+    assert len(presets.PAPER_CONFIGS) == 28
+    flags = presets.PAPER_CONFIGS["squared__sm_norm__A_mask_type_neg_softplus__in_conv_k_2"]
+    assert flags == presets.MIXER_PRESETS["2mamba"]
+    assert presets.PAPER_CONFIGS["exp__sm_norm__A_mask_type_neg_softplus__in_conv_k_2"] == presets.MIXER_PRESETS[
+        "2mamba-e"]
+    assert presets.PAPER_CONFIGS["linear__output_norm__A_mask_type_discretize"].decay == "original"
+
+
+@pytest.mark.parametrize("name", sorted(presets.PAPER_CONFIGS))
+def test_every_paper_config_runs(rng, name):
+    y = _mixer(name)(_x(rng))
+    assert y.shape == (2, 13, MODEL_DIM) and bool(jnp.all(jnp.isfinite(y)))
+
+
+@pytest.mark.parametrize("name,kw", ALL)
+def test_causal(rng, name, kw):
+    """Changing token t leaves every output before t untouched."""
+    mixer = _mixer(name, **kw)
+    x = _x(rng)
+    t = 7
+    y = mixer(x)
+    y_changed = mixer(x.at[:, t].add(jnp.asarray(rng.standard_normal((2, MODEL_DIM)))))
+    np.testing.assert_allclose(y_changed[:, :t], y[:, :t], rtol=0, atol=1e-12)
+    assert not np.allclose(y_changed[:, t], y[:, t])
+
+
+@pytest.mark.parametrize("name,kw", ALL)
+def test_decode_equals_forward(rng, name, kw):
+    """Prefill 6 tokens, then step the other 7 one at a time.
+
+    float64 throughout, so 1e-10; softmax attention gets 1e-6 since jax.nn.dot_product_attention takes its
+    softmax in float32.
+    """
+    mixer = _mixer(name, **kw)
+    x = _x(rng)
+    y = mixer(x)
+    cache = mixer.init_cache(2, max_len=16)
+    y_prefill, cache = mixer.step(x[:, :6], cache)
+    ys = [y_prefill]
+    for t in range(6, 13):
+        y_t, cache = mixer.step(x[:, t:t + 1], cache)
+        ys.append(y_t)
+    tol = 1e-6 if name == "softmax" else 1e-10
+    np.testing.assert_allclose(jnp.concatenate(ys, axis=1), y, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("name", sorted(presets.MIXER_PRESETS))
+def test_bf16_outputs_and_gradients_are_finite(rng, name):
+    mixer = _mixer(name, dtype=jnp.bfloat16)
+    x = _x(rng, length=40, dtype=jnp.bfloat16)
+
+    def loss(mixer, x):
+        return jnp.mean(mixer(x).astype(jnp.float32) ** 2)
+
+    value, grads = nnx.value_and_grad(loss)(mixer, x)
+    assert mixer(x).dtype == jnp.bfloat16
+    assert np.isfinite(float(value))
+    leaves = jax.tree.leaves(grads)
+    assert leaves and all(bool(jnp.all(jnp.isfinite(g.astype(jnp.float32)))) for g in leaves)
+    assert any(float(jnp.max(jnp.abs(g.astype(jnp.float32)))) > 0 for g in leaves)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="name: expected a mixer preset"):
+        presets.mixer_config("3mamba")
+    with pytest.raises(ValueError, match="size: expected one of"):
+        presets.model_config("huge")
+
+
+def test_bad_mixer_flags():
+    with pytest.raises(ValueError, match="qk_activation: power=1 with norm='softmax'"):
+        nn.MixerConfig(power=1, norm="softmax")
+    with pytest.raises(ValueError, match="norm: expected one of"):
+        nn.MixerConfig(norm="layer")
+    with pytest.raises(ValueError, match="decay: expected one of"):
+        nn.MixerConfig(decay="exp")
+    with pytest.raises(ValueError, match="power: expected one of"):
+        nn.MixerConfig(power=3)
+    with pytest.raises(ValueError, match="conv_window: expected a non-negative integer"):
+        nn.MixerConfig(conv_window=-1)
