@@ -26,3 +26,17 @@ def rel_error(x, y) -> float:
 
 def tree_rel_error(xs, ys) -> float:
     return max(rel_error(x, y) for x, y in zip(jax.tree.leaves(xs), jax.tree.leaves(ys), strict=True))
+
+
+def prefill_then_step(module, inputs, prefill: int, max_len: int):
+    """Decode ``inputs`` (B, N, ...) through ``module.step``: the first ``prefill`` at once, then one at a time.
+
+    Returns the outputs concatenated along N, to compare with one forward pass.
+    """
+    cache = module.init_cache(inputs.shape[0], max_len=max_len)
+    out, cache = module.step(inputs[:, :prefill], cache)
+    outs = [out]
+    for t in range(prefill, inputs.shape[1]):
+        out, cache = module.step(inputs[:, t:t + 1], cache)
+        outs.append(out)
+    return jnp.concatenate(outs, axis=1)

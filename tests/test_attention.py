@@ -3,6 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from helpers import prefill_then_step
 
 from twomamba_jax import nn
 
@@ -27,13 +28,7 @@ def test_grouped_query_attention_decode_equals_forward(rng):
     assert layer.k_proj.shape == (32, 2, 8)
     x = jnp.asarray(rng.standard_normal((2, 10, 32)))
     y = layer(x)
-    cache = layer.init_cache(2, max_len=12)
-    y_prefill, cache = layer.step(x[:, :4], cache)
-    outs = [y_prefill]
-    for t in range(4, 10):
-        y_t, cache = layer.step(x[:, t:t + 1], cache)
-        outs.append(y_t)
     # jax.nn.dot_product_attention takes its softmax in float32, hence 1e-6.
-    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), y, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(prefill_then_step(layer, x, prefill=4, max_len=12), y, rtol=1e-6, atol=1e-6)
     y_changed = layer(x.at[:, 6].add(1.0))
     np.testing.assert_allclose(y_changed[:, :6], y[:, :6], rtol=0, atol=1e-12)

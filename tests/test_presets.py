@@ -1,10 +1,13 @@
 """Every named mixer and every paper config: builds, is causal, decodes like its forward pass, trains in bf16."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import prefill_then_step
 
 from twomamba_jax import nn, presets
 
@@ -15,8 +18,6 @@ SMALL_MAMBA = dict(head_dim=16, d_state=8)
 def _mixer(name, dtype=jnp.float64, **overrides):
     config = presets.mixer_config(name, **overrides)
     if isinstance(config, nn.Mamba2Config):
-        import dataclasses
-
         d_ssm = 16 if config.d_ssm else None
         config = dataclasses.replace(config, d_ssm=d_ssm, **SMALL_MAMBA)
     model = nn.ModelConfig(vocab_size=11, model_dim=MODEL_DIM, num_layers=1, num_heads=HEADS, head_dim=HEAD_DIM,
@@ -76,14 +77,8 @@ def test_decode_equals_forward(rng, name, kw):
     mixer = _mixer(name, **kw)
     x = _x(rng)
     y = mixer(x)
-    cache = mixer.init_cache(2, max_len=16)
-    y_prefill, cache = mixer.step(x[:, :6], cache)
-    ys = [y_prefill]
-    for t in range(6, 13):
-        y_t, cache = mixer.step(x[:, t:t + 1], cache)
-        ys.append(y_t)
     tol = 1e-6 if name == "softmax" else 1e-10
-    np.testing.assert_allclose(jnp.concatenate(ys, axis=1), y, rtol=tol, atol=tol)
+    np.testing.assert_allclose(prefill_then_step(mixer, x, prefill=6, max_len=16), y, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("name", sorted(presets.MIXER_PRESETS))
