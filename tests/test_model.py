@@ -74,12 +74,30 @@ def test_initialization_schemes(init):
     assert np.abs(conv).max() <= 1 / np.sqrt(2)
 
 
-def test_bf16_compute_with_float32_parameters(rng):
-    config = presets.model_config("tiny", vocab_size=32, dtype=jnp.bfloat16)
+@pytest.mark.parametrize("mixer", ["2mamba", "softmax", "mamba2"])
+def test_bf16_compute_with_float32_parameters(rng, mixer):
+    config = presets.model_config("tiny", mixer=mixer, vocab_size=32, dtype=jnp.bfloat16)
     model = nn.LanguageModel(config, rngs=nnx.Rngs(0))
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    logits = model(jnp.asarray(rng.integers(0, 32, (2, 70))))
+    tokens = jnp.asarray(rng.integers(0, 32, (2, 70)))
+    logits = model(tokens)
     assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
+    grads = nnx.grad(lambda m: jnp.mean(jax.nn.log_softmax(m(tokens)) ** 2))(model)
+    assert all(g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
+def test_expected_partition_names():
+    model = nn.LanguageModel(presets.model_config("tiny", vocab_size=16), rngs=nnx.Rngs(0))
+    specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
+    P = jax.sharding.PartitionSpec
+    block = specs["blocks"][0]
+    assert specs["embed"].get_value() == P("vocab", "embed")
+    assert specs["lm_head"].get_value() == P("embed", "vocab")
+    assert block["mixer"]["qkv"].get_value() == P("embed", None, "heads", "head_dim")
+    assert block["mixer"]["out"].get_value() == P("heads", "head_dim", "embed")
+    assert block["mixer"]["conv"]["kernel"].get_value() == P("conv", None, "heads", "head_dim")
+    assert block["mlp"]["gate"].get_value() == P("embed", "mlp")
+    assert block["mlp"]["down"].get_value() == P("mlp", "embed")
 
 
 def test_bad_inputs():
@@ -92,5 +110,11 @@ def test_bad_inputs():
     model = nn.LanguageModel(presets.model_config("tiny", vocab_size=16), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"tokens: expected an integer array of shape \(B, N\)"):
         model(jnp.zeros((2, 3, 4), jnp.int32))
+    with pytest.raises(ValueError, match=r"tokens: expected ids in \[0, 16\)"):
+        model(jnp.full((1, 3), 16))
+    with pytest.raises(ValueError, match="overrides:"):
+        presets.mixer_config("2mamba", powr=2)
+    with pytest.raises(ValueError, match="norm: power='exp' needs norm='softmax'"):
+        nn.MixerConfig(power="exp", norm="output")
     with pytest.raises(ValueError, match="num_kv_heads: expected a divisor of num_heads=4"):
         nn.SoftmaxAttention(128, 4, 32, nn.AttentionConfig(num_kv_heads=3), rngs=nnx.Rngs(0))

@@ -83,16 +83,42 @@ def test_gradients_agree_with_the_dense_oracle(rng, power, normalize, decay, imp
         assert tree_rel_error(g, e) < TOL, name
 
 
+def _exp_oracle(q, k, v, log_decay, normalize):
+    """exp attention written out directly: w_ij = exp(s_ij + sum_{j<t<=i} a_t), j <= i."""
+    length = q.shape[1]
+    a = jnp.zeros(q.shape[:3]) if log_decay is None else log_decay
+    g = jnp.cumsum(a, axis=1)
+    logits = jnp.einsum("bihd,bjhd->bhij", q, k) / jnp.sqrt(q.shape[-1])
+    logits = logits + (g[:, :, None] - g[:, None, :]).transpose(0, 3, 1, 2)
+    logits = jnp.where(jnp.tril(jnp.ones((length, length), bool)), logits, -jnp.inf)
+    weights = jax.nn.softmax(logits, -1) if normalize else jnp.exp(logits)
+    return jnp.einsum("bhij,bjhe->bihe", weights, v)
+
+
+@pytest.mark.parametrize("normalize", ["softmax", None])
+def test_exp_values_and_gradients_match_the_direct_form(rng, normalize):
+    q, k, v, log_decay = random_qkv(rng, length=19)
+    cotangent = jnp.asarray(rng.standard_normal(v.shape))
+    loss = lambda fn: lambda *x: jnp.sum(fn(*x) * cotangent)
+    ours = lambda q, k, v, a: ops.decayed_attention(q, k, v, a, power="exp", normalize=normalize)
+    direct = lambda q, k, v, a: _exp_oracle(q, k, v, a, normalize)
+    assert rel_error(ours(q, k, v, log_decay), direct(q, k, v, log_decay)) < TOL
+    got = jax.grad(loss(ours), (0, 1, 2, 3))(q, k, v, log_decay)
+    expected = jax.grad(loss(direct), (0, 1, 2, 3))(q, k, v, log_decay)
+    for name, g, e in zip("q k v log_decay".split(), got, expected):
+        assert rel_error(g, e) < TOL, name
+
+
 @pytest.mark.parametrize("normalize", ["softmax", None])
 @pytest.mark.parametrize("decay", [True, False])
 def test_exp_prefill_then_steps_equals_one_pass(rng, normalize, decay):
     q, k, v, log_decay = random_qkv(rng, decay=decay)
     kw = dict(power="exp", normalize=normalize)
     y_ref = ops.decayed_attention(q, k, v, log_decay, impl="reference", **kw)
-    cache = ops.init_state(q.shape[0], q.shape[2], q.shape[3], v.shape[3], max_len=40, dtype=q.dtype, **kw)
     split = 20
     first = (q[:, :split], k[:, :split], v[:, :split], None if log_decay is None else log_decay[:, :split])
-    y_prefill, cache = ops.decayed_attention(*first, initial_state=cache, return_state=True, **kw)
+    # The prefill makes its own cache, with room for the tokens still to come.
+    y_prefill, cache = ops.decayed_attention(*first, return_state=True, max_len=40, **kw)
     rest = (q[:, split:], k[:, split:], v[:, split:], None if log_decay is None else log_decay[:, split:])
     y_steps, cache = _steps(*rest, cache, **kw)
     assert int(cache.length) == q.shape[1]

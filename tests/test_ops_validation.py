@@ -1,6 +1,7 @@
 """Bad input gets a ValueError that names the argument and says what was expected."""
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from helpers import random_qkv
 
@@ -78,7 +79,7 @@ def test_bad_states(qkv):
     with pytest.raises(ValueError, match="state: power=2 expects a RecurrentState"):
         ops.decayed_attention_step(q[:, 0], k[:, 0], v[:, 0], a[:, 0], None, power=2, normalize=None)
     cache = ops.init_state(1, 2, 4, 3, power="exp", normalize="softmax", max_len=4)
-    with pytest.raises(ValueError, match="initial_state: the KV cache holds 4 tokens"):
+    with pytest.raises(ValueError, match="initial_state: the cache holds 4 tokens"):
         _call(q, k, v, power="exp", initial_state=cache)
     with pytest.raises(ValueError, match='max_len: power="exp" keeps a KV cache'):
         ops.init_state(1, 2, 4, 3, power="exp", normalize=None)
@@ -91,3 +92,18 @@ def test_step_shapes(qkv):
     state = ops.init_state(1, 2, 4, 3, power=1, normalize=None)
     with pytest.raises(ValueError, match=r"q: expected shape \(B, H, dk\)"):
         ops.decayed_attention_step(q, k, v, a, state, power=1, normalize=None)
+
+
+def test_more_bad_values(qkv):
+    q, k, v, a = qkv
+    with pytest.raises(ValueError, match="log_decay: expected values <= 0"):
+        _call(q, k, v, a.at[0, 0, 0].set(jnp.nan))
+    with pytest.raises(ValueError, match=r"q: expected at least one token \(N >= 1\)"):
+        _call(q[:, :0], k[:, :0], v[:, :0])
+    with pytest.raises(ValueError, match="scale: expected a positive finite number"):
+        _call(q, k, v, scale=True)
+    assert _call(q, k, v, scale=np.float32(0.5)).shape == v.shape
+    with pytest.raises(ValueError, match='max_len: sizes the KV cache of power="exp"'):
+        _call(q, k, v, max_len=10)
+    with pytest.raises(ValueError, match='max_len: sizes the KV cache of power="exp"'):
+        _call(q, k, v, power="exp", max_len=3)

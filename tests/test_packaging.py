@@ -2,14 +2,15 @@
 
 import importlib
 import importlib.metadata
+import importlib.util
 
 
 def test_subpackages_are_installed_under_twomamba_jax():
     for name in ("kernels", "train", "configs"):
         module = importlib.import_module(f"twomamba_jax.{name}")
         assert module.__file__.endswith(f"{name}/__init__.py")
-    files = [str(f) for f in importlib.metadata.files("twomamba_jax")]
-    assert not [f for f in files if f.split("/")[0] in ("kernels", "train", "configs")]
+        assert importlib.util.find_spec(name) is None, f"a bare top-level '{name}' package is importable"
+    assert importlib.import_module("twomamba_jax.kernels.chunked").chunked_attention_pallas
 
 
 def test_core_dependencies_are_light():

@@ -15,13 +15,13 @@ MODEL_DIM, HEADS, HEAD_DIM = 32, 2, 16
 SMALL_MAMBA = dict(head_dim=16, d_state=8)
 
 
-def _mixer(name, dtype=jnp.float64, **overrides):
+def _mixer(name, dtype=jnp.float64, param_dtype=None, **overrides):
     config = presets.mixer_config(name, **overrides)
     if isinstance(config, nn.Mamba2Config):
         d_ssm = 16 if config.d_ssm else None
         config = dataclasses.replace(config, d_ssm=d_ssm, **SMALL_MAMBA)
     model = nn.ModelConfig(vocab_size=11, model_dim=MODEL_DIM, num_layers=1, num_heads=HEADS, head_dim=HEAD_DIM,
-                           mlp_dim=64, mixer=config, dtype=dtype, param_dtype=dtype)
+                           mlp_dim=64, mixer=config, dtype=dtype, param_dtype=param_dtype or dtype)
     return nn.make_mixer(model, nnx.Rngs(0))
 
 
@@ -34,6 +34,9 @@ def _impls(name):
 
 
 ALL = [(name, kw) for name in presets.MIXER_PRESETS for kw in _impls(name)]
+# The paper's configs on the chunked path (several chunks), for causality and decoding of every flag.
+ALL += [(name, dict(chunk_size=4)) for name in presets.PAPER_CONFIGS
+        if isinstance(presets.PAPER_CONFIGS[name], nn.MixerConfig)]
 
 
 def _x(rng, length=13, dtype=jnp.float64):
@@ -49,10 +52,38 @@ def test_paper_configs_are_the_28_of_the_paper():
     assert presets.PAPER_CONFIGS["linear__output_norm__A_mask_type_discretize"].decay == "original"
 
 
+FLAG_PARAMS = {"conv_window": "conv", "d_residual": "D", "z_gate": "z_proj", "dt_on_values": "dt_proj",
+               "norm": "out_norm"}
+
+
 @pytest.mark.parametrize("name", sorted(presets.PAPER_CONFIGS))
-def test_every_paper_config_runs(rng, name):
-    y = _mixer(name)(_x(rng))
+def test_every_paper_config_runs_and_has_the_parameters_of_its_flags(rng, name):
+    mixer = _mixer(name)
+    y = mixer(_x(rng))
     assert y.shape == (2, 13, MODEL_DIM) and bool(jnp.all(jnp.isfinite(y)))
+    config = presets.PAPER_CONFIGS[name]
+    if isinstance(config, nn.MixerConfig):
+        assert (mixer.conv is not None) == bool(config.conv_window)
+        assert (mixer.D is not None) == config.d_residual
+        assert (mixer.z_proj is not None) == config.z_gate
+        assert (mixer.out_norm is not None) == (config.norm == "output")
+        assert (mixer.dt_proj is not None) == (config.dt_on_values or config.decay == "original")
+        assert (mixer.A_log is not None) == (config.decay == "original")
+        assert (mixer.decay_proj is not None) == (config.decay == "softplus")
+
+
+def test_paper_configs_compute_different_functions(rng):
+    """Flags are not ignored: each distinct config gives a different output from the same input and seed."""
+    x = _x(rng)
+    outputs = {}
+    for name, config in presets.PAPER_CONFIGS.items():
+        if isinstance(config, nn.MixerConfig):
+            outputs.setdefault(config, np.asarray(_mixer(name)(x)))
+    values = list(outputs.values())
+    assert len(values) >= 25
+    for i in range(len(values)):
+        for j in range(i):
+            assert not np.allclose(values[i], values[j], rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("name,kw", ALL)
@@ -83,7 +114,8 @@ def test_decode_equals_forward(rng, name, kw):
 
 @pytest.mark.parametrize("name", sorted(presets.MIXER_PRESETS))
 def test_bf16_outputs_and_gradients_are_finite(rng, name):
-    mixer = _mixer(name, dtype=jnp.bfloat16)
+    """bfloat16 compute with float32 parameters, the training recipe."""
+    mixer = _mixer(name, dtype=jnp.bfloat16, param_dtype=jnp.float32)
     x = _x(rng, length=40, dtype=jnp.bfloat16)
 
     def loss(mixer, x):
@@ -93,7 +125,7 @@ def test_bf16_outputs_and_gradients_are_finite(rng, name):
     assert mixer(x).dtype == jnp.bfloat16
     assert np.isfinite(float(value))
     leaves = jax.tree.leaves(grads)
-    assert leaves and all(bool(jnp.all(jnp.isfinite(g.astype(jnp.float32)))) for g in leaves)
+    assert leaves and all(g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g))) for g in leaves)
     assert any(float(jnp.max(jnp.abs(g.astype(jnp.float32)))) > 0 for g in leaves)
 
 

@@ -83,6 +83,11 @@ def mixer_config(name: str, **overrides) -> MixerConfig | Mamba2Config | Attenti
     if config is None:
         raise ValueError(f"name: expected a mixer preset {sorted(MIXER_PRESETS)} or one of the "
                          f"{len(PAPER_CONFIGS)} names in PAPER_CONFIGS; got {name!r}")
+    fields = {field.name for field in dataclasses.fields(config)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"overrides: {unknown} are not fields of {type(config).__name__}; expected some of "
+                         f"{sorted(fields)}")
     return dataclasses.replace(config, **overrides)
 
 

@@ -12,14 +12,16 @@ from flax import nnx
 from twomamba_jax import ops
 from twomamba_jax.nn import initializers as inits
 from twomamba_jax.nn.layers import check_model_input
+from twomamba_jax.ops.state import check_cache_room, poison_overflow, write_tokens
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
     """num_kv_heads: key/value heads for GQA (None = one per query head); rope_theta: RoPE base.
 
-    implementation: passed to ``jax.nn.dot_product_attention``; None picks cuDNN for 16-bit inputs on GPU
-    and XLA elsewhere.
+    implementation: passed to ``jax.nn.dot_product_attention`` for whole sequences; None picks cuDNN for 16-bit
+    inputs on GPU and XLA elsewhere. Decoding (``step``) always uses XLA: it attends through an explicit mask
+    over the cache slots.
     """
 
     num_kv_heads: int | None = None
@@ -97,18 +99,15 @@ class SoftmaxAttention(nnx.Module):
         """Append x: (B, T, M) to the cache and attend over everything stored. Returns (y (B, T, M), cache)."""
         check_model_input(x, self.model_dim)
         length, capacity = x.shape[1], cache.keys.shape[1]
-        if length > capacity or (not isinstance(cache.length, jax.core.Tracer)
-                                 and int(cache.length) + length > capacity):
-            raise ValueError(f"cache: the KV cache holds {capacity} tokens; no room for {length} more")
+        check_cache_room("cache", capacity, cache.length, length)
         positions = cache.length + jnp.arange(length)
         q, k, v = self._project(x, positions)
-        zero = jnp.zeros((), cache.length.dtype)
-        start = (zero, cache.length, zero, zero)
-        keys = jax.lax.dynamic_update_slice(cache.keys, k.astype(cache.keys.dtype), start)
-        values = jax.lax.dynamic_update_slice(cache.values, v.astype(cache.values.dtype), start)
+        keys = write_tokens(cache.keys, k, cache.length)
+        values = write_tokens(cache.values, v, cache.length)
         visible = jnp.arange(capacity)[None, :] <= positions[:, None]  # (T, L): causal over the filled slots
         y = jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask=visible[None, None],
                                          implementation="xla")
+        y = poison_overflow(y, capacity, cache.length, length)
         return self._merge(y), AttentionCache(keys, values, cache.length + length)
 
     def _project(self, x, positions):

@@ -46,6 +46,11 @@ def ones(key, shape, dtype):
     return jnp.ones(shape, dtype)
 
 
+def log_uniform(low: float, high: float) -> Initializer:
+    """``log U[low, high]``: Mamba-2's A_log initialization."""
+    return lambda key, shape, dtype: jnp.log(jax.random.uniform(key, shape, jnp.float32, low, high)).astype(dtype)
+
+
 def linear_weight(init: str, fan_in: int) -> Initializer:
     return symmetric_uniform(1.0 / math.sqrt(fan_in)) if init == "torch" else normal()
 

@@ -87,7 +87,8 @@ class CausalConv(nnx.Module):
 
 def check_model_input(x, model_dim: int) -> None:
     """Module inputs are (B, N, M) floating arrays with M = model_dim."""
-    if not hasattr(x, "ndim") or x.ndim != 3 or x.shape[-1] != model_dim:
-        raise ValueError(f"x: expected shape (B, N, {model_dim}); got {getattr(x, 'shape', type(x).__name__)}")
+    if not hasattr(x, "ndim") or x.ndim != 3 or x.shape[-1] != model_dim or x.shape[1] == 0:
+        shape = getattr(x, "shape", type(x).__name__)
+        raise ValueError(f"x: expected shape (B, N, {model_dim}) with N >= 1; got {shape}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"x: expected a floating-point array; got dtype {x.dtype}")

@@ -105,10 +105,8 @@ class Mamba2(nnx.Module):
         self.conv = CausalConv(cfg.conv_window, (conv_dim,), ("mlp",), use_bias=cfg.conv_bias,
                                param_dtype=param_dtype, rngs=rngs)
         self.dt_bias = inits.make_param(rngs, _dt_bias_init(cfg), (self.num_heads,), ("heads",), param_dtype)
-        low, high = cfg.A_init_range
-        self.A_log = inits.make_param(
-            rngs, lambda key, shape, dt: jnp.log(jax.random.uniform(key, shape, jnp.float32, low, high)).astype(dt),
-            (self.num_heads,), ("heads",), param_dtype)
+        self.A_log = inits.make_param(rngs, inits.log_uniform(*cfg.A_init_range), (self.num_heads,), ("heads",),
+                                      param_dtype)
         d_shape, d_axes = ((self.num_heads, cfg.head_dim), ("heads", "head_dim")) if cfg.d_has_hdim else (
             (self.num_heads,), ("heads",))
         self.D = inits.make_param(rngs, inits.ones, d_shape, d_axes, param_dtype)

@@ -36,6 +36,7 @@ class MixerConfig:
     z_gate: multiply by ``silu(x @ W_z + b_z)``.
     dt_on_values: ``v <- v * dt`` with ``dt = softplus(x @ W_dt)``.
     qk_activation: None, "relu" or "silu" on q and k (never v).
+    norm_eps: epsilon of the output RMSNorm.
     chunk_size, impl: passed to ``twomamba_jax.ops.decayed_attention``.
     """
 
@@ -48,6 +49,7 @@ class MixerConfig:
     z_gate: bool = False
     dt_on_values: bool = False
     qk_activation: str | None = None
+    norm_eps: float = 1e-5
     chunk_size: int = ops.DEFAULT_CHUNK_SIZE
     impl: str = "auto"
 
@@ -68,10 +70,11 @@ class MixerConfig:
                 "qk_activation: power=1 with norm='softmax' divides by a sum of q.k weights that must be >= 0; "
                 f"expected 'relu'; got {self.qk_activation!r}"
             )
+        if self.power == "exp" and self.norm == "output":
+            raise ValueError("norm: power='exp' needs norm='softmax'; unnormalized exp(s) weights overflow")
         if self.impl not in ops.IMPLS:
             raise ValueError(f"impl: expected one of {ops.IMPLS}; got {self.impl!r}")
-        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size <= 0:
-            raise ValueError(f"chunk_size: expected a positive integer; got {self.chunk_size!r}")
+        ops.validation.check_positive_int("chunk_size", self.chunk_size)
 
     @property
     def needs_dt(self) -> bool:
@@ -104,7 +107,7 @@ class DecayedAttention(nnx.Module):
                                 param_dtype=param_dtype, rngs=rngs) if config.conv_window else None)
         self.dt_proj = (inits.make_param(rngs, embed_weight, (model_dim, num_heads), ("embed", "heads"), param_dtype)
                         if config.needs_dt else None)
-        self.A_log = (inits.make_param(rngs, _log_uniform(1.0, 16.0), (num_heads,), ("heads",), param_dtype)
+        self.A_log = (inits.make_param(rngs, inits.log_uniform(1.0, 16.0), (num_heads,), ("heads",), param_dtype)
                       if config.decay == "original" else None)
         self.decay_proj = (inits.make_param(rngs, embed_weight, (model_dim, num_heads), ("embed", "heads"),
                                             param_dtype) if config.decay == "softplus" else None)
@@ -117,7 +120,8 @@ class DecayedAttention(nnx.Module):
                                            param_dtype)
         else:
             self.z_proj = self.z_bias = None
-        self.out_norm = (RMSNorm((num_heads, head_dim), axes=heads, param_dtype=param_dtype, rngs=rngs)
+        self.out_norm = (RMSNorm((num_heads, head_dim), axes=heads, eps=config.norm_eps, param_dtype=param_dtype,
+                                 rngs=rngs)
                          if config.norm == "output" else None)
         self.out = inits.make_param(rngs, inits.linear_weight(init, num_heads * head_dim),
                                     (num_heads, head_dim, model_dim), (*heads, "embed"), param_dtype)
@@ -193,7 +197,3 @@ class DecayedAttention(nnx.Module):
         out = jnp.einsum("bnhd,hdm->bnm", y.astype(dtype), self.out[...].astype(dtype))
         return out, MixerCache(conv=conv_history, attention=state)
 
-
-def _log_uniform(low: float, high: float) -> inits.Initializer:
-    """``log U[low, high]``: Mamba-2's A_log initialization."""
-    return lambda key, shape, dtype: jnp.log(jax.random.uniform(key, shape, jnp.float32, low, high)).astype(dtype)

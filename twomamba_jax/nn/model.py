@@ -23,8 +23,10 @@ class ModelConfig:
     """Sizes and mixer of a ``LanguageModel``.
 
     mixer: a ``MixerConfig`` (decayed attention), ``Mamba2Config`` or ``AttentionConfig`` (softmax);
-      ``twomamba_jax.presets.mixer_config(name)`` gives the named ones.
-    dtype: compute dtype (e.g. jnp.bfloat16); param_dtype: parameter dtype (float32 recommended).
+      ``twomamba_jax.presets.mixer_config(name)`` gives the named ones. A Mamba-2 block sizes its heads from
+      its own config (expand, head_dim), not from ``num_heads`` / ``head_dim``.
+    dtype: compute dtype of the mixers and MLPs (e.g. jnp.bfloat16); param_dtype: parameter dtype (float32
+      recommended). The residual stream between blocks is float32 (or wider) whatever the compute dtype.
     """
 
     vocab_size: int
@@ -70,13 +72,14 @@ class Block(nnx.Module):
                           param_dtype=config.param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.mixer(self.mixer_norm(x))
-        return x + self.mlp(self.mlp_norm(x))
+        """x: (B, N, M), the float32 residual stream; the mixer and MLP compute in the config's dtype."""
+        x = x + self.mixer(self.mixer_norm(x)).astype(x.dtype)
+        return x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
 
     def step(self, x: jax.Array, cache):
         y, cache = self.mixer.step(self.mixer_norm(x), cache)
-        x = x + y
-        return x + self.mlp(self.mlp_norm(x)), cache
+        x = x + y.astype(x.dtype)
+        return x + self.mlp(self.mlp_norm(x)).astype(x.dtype), cache
 
 
 class LanguageModel(nnx.Module):
@@ -115,8 +118,13 @@ class LanguageModel(nnx.Module):
         if not hasattr(tokens, "ndim") or tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens: expected an integer array of shape (B, N); got "
                              f"{getattr(tokens, 'shape', type(tokens).__name__)} {getattr(tokens, 'dtype', '')}")
-        return jnp.take(self.embed[...], tokens, axis=0).astype(self.config.dtype)
+        vocab = self.config.vocab_size
+        if not isinstance(tokens, jax.core.Tracer) and tokens.size and not (
+                0 <= int(tokens.min()) and int(tokens.max()) < vocab):
+            raise ValueError(f"tokens: expected ids in [0, {vocab}); got [{int(tokens.min())}, {int(tokens.max())}]")
+        residual_dtype = jnp.promote_types(self.config.dtype, jnp.float32)
+        return jnp.take(self.embed[...], tokens, axis=0).astype(residual_dtype)
 
     def _logits(self, x):
-        x = self.final_norm(x)
+        x = self.final_norm(x).astype(self.config.dtype)
         return jnp.einsum("bnm,mv->bnv", x, self.lm_head[...].astype(x.dtype), preferred_element_type=jnp.float32)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 
 import jax
@@ -9,19 +11,21 @@ import jax
 from twomamba_jax.ops.chunked import chunked_attention
 from twomamba_jax.ops.recurrent import recurrent_step
 from twomamba_jax.ops.reference import reference_attention
-from twomamba_jax.ops.state import AttentionState, check_state
+from twomamba_jax.ops.state import AttentionState, check_cache_room, check_state
 from twomamba_jax.ops.validation import check_normalize, check_positive_int, check_power, check_qkv, check_scale
 
-IMPLS = ("auto", "reference", "chunked", "associative")
+IMPLS = ("auto", "reference", "chunked", "associative", "pallas")
+_logger = logging.getLogger(__name__)
 DEFAULT_CHUNK_SIZE = 64
 
 # Up to this many tokens "auto" takes the dense form: at short N one masked matmul beats the chunked form's
 # F x dv state traffic. Measured on CPU (benchmarks/ops_cpu.py, power 2, d = 64), forward and backward
 # cross near 2k tokens; memory of the dense form grows as N^2, so beyond this the chunked form is used.
 DENSE_MAX_LEN = 2048
+DENSE_MAX_ELEMENTS = 2**27  # B * H * N^2 above this (512 MiB per float32 tile) takes the chunked form at any N
 
 
-def _resolve_impl(impl: str, power, length: int) -> str:
+def _resolve_impl(impl: str, power, batch_heads: int, length: int) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}; got {impl!r}")
     if power == "exp":
@@ -30,10 +34,36 @@ def _resolve_impl(impl: str, power, length: int) -> str:
                 f'impl: power="exp" has no finite state, so only the dense form exists; use impl="reference" '
                 f'or "auto"; got {impl!r}'
             )
+        if impl == "pallas":
+            _log_fallback('power="exp" (its flash-style kernel is not written yet)', "reference")
         return "reference"
     if impl == "auto":
-        return "reference" if length <= DENSE_MAX_LEN else "chunked"
+        if length <= DENSE_MAX_LEN and batch_heads * length * length <= DENSE_MAX_ELEMENTS:
+            return "reference"
+        # The kernels' forward is 5-10x the jnp form's on an H200 (benchmarks/RESULTS.md); on CPU they only
+        # run interpreted, and on TPU they do not lower yet.
+        return "pallas" if jax.default_backend() == "gpu" else "chunked"
     return impl
+
+
+@functools.cache
+def _log_fallback(reason: str, fallback: str = "chunked") -> None:
+    _logger.warning("decayed_attention: impl='pallas' cannot take %s; using impl=%r", reason, fallback)
+
+
+def _pallas_or_fallback(q, v, *, power, chunk_size):
+    """The Pallas kernels where they apply (interpret mode on CPU), else the jnp chunked form, said once."""
+    # Imported here: the kernels build on the ops, so the ops reach them only at call time.
+    from twomamba_jax.kernels.chunked import chunked_attention_pallas, unsupported_reason
+
+    backend = jax.default_backend()
+    reason = unsupported_reason(q, v, power=power, chunk_size=chunk_size)
+    if reason is None and backend not in ("gpu", "cpu"):
+        reason = f"backend {backend!r} (the chunked kernels lower for GPU, and run interpreted on CPU)"
+    if reason is not None:
+        _log_fallback(reason)
+        return None
+    return functools.partial(chunked_attention_pallas, interpret=backend == "cpu")
 
 
 def _keep_dtypes(new_state, old_state):
@@ -56,6 +86,7 @@ def decayed_attention(
     impl: str = "auto",
     initial_state: AttentionState | None = None,
     return_state: bool = False,
+    max_len: int | None = None,
 ):
     """Causal decayed attention ``y_i = sum_{j<=i} f(s_ij) exp(g_i - g_j) v_j`` (optionally / its row sum).
 
@@ -70,12 +101,17 @@ def decayed_attention(
       scale: ``s_ij = scale * q_i . k_j``; default ``1 / sqrt(dk)``.
       chunk_size: tokens per chunk for "chunked" and "associative"; N need not be a multiple of it.
       impl: "reference" (dense O(N^2)), "chunked" (lax.scan over chunks), "associative" (associative_scan
-        over chunk summaries), or "auto" (dense up to ``DENSE_MAX_LEN`` tokens, chunked beyond). Power "exp"
-        has no finite state and always runs dense.
+        over chunk summaries), "pallas" (the chunked Pallas kernels of ``twomamba_jax.kernels.chunked``, in
+        interpret mode on CPU; shapes or backends they do not take fall back to "chunked" with one log line),
+        or "auto" (dense up to ``DENSE_MAX_LEN`` tokens while B * H * N^2 <= ``DENSE_MAX_ELEMENTS``; beyond,
+        "pallas" on GPU and "chunked" elsewhere). Power "exp" has no finite state and
+        always runs dense.
       initial_state: the state of the tokens before this sequence, as returned with ``return_state=True``
         or made by ``init_state``: a ``RecurrentState`` (powers 1, 2) or a ``KVCache`` (exp; it must have room
         for N more tokens).
       return_state: also return the state after the last token, for ``decayed_attention_step``.
+      max_len: power "exp" only, without ``initial_state``: the capacity of the KV cache returned with
+        ``return_state`` (default N, i.e. full; give room for the tokens still to be decoded).
 
     Returns:
       y: (B, N, H, dv) in q's dtype, or ``(y, state)`` with ``return_state=True``.
@@ -87,38 +123,33 @@ def decayed_attention(
     check_positive_int("chunk_size", chunk_size)
     batch, length, heads, dk = q.shape
     dv = v.shape[-1]
-    impl = _resolve_impl(impl, power, length)
+    impl = _resolve_impl(impl, power, batch * heads, length)
+    if max_len is not None:
+        check_positive_int("max_len", max_len)
+        if power != "exp" or initial_state is not None or max_len < length:
+            raise ValueError(f'max_len: sizes the KV cache of power="exp" made without initial_state, and must '
+                             f"be >= N = {length}; got {max_len} with power={power!r}")
     if initial_state is not None:
         check_state(initial_state, batch_size=batch, num_heads=heads, key_dim=dk, value_dim=dv,
                     power=power, normalize=normalize)
-        _check_cache_room(initial_state, length)
+        if power == "exp":
+            check_cache_room("initial_state", initial_state.keys.shape[1], initial_state.length, length)
     scale = 1.0 / math.sqrt(dk) if scale is None else float(scale)
 
     common = dict(power=power, normalize=normalize, scale=scale, initial_state=initial_state,
                   return_state=return_state)
+    pallas = _pallas_or_fallback(q, v, power=power, chunk_size=chunk_size) if impl == "pallas" else None
     if impl == "reference":
-        out = reference_attention(q, k, v, log_decay, **common)
+        out = reference_attention(q, k, v, log_decay, max_len=max_len, **common)
+    elif pallas is not None:
+        out = pallas(q, k, v, log_decay, chunk_size=chunk_size, **common)
     else:
-        state_pass = "scan" if impl == "chunked" else "associative"
+        state_pass = "associative" if impl == "associative" else "scan"
         out = chunked_attention(q, k, v, log_decay, chunk_size=chunk_size, state_pass=state_pass, **common)
     if return_state:
         y, state = out
         return y, _keep_dtypes(state, initial_state)
     return out
-
-
-def _check_cache_room(state, length: int) -> None:
-    """A KV cache must hold the new tokens: nothing is silently dropped (checked when the length is concrete)."""
-    if not hasattr(state, "length"):
-        return
-    capacity = state.keys.shape[1]
-    if length > capacity:
-        raise ValueError(f"initial_state: the KV cache holds {capacity} tokens; got {length} new tokens")
-    if not isinstance(state.length, jax.core.Tracer) and int(state.length) + length > capacity:
-        raise ValueError(
-            f"initial_state: the KV cache holds {capacity} tokens and has {int(state.length)}; "
-            f"no room for {length} more"
-        )
 
 
 def decayed_attention_step(
@@ -148,7 +179,8 @@ def decayed_attention_step(
     batch, heads, dk = q_t.shape
     check_state(state, batch_size=batch, num_heads=heads, key_dim=dk, value_dim=v_t.shape[-1],
                 power=power, normalize=normalize, name="state")
-    _check_cache_room(state, 1)
+    if power == "exp":
+        check_cache_room("state", state.keys.shape[1], state.length, 1)
     scale = 1.0 / math.sqrt(dk) if scale is None else float(scale)
     y, new_state = recurrent_step(q_t, k_t, v_t, log_decay_t, state, power=power, normalize=normalize, scale=scale)
     return y, _keep_dtypes(new_state, state)

@@ -25,3 +25,20 @@ def normalized(numerator: jax.Array, normalizer: jax.Array | None) -> jax.Array:
 def masked_decay(g_query: jax.Array, g_key: jax.Array, mask: jax.Array) -> jax.Array:
     """``exp(g_i - g_j)`` where mask, else 0, masking before the exp so no inf (and no inf * 0) appears."""
     return jnp.exp(jnp.where(mask, g_query[..., :, None] - g_key[..., None, :], -jnp.inf))
+
+
+def segment_sums(log_decay: jax.Array) -> jax.Array:
+    """``out[..., i, j] = sum_{j < t <= i} a_t`` for j <= i, -inf above the diagonal: (..., N) -> (..., N, N).
+
+    The exact log-decay between every pair of tokens, summed directly rather than as a difference of one long
+    cumulative sum, which loses precision once |cumsum| is large (SPEC section 2). O(N^2): for the dense form.
+    """
+    length = log_decay.shape[-1]
+    below = jnp.tril(jnp.ones((length, length), bool), -1)
+    sums = jnp.cumsum(jnp.where(below, log_decay[..., :, None], 0), axis=-2)
+    return jnp.where(jnp.tril(jnp.ones((length, length), bool)), sums, -jnp.inf)
+
+
+def suffix_sums(log_decay: jax.Array) -> jax.Array:
+    """``out[..., j] = sum_{t > j} a_t`` along the last axis: the log-decay from token j to the last token."""
+    return jnp.flip(jnp.cumsum(jnp.flip(log_decay, -1), -1), -1) - log_decay

@@ -29,17 +29,17 @@ class RecurrentState(NamedTuple):
 class KVCache(NamedTuple):
     """Keys and values of 2Mamba-E (power "exp"), which has no finite state.
 
-    keys:             (B, L, H, dk), in the inputs' dtype; L is the capacity.
-    values:           (B, L, H, dv).
-    log_decay_cumsum: (B, L, H) float32 (float64 for float64 inputs), the cumulative log-decay at each token.
-    log_decay_total:  (B, H), the cumulative log-decay after the last stored token.
-    length:           () int32, how many of the L slots hold tokens.
+    keys:      (B, L, H, dk), in the inputs' dtype; L is the capacity.
+    values:    (B, L, H, dv).
+    log_decay: (B, L, H) float32 (float64 for float64 inputs): the log-decay from each stored token to the latest
+               one (0 for the latest). Kept relative to the latest token, rebased at every write, so no long
+               cumulative sum is ever differenced.
+    length:    () int32, how many of the L slots hold tokens.
     """
 
     keys: jax.Array
     values: jax.Array
-    log_decay_cumsum: jax.Array
-    log_decay_total: jax.Array
+    log_decay: jax.Array
     length: jax.Array
 
 
@@ -75,8 +75,7 @@ def init_state(
         return KVCache(
             keys=jnp.zeros((batch_size, max_len, num_heads, key_dim), dtype),
             values=jnp.zeros((batch_size, max_len, num_heads, value_dim), dtype),
-            log_decay_cumsum=jnp.zeros((batch_size, max_len, num_heads), state_dtype),
-            log_decay_total=jnp.zeros((batch_size, num_heads), state_dtype),
+            log_decay=jnp.zeros((batch_size, max_len, num_heads), state_dtype),
             length=jnp.zeros((), jnp.int32),
         )
     features = feature_size(key_dim, power)
@@ -94,8 +93,7 @@ def check_state(state, *, batch_size, num_heads, key_dim, value_dim, power, norm
         _, capacity, _, _ = state.keys.shape
         expected = {"keys": (batch_size, capacity, num_heads, key_dim),
                     "values": (batch_size, capacity, num_heads, value_dim),
-                    "log_decay_cumsum": (batch_size, capacity, num_heads),
-                    "log_decay_total": (batch_size, num_heads), "length": ()}
+                    "log_decay": (batch_size, capacity, num_heads), "length": ()}
     else:
         if not isinstance(state, RecurrentState):
             raise ValueError(f"{name}: power={power} expects a RecurrentState (see init_state); "
@@ -113,3 +111,25 @@ def check_state(state, *, batch_size, num_heads, key_dim, value_dim, power, norm
         got = getattr(state, field).shape
         if got != shape:
             raise ValueError(f"{name}.{field}: expected shape {shape}; got {got}")
+
+
+def check_cache_room(name: str, capacity: int, length, new_tokens: int) -> None:
+    """A cache must hold the new tokens. Checked when ``length`` is concrete; under jit see ``poison_overflow``."""
+    if new_tokens > capacity:
+        raise ValueError(f"{name}: the cache holds {capacity} tokens; got {new_tokens} new tokens")
+    if not isinstance(length, jax.core.Tracer) and int(length) + new_tokens > capacity:
+        raise ValueError(f"{name}: the cache holds {capacity} tokens and has {int(length)}; "
+                         f"no room for {new_tokens} more")
+
+
+def poison_overflow(y: jax.Array, capacity: int, length, new_tokens: int) -> jax.Array:
+    """NaN outputs when the tokens did not fit (only possible under jit, where the length is traced): a cache
+    write past its end would otherwise overwrite the last slots silently."""
+    return jnp.where(length + new_tokens <= capacity, y, jnp.nan)
+
+
+def write_tokens(buffer: jax.Array, tokens: jax.Array, start) -> jax.Array:
+    """``buffer`` (B, L, ...) with ``tokens`` (B, T, ...) written at positions [start, start + T)."""
+    zero = jnp.zeros((), jnp.asarray(start).dtype)
+    index = (zero, jnp.asarray(start)) + (zero,) * (buffer.ndim - 2)
+    return jax.lax.dynamic_update_slice(buffer, tokens.astype(buffer.dtype), index)

@@ -29,7 +29,11 @@ def check_positive_int(name: str, value) -> None:
 
 
 def check_scale(scale) -> None:
-    if scale is not None and not (isinstance(scale, (int, float)) and np.isfinite(scale) and scale > 0):
+    """A static positive number (Python or NumPy scalar), or None."""
+    if scale is None:
+        return
+    is_number = isinstance(scale, (int, float, np.integer, np.floating)) and not isinstance(scale, (bool, np.bool_))
+    if not (is_number and np.isfinite(scale) and scale > 0):
         raise ValueError(f"scale: expected a positive finite number or None (meaning 1/sqrt(d)); got {scale!r}")
 
 
@@ -49,8 +53,10 @@ def check_non_positive(name: str, x) -> None:
     """Log-decays must be <= 0 (decay factors <= 1). Checked when the values are concrete (outside jit)."""
     if isinstance(x, jax.core.Tracer):
         return
-    if bool(np.any(np.asarray(x) > 0)):
-        raise ValueError(f"{name}: expected values <= 0 (a log of a decay factor in (0, 1]); got max {float(np.max(x))}")
+    values = np.asarray(x)
+    if not bool(np.all(values <= 0)):  # NaN fails this too
+        raise ValueError(f"{name}: expected values <= 0 (a log of a decay factor in (0, 1]); "
+                         f"got max {float(np.max(values))}")
 
 
 def check_qkv(q, k, v, log_decay, *, token_axis: bool) -> None:
@@ -60,6 +66,8 @@ def check_qkv(q, k, v, log_decay, *, token_axis: bool) -> None:
     check_rank("q", q, rank, lead + ", dk)")
     check_rank("k", k, rank, lead + ", dk)")
     check_rank("v", v, rank, lead + ", dv)")
+    if token_axis and q.shape[1] == 0:
+        raise ValueError(f"q: expected at least one token (N >= 1); got shape {q.shape}")
     if k.shape != q.shape:
         raise ValueError(f"k: expected the shape of q {lead}, dk) = {q.shape}; got {k.shape}")
     if v.shape[:-1] != q.shape[:-1]:

@@ -1,0 +1,124 @@
+"""Checks and times the decayed-attention paths at the PERF.md shapes, in one run, and prints one table.
+
+    python benchmarks/kernels.py                     # the PERF.md shapes (an accelerator is expected)
+    python benchmarks/kernels.py --smoke             # tiny shapes, e.g. on CPU, to check the script itself
+
+For each mixer core (2Mamba: power 2, softmax norm, decay; Mamba-2S core: power 1, no norm, decay) and shape it
+times every path (the chunked Pallas kernels, the jnp chunked form, the dense XLA form) and cuDNN softmax attention
+as the yardstick: median ms of the forward and of forward + backward over rotating inputs, TFLOP/s-equivalent (the
+FLOPs of causal softmax attention at that shape: 2 B H N^2 d forward, 3.5x that for forward + backward), and the
+relative Frobenius error of the output and of dq (for a fixed random output cotangent) against the jnp chunked form
+on the same inputs upcast to float32, at full matmul precision (itself tested against the float64 oracle on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from twomamba_jax import ops
+
+PERF_SHAPES = [(4, 2048), (4, 8192), (1, 32768)]
+SMOKE_SHAPES = [(1, 256)]
+CORES = {"2mamba": dict(power=2, normalize="softmax"), "power1": dict(power=1, normalize=None)}
+DENSE_MAX_BYTES = 24 * 2**30
+ROTATIONS = 3
+
+
+def _median_ms(fn, input_sets, repeats):
+    jax.block_until_ready(fn(*input_sets[0]))
+    times = []
+    for i in range(repeats):
+        args = input_sets[i % len(input_sets)]
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def _inputs(seed, batch, length, heads, dim, dtype):
+    rng = np.random.default_rng(seed)
+    shape = (batch, length, heads, dim)
+    q, k, v = (jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(3))
+    log_decay = jnp.asarray(-np.log1p(np.exp(rng.standard_normal(shape[:3]) - 4.0)), jnp.float32)  # softplus
+    return q, k, v, log_decay
+
+
+def _rel(x, y):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    return float(np.linalg.norm(x - y) / np.linalg.norm(y))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script")
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--cores", nargs="+", default=list(CORES), choices=list(CORES))
+    parser.add_argument("--shapes", nargs="+", default=None, help="BxN pairs, e.g. 4x2048 1x32768")
+    args = parser.parse_args()
+    shapes = SMOKE_SHAPES if args.smoke else PERF_SHAPES
+    if args.shapes:
+        shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes]
+    heads, dim, dtype = args.heads, args.dim, jnp.bfloat16
+    device = jax.devices()[0]
+    print(f"{device.device_kind}, jax {jax.__version__}, H={heads}, d={dim}, bf16, chunk {args.chunk_size}; "
+          "errors vs jnp chunked float32 (highest precision)")
+    print("| B x N | path | fwd ms | fwd+bwd ms | TFLOP/s-eq (fwd+bwd) | rel err y | rel err dq |")
+    print("|---|---|---|---|---|---|---|", flush=True)
+
+    for batch, length in shapes:
+        input_sets = [_inputs(seed, batch, length, heads, dim, dtype) for seed in range(ROTATIONS)]
+        cotangent = jnp.asarray(np.random.default_rng(99).standard_normal((batch, length, heads, dim)), jnp.float32)
+        flops = 2 * batch * heads * length**2 * dim
+        paths = {}
+        for core_name in args.cores:
+            core = CORES[core_name]
+            for impl in ("pallas", "chunked", "reference"):
+                if impl == "reference" and 4 * batch * heads * length**2 * 4 > DENSE_MAX_BYTES:
+                    continue
+                paths[f"{core_name} {impl}"] = (lambda q, k, v, a, impl=impl, core=core: ops.decayed_attention(
+                    q, k, v, a, impl=impl, chunk_size=args.chunk_size, **core), core)
+        if jax.default_backend() == "gpu":
+            paths["softmax cuDNN"] = (lambda q, k, v, a: jax.nn.dot_product_attention(
+                q, k, v, is_causal=True, implementation="cudnn"), None)
+
+        oracles = {}
+        for name, (forward, core) in paths.items():
+            loss = lambda q, k, v, a, forward=forward: jnp.sum(forward(q, k, v, a).astype(jnp.float32) * cotangent)
+            fwd = jax.jit(forward)
+            # value_and_grad: the loss value keeps the forward from being dead code next to its own backward.
+            fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+            try:
+                ms_fwd = _median_ms(fwd, input_sets, args.repeats)
+                ms_both = _median_ms(fwd_bwd, input_sets, args.repeats)
+            except Exception as error:  # report and go on: one broken path must not hide the others
+                print(f"| {batch}x{length} | {name} | - | - | - | failed: {type(error).__name__}: "
+                      f"{str(error)[:200]} | |", flush=True)
+                continue
+            error_y = error_dq = ""
+            if core is not None:
+                key = tuple(sorted(core.items()))
+                if key not in oracles:
+                    q, k, v, a = (x.astype(jnp.float32) for x in input_sets[0])
+                    with jax.default_matmul_precision("highest"):
+                        exact = lambda q, k, v, a: ops.decayed_attention(q, k, v, a, impl="chunked", **core)
+                        oracles[key] = (jax.jit(exact)(q, k, v, a), jax.jit(jax.grad(
+                            lambda q, k, v, a: jnp.sum(exact(q, k, v, a) * cotangent)))(q, k, v, a))
+                y_ref, dq_ref = oracles[key]
+                error_y = f"{_rel(fwd(*input_sets[0]), y_ref):.1e}"
+                error_dq = f"{_rel(fwd_bwd(*input_sets[0])[1][0], dq_ref):.1e}"
+            tflops = 3.5 * flops / (ms_both * 1e-3) / 1e12
+            print(f"| {batch}x{length} | {name} | {ms_fwd:.2f} | {ms_both:.2f} | {tflops:.1f} | {error_y} | "
+                  f"{error_dq} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""Chunked (state-passing) kernels for powers 1 and 2: Pallas, Triton lowering on GPU, interpret mode on CPU."""
+
+from twomamba_jax.kernels.chunked.pallas import chunked_attention_pallas, unsupported_reason
+
+__all__ = ["chunked_attention_pallas", "unsupported_reason"]

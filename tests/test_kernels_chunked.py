@@ -1,0 +1,87 @@
+"""The chunked Pallas kernels (interpret mode on CPU) against the float64 oracle, and their GPU lowering.
+
+Tolerances: float32 inputs 1e-5 relative (float32 accumulation over a few chunks; interpret mode computes in
+float32 like the GPU with IEEE dots); bfloat16 inputs 1e-2 (operands rounded to 8 bits, float32 accumulation).
+The backward is the jnp chunked VJP for now; the gradients are checked all the same.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+from helpers import random_qkv, rel_error, tree_rel_error
+
+from twomamba_jax import ops
+from twomamba_jax.kernels.chunked import chunked_attention_pallas, unsupported_reason
+
+TOLERANCES = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+
+
+def _pallas(q, k, v, a, **kw):
+    return ops.decayed_attention(q, k, v, a, impl="pallas", chunk_size=16, **kw)
+
+
+VARIANTS = [(2, "softmax", True), (2, None, False), (1, None, True), (1, "softmax", False)]
+CASES = [(dim, dtype, *variant) for dim in (32, 64, 128) for dtype in (jnp.float32, jnp.bfloat16)
+         for variant in VARIANTS]
+
+
+@pytest.mark.parametrize("dim,dtype,power,normalize,decay", CASES)
+def test_values_states_and_gradients_match_the_oracle(rng, dim, dtype, power, normalize, decay):
+    q, k, v, a = random_qkv(rng, batch=1, length=37, heads=2, key_dim=dim, value_dim=dim // 2, dtype=dtype,
+                            decay=decay, non_negative=(power == 1 and normalize == "softmax"))
+    a = None if a is None else a.astype(jnp.float32)
+    prefix = random_qkv(rng, batch=1, length=5, heads=2, key_dim=dim, value_dim=dim // 2,
+                        non_negative=(power == 1 and normalize == "softmax"))
+    _, state0 = ops.decayed_attention(*prefix, power=power, normalize=normalize, return_state=True)
+    state0 = jax.tree.map(lambda s: s.astype(jnp.float32), state0)
+    kw = dict(power=power, normalize=normalize, initial_state=state0, return_state=True)
+    cotangent = jnp.asarray(rng.standard_normal(v.shape))
+
+    def loss(fn, q, k, v, a, state):
+        y, s = fn(q, k, v, a, **{**kw, "initial_state": state})
+        return jnp.sum(y.astype(jnp.float64) * cotangent) + jnp.sum(s.numerator), (y, s)
+
+    argnums = (0, 1, 2, 3, 4) if decay else (0, 1, 2, 4)
+    upcast = lambda x: None if x is None else x.astype(jnp.float64)
+    oracle = lambda q, k, v, a, **o: ops.decayed_attention(q, k, v, a, impl="reference", **o)
+    (_, (y_ref, s_ref)), g_ref = jax.value_and_grad(functools.partial(loss, oracle), argnums, has_aux=True)(
+        upcast(q), upcast(k), upcast(v), upcast(a), jax.tree.map(upcast, state0))
+    (_, (y, s)), g = jax.value_and_grad(functools.partial(loss, _pallas), argnums, has_aux=True)(q, k, v, a, state0)
+
+    tol = TOLERANCES[dtype]
+    assert y.dtype == dtype and rel_error(y, y_ref) < tol
+    assert tree_rel_error(s, s_ref) < tol
+    for name, got, expected in zip(("q", "k", "v", "log_decay", "state")[: len(argnums)], g, g_ref):
+        assert tree_rel_error(got, expected) < tol, name
+
+
+def test_unsupported_inputs_fall_back_with_one_log_line(rng, caplog):
+    q, k, v, a = random_qkv(rng, batch=1, length=9, heads=1, key_dim=12, value_dim=12, dtype=jnp.float32)
+    assert "dk=12" in unsupported_reason(q, v, power=2, chunk_size=16)
+    with caplog.at_level("WARNING"):
+        y = _pallas(q, k, v, a, power=2, normalize="softmax")
+        _pallas(q, k, v, a, power=2, normalize="softmax")
+    assert [r.getMessage() for r in caplog.records].count(
+        "decayed_attention: impl='pallas' cannot take dk=12 (expected one of (16, 32, 64, 128)); "
+        "using impl='chunked'") <= 1
+    expected = ops.decayed_attention(q, k, v, a, power=2, normalize="softmax", impl="reference")
+    assert rel_error(y, expected) < 1e-5
+
+
+def test_kernels_lower_for_the_gpu_on_cpu():
+    """Pallas -> Triton lowering for an H200, without a GPU (an abstract CUDA device)."""
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+    tokens = jax.ShapeDtypeStruct((1, 200, 2, 64), jnp.bfloat16)
+    decay = jax.ShapeDtypeStruct((1, 200, 2), jnp.float32)
+
+    def loss(q, k, v, a):
+        return jnp.sum(chunked_attention_pallas(q, k, v, a, power=2, normalize="softmax", scale=0.125,
+                                                chunk_size=64).astype(jnp.float32))
+
+    with jax.sharding.use_abstract_mesh(mesh):
+        lowered = jax.jit(loss).trace(tokens, tokens, tokens, decay).lower(lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    assert text.count("twomamba_chunk_states") >= 1 and text.count("twomamba_chunk_outputs") >= 1
