@@ -2,14 +2,16 @@
 
 import importlib
 import importlib.metadata
-import importlib.util
+import pathlib
+import sysconfig
 
 
 def test_subpackages_are_installed_under_twomamba_jax():
+    site_packages = pathlib.Path(sysconfig.get_paths()["purelib"])
     for name in ("kernels", "train", "configs"):
         module = importlib.import_module(f"twomamba_jax.{name}")
         assert module.__file__.endswith(f"{name}/__init__.py")
-        assert importlib.util.find_spec(name) is None, f"a bare top-level '{name}' package is importable"
+        assert not (site_packages / name).exists(), f"a bare top-level '{name}' package was installed"
     assert importlib.import_module("twomamba_jax.kernels.chunked").chunked_attention_pallas
 
 
