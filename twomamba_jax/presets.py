@@ -66,7 +66,8 @@ PAPER_CONFIGS: dict[str, MixerConfig | Mamba2Config | AttentionConfig] = {
         _paper(2, "softmax", dt=True, **_LIN_SP_C2),
     "squared__sm_norm__A_mask_type_neg_softplus__in_conv_k_2": _paper(2, "softmax", **_LIN_SP_C2),
     "linear__out_norm__A_mask_type_neg_softplus__in_conv_k_2": _paper(1, "output", **_LIN_SP_C2),
-    "exp__sm_norm__A_mask_type_neg_softplus__in_conv_k_2__dt_on_values": _paper("exp", "softmax", dt=True, **_LIN_SP_C2),
+    "exp__sm_norm__A_mask_type_neg_softplus__in_conv_k_2__dt_on_values":
+        _paper("exp", "softmax", dt=True, **_LIN_SP_C2),
     "exp__sm_norm__A_mask_type_neg_softplus__in_conv_k_2": _paper("exp", "softmax", **_LIN_SP_C2),
 }
 

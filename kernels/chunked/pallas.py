@@ -1,7 +1,9 @@
 """``chunked_attention_pallas``: the chunked algorithm on the Pallas kernels, joined to a backward by custom_vjp.
 
-The forward runs the two kernels of ``triton.py``. The backward is, for now, the VJP of the portable jnp chunked
-form (``twomamba_jax.ops.chunked``) recomputed from the inputs: exact and O(N) in memory, but not yet a kernel.
+Forward: ``state_pass`` then ``chunk_outputs``. Backward: ``state_pass`` again (recomputing the per-chunk states
+is one cheap pass; storing them would cost B H (N/C) F dv floats), ``state_pass(reverse=True)`` (the state
+cotangents, chunks in reverse) and ``chunk_grads`` (dq, dk, dv and the log-decay cotangent, chunks in parallel); the
+log-decay cotangent is a reverse cumulative sum within each chunk, done in jnp.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import jax.numpy as jnp
 
 from twomamba_jax.kernels.chunked import triton as triton_kernels
 from twomamba_jax.kernels.chunked.features import feature_selectors
-from twomamba_jax.ops.chunked import chunked_attention
+from twomamba_jax.ops.numerics import NORMALIZER_EPS
 from twomamba_jax.ops.features import feature_size
 from twomamba_jax.ops.state import RecurrentState, init_state
 
@@ -53,63 +55,129 @@ def _heads_first(x, padded_len):
     return jnp.pad(x, [(0, 0), (0, padded_len - length)] + [(0, 0)] * (x.ndim - 2))
 
 
-def _forward(q, k, v, log_decay, numerator0, normalizer0, config: _Config):
-    batch, length, heads, dk = q.shape
-    dv = v.shape[-1]
+class _Prepared(NamedTuple):
+    """Inputs laid out for the kernels: heads first, N padded to whole chunks, features padded to whole blocks."""
+
+    q: jax.Array  # (BH, Np, dk), pre-scaled
+    k: jax.Array
+    v: jax.Array  # (BH, Np, dv)
+    gamma: jax.Array  # (BH, Np) float32, chunk-local cumulative log-decay
+    key_decay: jax.Array  # (BH, Np) float32, exp(gamma_last - gamma)
+    chunk_decay: jax.Array  # (BH, nc) float32, exp(gamma_last)
+    selectors: tuple  # rows, cols (dk, F_pad) in q's dtype; weights (1, F_pad) float32
+    numerator0: jax.Array  # (BH, F_pad, dv) float32
+    normalizer0: jax.Array  # (BH, F_pad) float32
+
+
+def _kernel_options(q, config: _Config):
+    block = q.shape[-1] if config.power == 1 else POWER2_FEATURE_BLOCK
+    return dict(power=config.power, chunk_size=config.chunk_size, feature_block=block, interpret=config.interpret)
+
+
+def _pad_features(x, padded_features):
+    """(B, H, F, ...) -> (B*H, F_pad, ...) float32, zero-padded features."""
+    x = x.astype(jnp.float32).reshape(-1, *x.shape[2:])
+    return jnp.pad(x, [(0, 0), (0, padded_features - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+
+
+def _prepare(q, k, v, log_decay, numerator0, normalizer0, config: _Config) -> _Prepared:
+    length, dk = q.shape[1], q.shape[-1]
     chunk = config.chunk_size
     num_chunks = -(-length // chunk)
     padded = num_chunks * chunk
-    block = dk if config.power == 1 else POWER2_FEATURE_BLOCK
-    rows, cols, weights = feature_selectors(dk, config.power, block)
-    features, padded_features = feature_size(dk, config.power), rows.shape[1]
-
-    qh = _heads_first(q * jnp.asarray(config.scale, q.dtype), padded)
-    kh, vh = _heads_first(k, padded), _heads_first(v, padded)
+    rows, cols, weights = feature_selectors(dk, config.power, _kernel_options(q, config)["feature_block"])
     # Chunk-local cumulative log-decay (zero-padded tokens decay nothing), in float32.
     gamma = jnp.cumsum(_heads_first(log_decay.astype(jnp.float32), padded).reshape(-1, num_chunks, chunk), -1)
     gamma_last = gamma[..., -1]
-    key_decay = jnp.exp(gamma_last[..., None] - gamma).reshape(-1, padded)
-    gamma = gamma.reshape(-1, padded)
-
-    def state_in(x):  # (B, H, F, ...) -> (B*H, F_pad, ...)
-        x = x.astype(jnp.float32).reshape(batch * heads, features, *x.shape[3:])
-        return jnp.pad(x, [(0, 0), (0, padded_features - features)] + [(0, 0)] * (x.ndim - 2))
-
+    padded_features = rows.shape[1]
     operand = functools.partial(jnp.asarray, dtype=q.dtype)  # 0/1 selectors are exact in any float dtype
-    selectors = (operand(rows), operand(cols), jnp.asarray(weights))
-    common = dict(power=config.power, chunk_size=chunk, feature_block=block, interpret=config.interpret)
-    numerators, normalizers, numerator, normalizer = triton_kernels.chunk_states(
-        kh, vh, key_decay, jnp.exp(gamma_last), *selectors, state_in(numerator0), state_in(normalizer0), **common)
-    y = triton_kernels.chunk_outputs(qh, kh, vh, gamma, numerators, normalizers, *selectors,
-                                     normalize=config.normalize, **common)
-    y = jnp.moveaxis(y[:, :length].reshape(batch, heads, length, dv), 1, 2)
-    numerator = numerator[:, :features].reshape(batch, heads, features, dv)
+    return _Prepared(
+        q=_heads_first(q * jnp.asarray(config.scale, q.dtype), padded),
+        k=_heads_first(k, padded),
+        v=_heads_first(v, padded),
+        gamma=gamma.reshape(-1, padded),
+        key_decay=jnp.exp(gamma_last[..., None] - gamma).reshape(-1, padded),
+        chunk_decay=jnp.exp(gamma_last),
+        selectors=(operand(rows), operand(cols), jnp.asarray(weights)),
+        numerator0=_pad_features(numerator0, padded_features),
+        normalizer0=_pad_features(normalizer0, padded_features),
+    )
+
+
+def _heads_last(x, batch, length):
+    """(B*H, N_pad, ...) -> (B, N, H, ...), dropping the padding."""
+    x = x[:, :length]
+    return jnp.moveaxis(x.reshape(batch, -1, *x.shape[1:]), 1, 2)
+
+
+def _states(p: _Prepared, options):
+    ones = jnp.ones_like(p.key_decay)
+    return triton_kernels.state_pass(p.k, p.v, p.key_decay, ones, p.chunk_decay, *p.selectors, p.numerator0,
+                                     p.normalizer0, reverse=False, **options)
+
+
+def _forward(q, k, v, log_decay, numerator0, normalizer0, config: _Config):
+    """Returns ((y, final numerator, final normalizer), the normalizer of every token (BH, Np))."""
+    batch, length, heads, dk = q.shape
+    features = feature_size(dk, config.power)
+    options = _kernel_options(q, config)
+    p = _prepare(q, k, v, log_decay, numerator0, normalizer0, config)
+    numerators, normalizers, numerator, normalizer = _states(p, options)
+    y, token_normalizer = triton_kernels.chunk_outputs(p.q, p.k, p.v, p.gamma, numerators, normalizers, *p.selectors,
+                                                       normalize=config.normalize, **options)
+    numerator = numerator[:, :features].reshape(batch, heads, features, -1)
     normalizer = normalizer[:, :features].reshape(batch, heads, features)
-    return y, numerator, normalizer
+    return (_heads_last(y, batch, length), numerator, normalizer), token_normalizer
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _attention(q, k, v, log_decay, numerator0, normalizer0, config):
-    return _forward(q, k, v, log_decay, numerator0, normalizer0, config)
+    return _forward(q, k, v, log_decay, numerator0, normalizer0, config)[0]
 
 
 def _attention_fwd(q, k, v, log_decay, numerator0, normalizer0, config):
-    return _forward(q, k, v, log_decay, numerator0, normalizer0, config), (q, k, v, log_decay, numerator0,
-                                                                           normalizer0)
+    outputs, token_normalizer = _forward(q, k, v, log_decay, numerator0, normalizer0, config)
+    return outputs, (q, k, v, log_decay, numerator0, normalizer0, outputs[0], token_normalizer)
 
 
 def _attention_bwd(config, residuals, cotangents):
-    def recompute(q, k, v, log_decay, numerator0, normalizer0):
-        state0 = RecurrentState(numerator0, normalizer0 if config.normalize else None)
-        y, state = chunked_attention(q, k, v, log_decay, power=config.power, normalize=config.normalize,
-                                     scale=config.scale, chunk_size=config.chunk_size, initial_state=state0,
-                                     return_state=True)
-        # Without normalization the normalizer state is not an output the caller sees: its cotangent is zero.
-        normalizer = state.normalizer if config.normalize else jnp.zeros_like(normalizer0)
-        return y.astype(v.dtype), state.numerator.astype(jnp.float32), normalizer.astype(jnp.float32)
+    """The chunk states are recomputed (one cheap pass) rather than stored from the forward."""
+    q, k, v, log_decay, numerator0, normalizer0, y, token_normalizer = residuals
+    d_y, d_numerator, d_normalizer = cotangents
+    batch, length, heads, dk = q.shape
+    features = feature_size(dk, config.power)
+    options = _kernel_options(q, config)
+    p = _prepare(q, k, v, log_decay, numerator0, normalizer0, config)
+    numerators, normalizers, _, _ = _states(p, options)
 
-    _, vjp = jax.vjp(recompute, *residuals)
-    return vjp(cotangents)
+    padded = p.q.shape[1]
+    d_y = _heads_first(d_y.astype(jnp.float32), padded)
+    if config.normalize:  # y = numerator / max(normalizer, eps)
+        safe = jnp.maximum(token_normalizer, NORMALIZER_EPS)
+        d_out = d_y / safe[..., None]
+        y = _heads_first(y.astype(jnp.float32), padded)
+        d_den = jnp.where(token_normalizer > NORMALIZER_EPS, -jnp.sum(d_y * y, -1) / safe, 0.0)
+    else:  # the normalizer is no output the caller sees
+        d_out, d_den = d_y, jnp.zeros_like(token_normalizer)
+        d_normalizer = jnp.zeros_like(d_normalizer)
+    padded_features = p.numerator0.shape[1]
+    d_states, d_normalizers, d_numerator0, d_normalizer0 = triton_kernels.state_pass(
+        p.q, d_out, jnp.exp(p.gamma), d_den, p.chunk_decay, *p.selectors, _pad_features(d_numerator, padded_features),
+        _pad_features(d_normalizer, padded_features), reverse=True, **options)
+    dq, dk_, dv, d_gamma = triton_kernels.chunk_grads(
+        p.q, p.k, p.v, p.gamma, p.key_decay, numerators, normalizers, d_states, d_normalizers, d_out, d_den,
+        *p.selectors, **options)
+    # gamma_t = sum_{s <= t} a_s inside a chunk, so da_s = sum_{t >= s} d_gamma_t (a reverse cumsum per chunk).
+    d_gamma = d_gamma.reshape(-1, padded // config.chunk_size, config.chunk_size)
+    d_log_decay = jnp.flip(jnp.cumsum(jnp.flip(d_gamma, -1), -1), -1).reshape(-1, padded)
+    return (
+        (_heads_last(dq, batch, length) * config.scale).astype(q.dtype),
+        _heads_last(dk_, batch, length).astype(k.dtype),
+        _heads_last(dv, batch, length).astype(v.dtype),
+        _heads_last(d_log_decay, batch, length).astype(log_decay.dtype),
+        d_numerator0[:, :features].reshape(numerator0.shape).astype(numerator0.dtype),
+        d_normalizer0[:, :features].reshape(normalizer0.shape).astype(normalizer0.dtype),
+    )
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

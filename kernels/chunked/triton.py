@@ -2,10 +2,13 @@
 
 Two launches, as the chunked form splits (SPEC section 2):
 
-1. ``chunk_states``: grid (B*H, feature blocks). Each program walks the chunks in order, carrying its block of the
+1. ``state_pass``: grid (B*H, feature blocks). Each program walks the chunks in order, carrying its block of the
    state ``S`` (BF x dv) and normalizer ``z`` (BF) in registers, and writes the state *before* every chunk.
 2. ``chunk_outputs``: grid (B*H, chunks), fully parallel. Each program computes its chunk's masked quadratic part
    and adds ``exp(gamma_i) phi(q_i)^T S_{c-1}``, looping over the feature blocks of the stored state.
+
+The backward is the same two shapes: ``state_pass(..., reverse=True)`` carries the state cotangent from the last
+chunk to the first, and ``chunk_grads`` turns it into dq, dk, dv and the log-decay cotangent, chunk by chunk.
 
 phi tiles are built on chip from q and k (see ``features.py``) and never written out. Decays, cumulative sums,
 states and accumulators are float32; matmul operands are the inputs' dtype (float32 dots use IEEE precision,
@@ -40,37 +43,42 @@ def _compiler_params(num_warps, num_stages):
     return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def chunk_states(k, v, key_decay, chunk_decay, rows, cols, weights, numerator0, normalizer0, *, power,
-                 chunk_size, feature_block, interpret=False, num_warps=4, num_stages=2):
-    """States before every chunk, and after the last.
+def state_pass(x, values, token_decay, token_weights, chunk_decay, rows, cols, weights, state0, normalizer0, *,
+               reverse, power, chunk_size, feature_block, interpret=False, num_warps=4, num_stages=2):
+    """The recurrence over chunks, ``S <- alpha_c S + (phi(x_c) * d_c)^T values_c`` (and the normalizer
+    ``z <- alpha_c z + (phi(x_c) * d_c)^T u_c``), storing S (and z) as it was before each chunk's update.
 
-    k: (BH, Np, dk); v: (BH, Np, dv); key_decay: (BH, Np) float32 ``exp(gamma_last - gamma_j)``;
-    chunk_decay: (BH, nc) float32 ``exp(gamma_last)``; rows, cols: (dk, F); weights: (1, F);
-    numerator0: (BH, F, dv) float32; normalizer0: (BH, F) float32.
-    Returns (numerators (BH, nc, F, dv), normalizers (BH, nc, F), final numerator, final normalizer), float32.
+    Forward (``reverse=False``): x = k, values = v, d = exp(gamma_last - gamma), u = 1: the states before every
+    chunk. Backward (``reverse=True``, chunks last to first): x = q, values = the numerator cotangent,
+    d = exp(gamma), u = the normalizer cotangent: the state cotangents after every chunk.
+
+    x: (BH, Np, dk); values: (BH, Np, dv); token_decay, token_weights: (BH, Np) float32; chunk_decay: (BH, nc)
+    ``exp(gamma_last)``; rows, cols: (dk, F); weights: (1, F); state0: (BH, F, dv), normalizer0: (BH, F), float32.
+    Returns (per chunk (BH, nc, F, dv), per chunk (BH, nc, F), the last S, the last z), float32.
     """
-    bh, padded_len, _ = k.shape
-    dv = v.shape[-1]
-    features = numerator0.shape[1]
+    bh, padded_len, _ = x.shape
+    dv = values.shape[-1]
+    features = state0.shape[1]
     num_chunks = padded_len // chunk_size
     block = feature_block
 
-    def kernel(k_ref, v_ref, kd_ref, cd_ref, rows_ref, cols_ref, w_ref, s0_ref, z0_ref,
+    def kernel(x_ref, val_ref, td_ref, tw_ref, cd_ref, rows_ref, cols_ref, w_ref, s0_ref, z0_ref,
                s_ref, z_ref, sf_ref, zf_ref):
         head, fblock = pl.program_id(0), pl.program_id(1)
         fs = pl.ds(fblock * block, block)
         rows_b, cols_b, w_b = rows_ref[:, fs], cols_ref[:, fs], w_ref[:, fs]
 
-        def step(c, carry):
+        def step(i, carry):
             state, norm = carry
+            c = num_chunks - 1 - i if reverse else i
             s_ref[head, c, fs, :] = state
             z_ref[head, c, fs] = norm
             ts = pl.ds(c * chunk_size, chunk_size)
-            phi = _features(k_ref[head, ts, :], rows_b, cols_b, w_b, power) * kd_ref[head, ts][:, None]
+            x_c = x_ref[head, ts, :]
+            phi = _features(x_c, rows_b, cols_b, w_b, power) * td_ref[head, ts][:, None]
             decay = cd_ref[head, c]
-            v_c = v_ref[head, ts, :]
-            state = decay * state + _dot(phi.T.astype(v_c.dtype), v_c)
-            norm = decay * norm + jnp.sum(phi, axis=0)
+            state = decay * state + _dot(phi.T.astype(x_c.dtype), val_ref[head, ts, :].astype(x_c.dtype))
+            norm = decay * norm + jnp.sum(phi * tw_ref[head, ts][:, None], axis=0)
             return state, norm
 
         state, norm = jax.lax.fori_loop(0, num_chunks, step, (s0_ref[head, fs, :], z0_ref[head, fs]))
@@ -84,23 +92,25 @@ def chunk_states(k, v, key_decay, chunk_decay, rows, cols, weights, numerator0, 
         jax.ShapeDtypeStruct((bh, features, dv), f32),
         jax.ShapeDtypeStruct((bh, features), f32),
     )
+    name = "twomamba_chunk_state_grads" if reverse else "twomamba_chunk_states"
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=(bh, features // block), interpret=interpret,
-        compiler_params=_compiler_params(num_warps, num_stages), name="twomamba_chunk_states",
-    )(k, v, key_decay, chunk_decay, rows, cols, weights, numerator0, normalizer0)
+        compiler_params=_compiler_params(num_warps, num_stages), name=name,
+    )(x, values, token_decay, token_weights, chunk_decay, rows, cols, weights, state0, normalizer0)
 
 
 def chunk_outputs(q, k, v, gamma, numerators, normalizers, rows, cols, weights, *, power, normalize,
                   chunk_size, feature_block, interpret=False, num_warps=4, num_stages=2):
     """Outputs of every chunk. q (pre-scaled), k: (BH, Np, dk); v: (BH, Np, dv); gamma: (BH, Np) float32 chunk-local
-    cumulative log-decay; numerators, normalizers: from ``chunk_states``. Returns y: (BH, Np, dv) in v's dtype."""
+    cumulative log-decay; numerators, normalizers: the states before every chunk, from ``state_pass``.
+    Returns y: (BH, Np, dv) in v's dtype, and the softmax normalizer (BH, Np) float32 (for the backward)."""
     bh, padded_len, _ = q.shape
     dv = v.shape[-1]
     features = numerators.shape[2]
     num_chunks = padded_len // chunk_size
     block = feature_block
 
-    def kernel(q_ref, k_ref, v_ref, g_ref, s_ref, z_ref, rows_ref, cols_ref, w_ref, y_ref):
+    def kernel(q_ref, k_ref, v_ref, g_ref, s_ref, z_ref, rows_ref, cols_ref, w_ref, y_ref, den_ref):
         head, c = pl.program_id(0), pl.program_id(1)
         ts = pl.ds(c * chunk_size, chunk_size)
         q_c, v_c = q_ref[head, ts, :], v_ref[head, ts, :]
@@ -127,9 +137,112 @@ def chunk_outputs(q, k, v, gamma, numerators, normalizers, rows, cols, weights, 
         if normalize:
             numerator = numerator / jnp.maximum(denominator, NORMALIZER_EPS)[:, None]
         y_ref[head, ts, :] = numerator.astype(y_ref.dtype)
+        den_ref[head, ts] = denominator
 
+    out_shape = (jax.ShapeDtypeStruct((bh, padded_len, dv), v.dtype),
+                 jax.ShapeDtypeStruct((bh, padded_len), jnp.float32))
     return pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct((bh, padded_len, dv), v.dtype), grid=(bh, num_chunks),
+        kernel, out_shape=out_shape, grid=(bh, num_chunks),
         interpret=interpret, compiler_params=_compiler_params(num_warps, num_stages), name="twomamba_chunk_outputs",
     )(q, k, v, gamma, numerators, normalizers, rows, cols, weights)
 
+
+
+def _features_vjp(x, d_phi, rows, cols, weights, power):
+    """x^T-side of phi's VJP: (C, BF) cotangent of phi(x) -> (C, d) cotangent of x, float32."""
+    if power == 1:
+        return d_phi
+    d_phi = d_phi * weights
+    dtype = x.dtype
+    by_rows = _dot(x, rows)
+    by_cols = _dot(x, cols)
+    return (_dot((d_phi * by_cols).astype(dtype), rows, trans_b=True)
+            + _dot((d_phi * by_rows).astype(dtype), cols, trans_b=True))
+
+
+def chunk_grads(q, k, v, gamma, key_decay, numerators, normalizers, d_states, d_normalizers, d_out, d_den,
+                rows, cols, weights, *, power, chunk_size, feature_block, interpret=False, num_warps=4,
+                num_stages=2):
+    """Cotangents of q (pre-scaled), k, v and gamma, one program per chunk.
+
+    numerators, normalizers: the states before every chunk (``state_pass``); d_states, d_normalizers: the
+    cotangents of the states after every chunk (``state_pass(..., reverse=True)``); d_out (BH, Np, dv), d_den (BH, Np):
+    cotangents of the unnormalized numerator and the normalizer. Returns dq, dk (BH, Np, dk), dv (BH, Np, dv) and
+    d_gamma (BH, Np), float32; the cotangent of the chunk's last gamma includes the state's decay exp(gamma_last).
+    """
+    bh, padded_len, dk = q.shape
+    dv = v.shape[-1]
+    features = numerators.shape[2]
+    num_chunks = padded_len // chunk_size
+    block = feature_block
+
+    def kernel(q_ref, k_ref, v_ref, g_ref, kd_ref, s_ref, z_ref, gs_ref, gz_ref, do_ref, dd_ref,
+               rows_ref, cols_ref, w_ref, dq_ref, dk_ref, dv_ref, dg_ref):
+        head, c = pl.program_id(0), pl.program_id(1)
+        ts = pl.ds(c * chunk_size, chunk_size)
+        q_c, k_c, v_c = q_ref[head, ts, :], k_ref[head, ts, :], v_ref[head, ts, :]
+        dtype = q_c.dtype
+        g, key_decay_c = g_ref[head, ts], kd_ref[head, ts]
+        d_out_c, d_den_c = do_ref[head, ts, :], dd_ref[head, ts]
+        row = jax.lax.broadcasted_iota(jnp.int32, (chunk_size, chunk_size), 0)
+        col = jax.lax.broadcasted_iota(jnp.int32, (chunk_size, chunk_size), 1)
+
+        # Inside the chunk: W = f(s) * exp(g_i - g_j) on and below the diagonal.
+        scores = _dot(q_c, k_c, trans_b=True)
+        decay = jnp.exp(jnp.where(row >= col, g[:, None] - g[None, :], -jnp.inf))
+        weights_ij = (scores if power == 1 else scores * scores) * decay
+        d_weights = _dot(d_out_c.astype(dtype), v_c, trans_b=True) + d_den_c[:, None]
+        d_weights = jnp.where(row >= col, d_weights, 0.0)
+        d_scores = d_weights * decay * (1.0 if power == 1 else 2.0 * scores)
+        dq = _dot(d_scores.astype(dtype), k_c)
+        dk = _dot(d_scores.T.astype(dtype), q_c)
+        dv_c = _dot(weights_ij.T.astype(dtype), d_out_c.astype(dtype))
+        through_decay = d_weights * weights_ij
+        d_gamma = jnp.sum(through_decay, axis=1) - jnp.sum(through_decay, axis=0)
+
+        inflow = jnp.exp(g)[:, None]
+
+        def add_block(fblock, carry):
+            dq, dk, dv_c, d_gamma, d_keys, d_alpha = carry
+            fs = pl.ds(fblock * block, block)
+            rows_b, cols_b, w_b = rows_ref[:, fs], cols_ref[:, fs], w_ref[:, fs]
+            state, norm = s_ref[head, c, fs, :], z_ref[head, c, fs]
+            grad, grad_z = gs_ref[head, c, fs, :], gz_ref[head, c, fs]
+            q_feat = _features(q_c, rows_b, cols_b, w_b, power) * inflow  # phi(q) exp(g)
+            k_feat = _features(k_c, rows_b, cols_b, w_b, power) * key_decay_c[:, None]  # phi(k) exp(g_L - g)
+            dv_c = dv_c + _dot(k_feat.astype(dtype), grad.astype(dtype))
+            d_q_feat = _dot(d_out_c.astype(dtype), state.astype(dtype), trans_b=True) + d_den_c[:, None] * norm
+            d_k_feat = _dot(v_c, grad.astype(dtype), trans_b=True) + grad_z[None, :]
+            dq = dq + _features_vjp(q_c, d_q_feat * inflow, rows_b, cols_b, w_b, power)
+            dk = dk + _features_vjp(k_c, d_k_feat * key_decay_c[:, None], rows_b, cols_b, w_b, power)
+            through_keys = jnp.sum(d_k_feat * k_feat, axis=1)
+            d_gamma = d_gamma + jnp.sum(d_q_feat * q_feat, axis=1) - through_keys
+            # The last gamma scales every key weight and, through alpha = exp(g_L), the carried state.
+            d_keys = d_keys + jnp.sum(through_keys)
+            # One axis at a time: Triton lowers a 2-D sum as two reductions anyway.
+            d_alpha = d_alpha + jnp.sum(jnp.sum(grad * state, axis=1)) + jnp.sum(grad_z * norm)
+            return dq, dk, dv_c, d_gamma, d_keys, d_alpha
+
+        zero = jnp.zeros((), jnp.float32)
+        init = (dq, dk, dv_c, d_gamma, zero, zero)
+        dq, dk, dv_c, d_gamma, d_keys, d_alpha = jax.lax.fori_loop(0, features // block, add_block, init)
+        last = jax.lax.broadcasted_iota(jnp.int32, (chunk_size,), 0) == chunk_size - 1
+        alpha = jnp.sum(jnp.where(last, jnp.exp(g), 0.0))  # exp(g_L), by a masked sum (no value slicing)
+        d_gamma = d_gamma + jnp.where(last, d_keys + d_alpha * alpha, 0.0)
+        dq_ref[head, ts, :] = dq
+        dk_ref[head, ts, :] = dk
+        dv_ref[head, ts, :] = dv_c
+        dg_ref[head, ts] = d_gamma
+
+    f32 = jnp.float32
+    out_shape = (
+        jax.ShapeDtypeStruct((bh, padded_len, dk), f32),
+        jax.ShapeDtypeStruct((bh, padded_len, dk), f32),
+        jax.ShapeDtypeStruct((bh, padded_len, dv), f32),
+        jax.ShapeDtypeStruct((bh, padded_len), f32),
+    )
+    return pl.pallas_call(
+        kernel, out_shape=out_shape, grid=(bh, num_chunks), interpret=interpret,
+        compiler_params=_compiler_params(num_warps, num_stages), name="twomamba_chunk_grads",
+    )(q, k, v, gamma, key_decay, numerators, normalizers, d_states, d_normalizers, d_out, d_den, rows, cols,
+      weights)

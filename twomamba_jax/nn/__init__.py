@@ -2,8 +2,9 @@
 
 Every sequence mixer maps (B, N, M) -> (B, N, M) and, like the LM (tokens -> logits), has a decode path:
 ``cache = module.init_cache(batch, max_len)`` then ``y, cache = module.step(x, cache)`` over a prompt or
-one token at a time. Powers 1 and 2 and Mamba-2 keep a fixed-size state; softmax and 2Mamba-E a KV cache. Parameters carry logical axis names (``embed``, ``heads``, ``kv_heads``, ``head_dim``,
-``mlp``, ``vocab``, ``conv``); ``nnx.get_partition_spec(nnx.state(model))`` reads them.
+one token at a time. Powers 1 and 2 and Mamba-2 keep a fixed-size state; softmax and 2Mamba-E a KV cache.
+Parameters carry logical axis names (``embed``, ``heads``, ``kv_heads``, ``head_dim``, ``mlp``, ``vocab``,
+``conv``); ``nnx.get_partition_spec(nnx.state(model))`` reads them.
 """
 
 from twomamba_jax.nn.attention import AttentionCache, AttentionConfig, SoftmaxAttention, apply_rope
