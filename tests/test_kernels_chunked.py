@@ -41,7 +41,8 @@ def test_values_states_and_gradients_match_the_oracle(rng, dim, dtype, power, no
 
     def loss(fn, q, k, v, a, state):
         y, s = fn(q, k, v, a, **{**kw, "initial_state": state})
-        return jnp.sum(y.astype(jnp.float64) * cotangent) + jnp.sum(s.numerator), (y, s)
+        state_term = sum(jnp.sum(leaf.astype(jnp.float64)) for leaf in jax.tree.leaves(s))  # numerator, normalizer
+        return jnp.sum(y.astype(jnp.float64) * cotangent) + state_term, (y, s)
 
     argnums = (0, 1, 2, 3, 4) if decay else (0, 1, 2, 4)
     upcast = lambda x: None if x is None else x.astype(jnp.float64)
@@ -57,15 +58,44 @@ def test_values_states_and_gradients_match_the_oracle(rng, dim, dtype, power, no
         assert tree_rel_error(got, expected) < tol, name
 
 
+@pytest.mark.parametrize("key_dim,value_dim,chunk_size,length", [(16, 32, 32, 64), (16, 16, 64, 20),
+                                                                  (32, 64, 128, 130)])
+def test_other_shapes_without_state(rng, key_dim, value_dim, chunk_size, length):
+    """Padded features (dk=16), dv > dk, N a multiple of the chunk, N below one chunk; no state in or out."""
+    q, k, v, a = random_qkv(rng, batch=2, length=length, heads=1, key_dim=key_dim, value_dim=value_dim,
+                            dtype=jnp.float32)
+    a = a.astype(jnp.float32)
+    cotangent = jnp.asarray(rng.standard_normal(v.shape), jnp.float32)
+    kw = dict(power=2, normalize="softmax", chunk_size=chunk_size)
+
+    def loss(impl, *args):
+        return jnp.sum(ops.decayed_attention(*args, impl=impl, **kw).astype(jnp.float64) * cotangent)
+
+    args = (q, k, v, a)
+    expected = jax.value_and_grad(functools.partial(loss, "reference"), (0, 1, 2, 3))(
+        *(x.astype(jnp.float64) for x in args))
+    got = jax.value_and_grad(functools.partial(loss, "pallas"), (0, 1, 2, 3))(*args)
+    assert rel_error(got[0], expected[0]) < 1e-5
+    for name, g, e in zip("q k v log_decay".split(), got[1], expected[1]):
+        assert rel_error(g, e) < 1e-5, name
+
+
 def test_unsupported_inputs_fall_back_with_one_log_line(rng, caplog):
+    from twomamba_jax.ops import api
+
     q, k, v, a = random_qkv(rng, batch=1, length=9, heads=1, key_dim=12, value_dim=12, dtype=jnp.float32)
-    assert "dk=12" in unsupported_reason(q, v, power=2, chunk_size=16)
+    assert "dk=12" in unsupported_reason(q, k, v, power=2, chunk_size=16)
+    q16, k16, v16, _ = random_qkv(rng, batch=1, length=9, heads=1, key_dim=16, value_dim=16, dtype=jnp.bfloat16)
+    assert unsupported_reason(q16, k16, v16, power=2, chunk_size=16) is None
+    assert "dtypes" in unsupported_reason(q16, k16.astype(jnp.float32), v16, power=2, chunk_size=16)
+    assert "dtypes" in unsupported_reason(*(x.astype(jnp.float16) for x in (q16, k16, v16)), power=2, chunk_size=16)
+    api._log_fallback.cache_clear()
     with caplog.at_level("WARNING"):
         y = _pallas(q, k, v, a, power=2, normalize="softmax")
         _pallas(q, k, v, a, power=2, normalize="softmax")
     assert [r.getMessage() for r in caplog.records].count(
-        "decayed_attention: impl='pallas' cannot take dk=12 (expected one of (16, 32, 64, 128)); "
-        "using impl='chunked'") <= 1
+        "decayed_attention: impl='pallas' cannot use the Pallas kernels for dk=12 (expected one of "
+        "(16, 32, 64, 128)); using impl='chunked'") == 1
     expected = ops.decayed_attention(q, k, v, a, power=2, normalize="softmax", impl="reference")
     assert rel_error(y, expected) < 1e-5
 

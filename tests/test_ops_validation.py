@@ -39,7 +39,7 @@ def test_mismatched_shapes(qkv):
 
 def test_positive_log_decay(qkv):
     q, k, v, a = qkv
-    with pytest.raises(ValueError, match="log_decay: expected values <= 0"):
+    with pytest.raises(ValueError, match="log_decay: expected finite values <= 0"):
         _call(q, k, v, a.at[0, 3, 1].set(0.1))
 
 
@@ -96,8 +96,10 @@ def test_step_shapes(qkv):
 
 def test_more_bad_values(qkv):
     q, k, v, a = qkv
-    with pytest.raises(ValueError, match="log_decay: expected values <= 0"):
+    with pytest.raises(ValueError, match="log_decay: expected finite values <= 0"):
         _call(q, k, v, a.at[0, 0, 0].set(jnp.nan))
+    with pytest.raises(ValueError, match="log_decay: expected finite values <= 0"):
+        _call(q, k, v, a.at[0, 0, 0].set(-jnp.inf))
     with pytest.raises(ValueError, match=r"q: expected at least one token \(N >= 1\)"):
         _call(q[:, :0], k[:, :0], v[:, :0])
     with pytest.raises(ValueError, match="scale: expected a positive finite number"):

@@ -12,7 +12,7 @@ import functools
 
 import numpy as np
 
-from twomamba_jax.ops.features import feature_size
+from twomamba_jax.ops.features import _symmetric_pairs, feature_size
 
 
 @functools.cache
@@ -23,13 +23,15 @@ def feature_selectors(dim: int, power: int, block: int) -> tuple[np.ndarray, np.
     rows = np.zeros((dim, padded), np.float32)
     cols = np.zeros((dim, padded), np.float32)
     weights = np.zeros((1, padded), np.float32)
-    if power == 1:
+    if power == 1:  # phi is the identity: the kernels read x directly and ignore the selectors
         rows[np.arange(dim), np.arange(dim)] = 1.0
-        cols[:] = rows  # unused for power 1
+        cols[:] = rows
         weights[0, :dim] = 1.0
-    else:
-        a, b = np.triu_indices(dim)
+    else:  # the same pair order and weights as twomamba_jax.ops.features, so states are interchangeable
+        a, b, pair_weights = _symmetric_pairs(dim)
         rows[a, np.arange(features)] = 1.0
         cols[b, np.arange(features)] = 1.0
-        weights[0, :features] = np.where(a == b, 1.0, np.sqrt(2.0))
+        weights[0, :features] = pair_weights
+    for array in (rows, cols, weights):
+        array.flags.writeable = False  # cached: shared by every call
     return rows, cols, weights

@@ -1,8 +1,9 @@
 """``chunked_attention_pallas``: the chunked algorithm on the Pallas kernels, joined to a backward by custom_vjp.
 
 Forward: ``state_pass`` then ``chunk_outputs``. Backward: ``state_pass`` again (recomputing the per-chunk states
-is one cheap pass; storing them would cost B H (N/C) F dv floats), ``state_pass(reverse=True)`` (the state
-cotangents, chunks in reverse) and ``chunk_grads`` (dq, dk, dv and the log-decay cotangent, chunks in parallel); the
+is one cheap pass, so the forward keeps none of its B H (N/C) F dv float32 states as residuals; the backward
+holds them and their cotangents, twice that, while it runs), ``state_pass(reverse=True)`` (the state cotangents,
+chunks in reverse) and ``chunk_grads`` (dq, dk, dv and the log-decay cotangent, chunks in parallel); the
 log-decay cotangent is a reverse cumulative sum within each chunk, done in jnp.
 """
 
@@ -22,11 +23,11 @@ from twomamba_jax.ops.state import RecurrentState, init_state
 
 KERNEL_DIMS = (16, 32, 64, 128)  # head dims the kernels take: powers of two (Triton blocks)
 KERNEL_CHUNKS = (16, 32, 64, 128)
-KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+KERNEL_DTYPES = (jnp.float32, jnp.bfloat16)  # float16 operands would overflow on rounded-down f32 values
 POWER2_FEATURE_BLOCK = 64
 
 
-def unsupported_reason(q, v, *, power, chunk_size) -> str | None:
+def unsupported_reason(q, k, v, *, power, chunk_size) -> str | None:
     """Why the kernels cannot take these inputs, or None when they can."""
     if power not in (1, 2):
         return f"power={power!r} (the chunked kernels take powers 1 and 2)"
@@ -35,8 +36,8 @@ def unsupported_reason(q, v, *, power, chunk_size) -> str | None:
             return f"{name}={dim} (expected one of {KERNEL_DIMS})"
     if chunk_size not in KERNEL_CHUNKS:
         return f"chunk_size={chunk_size} (expected one of {KERNEL_CHUNKS})"
-    if q.dtype not in KERNEL_DTYPES or v.dtype != q.dtype:
-        return f"dtypes q={q.dtype}, v={v.dtype} (expected one of float32, bfloat16, float16, the same for both)"
+    if q.dtype not in KERNEL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtypes q={q.dtype}, k={k.dtype}, v={v.dtype} (expected float32 or bfloat16, the same for all)"
     return None
 
 

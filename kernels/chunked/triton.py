@@ -11,8 +11,8 @@ The backward is the same two shapes: ``state_pass(..., reverse=True)`` carries t
 chunk to the first, and ``chunk_grads`` turns it into dq, dk, dv and the log-decay cotangent, chunk by chunk.
 
 phi tiles are built on chip from q and k (see ``features.py``) and never written out. Decays, cumulative sums,
-states and accumulators are float32; matmul operands are the inputs' dtype (float32 dots use IEEE precision,
-not TF32). Triton wants power-of-two blocks and no slicing of values, so everything is sliced from refs.
+states and accumulators are float32; matmul operands are the inputs' dtype, so with bfloat16 inputs the stored
+states are rounded to bfloat16 where a matmul reads them (float32 dots use IEEE precision, not TF32). Triton wants power-of-two blocks and no slicing of values, so everything is sliced from refs.
 """
 
 from __future__ import annotations
@@ -145,7 +145,6 @@ def chunk_outputs(q, k, v, gamma, numerators, normalizers, rows, cols, weights, 
         kernel, out_shape=out_shape, grid=(bh, num_chunks),
         interpret=interpret, compiler_params=_compiler_params(num_warps, num_stages), name="twomamba_chunk_outputs",
     )(q, k, v, gamma, numerators, normalizers, rows, cols, weights)
-
 
 
 def _features_vjp(x, d_phi, rows, cols, weights, power):

@@ -47,21 +47,22 @@ def _resolve_impl(impl: str, power, batch_heads: int, length: int) -> str:
 
 
 @functools.cache
-def _log_fallback(reason: str, fallback: str = "chunked") -> None:
-    _logger.warning("decayed_attention: impl='pallas' cannot take %s; using impl=%r", reason, fallback)
+def _log_fallback(reason: str, fallback: str = "chunked", requested: str = "pallas") -> None:
+    _logger.warning("decayed_attention: impl=%r cannot use the Pallas kernels for %s; using impl=%r", requested,
+                    reason, fallback)
 
 
-def _pallas_or_fallback(q, v, *, power, chunk_size):
+def _pallas_or_fallback(q, k, v, *, power, chunk_size, requested):
     """The Pallas kernels where they apply (interpret mode on CPU), else the jnp chunked form, said once."""
     # Imported here: the kernels build on the ops, so the ops reach them only at call time.
     from twomamba_jax.kernels.chunked import chunked_attention_pallas, unsupported_reason
 
     backend = jax.default_backend()
-    reason = unsupported_reason(q, v, power=power, chunk_size=chunk_size)
+    reason = unsupported_reason(q, k, v, power=power, chunk_size=chunk_size)
     if reason is None and backend not in ("gpu", "cpu"):
         reason = f"backend {backend!r} (the chunked kernels lower for GPU, and run interpreted on CPU)"
     if reason is not None:
-        _log_fallback(reason)
+        _log_fallback(reason, requested=requested)
         return None
     return functools.partial(chunked_attention_pallas, interpret=backend == "cpu")
 
@@ -123,7 +124,7 @@ def decayed_attention(
     check_positive_int("chunk_size", chunk_size)
     batch, length, heads, dk = q.shape
     dv = v.shape[-1]
-    impl = _resolve_impl(impl, power, batch * heads, length)
+    requested, impl = impl, _resolve_impl(impl, power, batch * heads, length)
     if max_len is not None:
         check_positive_int("max_len", max_len)
         if power != "exp" or initial_state is not None or max_len < length:
@@ -138,7 +139,9 @@ def decayed_attention(
 
     common = dict(power=power, normalize=normalize, scale=scale, initial_state=initial_state,
                   return_state=return_state)
-    pallas = _pallas_or_fallback(q, v, power=power, chunk_size=chunk_size) if impl == "pallas" else None
+    pallas = None
+    if impl == "pallas":
+        pallas = _pallas_or_fallback(q, k, v, power=power, chunk_size=chunk_size, requested=requested)
     if impl == "reference":
         out = reference_attention(q, k, v, log_decay, max_len=max_len, **common)
     elif pallas is not None:

@@ -54,9 +54,9 @@ def check_non_positive(name: str, x) -> None:
     if isinstance(x, jax.core.Tracer):
         return
     values = np.asarray(x)
-    if not bool(np.all(values <= 0)):  # NaN fails this too
-        raise ValueError(f"{name}: expected values <= 0 (a log of a decay factor in (0, 1]); "
-                         f"got max {float(np.max(values))}")
+    if not bool(np.all((values <= 0) & np.isfinite(values))):  # NaN and -inf fail this too
+        bad = values[~((values <= 0) & np.isfinite(values))][0]
+        raise ValueError(f"{name}: expected finite values <= 0 (a log of a decay factor in (0, 1]); got {bad}")
 
 
 def check_qkv(q, k, v, log_decay, *, token_axis: bool) -> None:
