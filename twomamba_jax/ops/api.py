@@ -19,9 +19,9 @@ _logger = logging.getLogger(__name__)
 DEFAULT_CHUNK_SIZE = 64
 
 # Up to this many tokens "auto" takes the dense form: at short N one masked matmul beats the chunked form's
-# F x dv state traffic. Measured on CPU (benchmarks/ops_cpu.py, power 2, d = 64), forward and backward
-# cross near 2k tokens; memory of the dense form grows as N^2, so beyond this the chunked form is used
-# (its Pallas kernels on GPU).
+# F x dv state traffic. Measured on CPU (benchmarks/ops_cpu.py, power 2, d = 64): the forward passes cross near
+# 1k tokens, forward + backward near 2k; memory of the dense form grows as N^2, so beyond this the chunked form
+# is used (its Pallas kernels on GPU).
 DENSE_MAX_LEN = 2048
 DENSE_MAX_ELEMENTS = 2**27  # B * H * N^2 above this (512 MiB per float32 tile) takes the chunked form at any N
 
