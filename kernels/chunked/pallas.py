@@ -81,12 +81,12 @@ def _pad_features(x, padded_features):
     return jnp.pad(x, [(0, 0), (0, padded_features - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
 
 
-def _prepare(q, k, v, log_decay, numerator0, normalizer0, config: _Config) -> _Prepared:
+def _prepare(q, k, v, log_decay, numerator0, normalizer0, config: _Config, feature_block: int) -> _Prepared:
     length, dk = q.shape[1], q.shape[-1]
     chunk = config.chunk_size
     num_chunks = -(-length // chunk)
     padded = num_chunks * chunk
-    rows, cols, weights = feature_selectors(dk, config.power, _kernel_options(q, config)["feature_block"])
+    rows, cols, weights = feature_selectors(dk, config.power, feature_block)
     # Chunk-local cumulative log-decay (zero-padded tokens decay nothing), in float32.
     gamma = jnp.cumsum(_heads_first(log_decay.astype(jnp.float32), padded).reshape(-1, num_chunks, chunk), -1)
     gamma_last = gamma[..., -1]
@@ -122,7 +122,7 @@ def _forward(q, k, v, log_decay, numerator0, normalizer0, config: _Config):
     batch, length, heads, dk = q.shape
     features = feature_size(dk, config.power)
     options = _kernel_options(q, config)
-    p = _prepare(q, k, v, log_decay, numerator0, normalizer0, config)
+    p = _prepare(q, k, v, log_decay, numerator0, normalizer0, config, options["feature_block"])
     numerators, normalizers, numerator, normalizer = _states(p, options)
     y, token_normalizer = triton_kernels.chunk_outputs(p.q, p.k, p.v, p.gamma, numerators, normalizers, *p.selectors,
                                                        normalize=config.normalize, **options)
@@ -148,7 +148,7 @@ def _attention_bwd(config, residuals, cotangents):
     batch, length, heads, dk = q.shape
     features = feature_size(dk, config.power)
     options = _kernel_options(q, config)
-    p = _prepare(q, k, v, log_decay, numerator0, normalizer0, config)
+    p = _prepare(q, k, v, log_decay, numerator0, normalizer0, config, options["feature_block"])
     numerators, normalizers, _, _ = _states(p, options)
 
     padded = p.q.shape[1]

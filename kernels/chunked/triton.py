@@ -39,6 +39,17 @@ def _features(x, rows, cols, weights, power):
     return _dot(x, rows) * _dot(x, cols) * weights
 
 
+def _causal_decay(g, chunk_size):
+    """The causal mask (C, C) and ``exp(g_i - g_j)`` on and below the diagonal, 0 above.
+
+    Masked before the exp: above the diagonal g_i - g_j >= 0 could overflow.
+    """
+    row = jax.lax.broadcasted_iota(jnp.int32, (chunk_size, chunk_size), 0)
+    col = jax.lax.broadcasted_iota(jnp.int32, (chunk_size, chunk_size), 1)
+    causal = row >= col
+    return causal, jnp.exp(jnp.where(causal, g[:, None] - g[None, :], -jnp.inf))
+
+
 def _compiler_params(num_warps, num_stages):
     return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
@@ -117,10 +128,7 @@ def chunk_outputs(q, k, v, gamma, numerators, normalizers, rows, cols, weights, 
         g = g_ref[head, ts]
         scores = _dot(q_c, k_ref[head, ts, :], trans_b=True)
         scores = scores if power == 1 else scores * scores
-        row = jax.lax.broadcasted_iota(jnp.int32, (chunk_size, chunk_size), 0)
-        col = jax.lax.broadcasted_iota(jnp.int32, (chunk_size, chunk_size), 1)
-        # Mask before the exp: above the diagonal g_i - g_j >= 0 could overflow.
-        weights_ij = scores * jnp.exp(jnp.where(row >= col, g[:, None] - g[None, :], -jnp.inf))
+        weights_ij = scores * _causal_decay(g, chunk_size)[1]
         numerator = _dot(weights_ij.astype(v_c.dtype), v_c)
         denominator = jnp.sum(weights_ij, axis=1)
         inflow = jnp.exp(g)[:, None]
@@ -183,15 +191,13 @@ def chunk_grads(q, k, v, gamma, key_decay, numerators, normalizers, d_states, d_
         dtype = q_c.dtype
         g, key_decay_c = g_ref[head, ts], kd_ref[head, ts]
         d_out_c, d_den_c = do_ref[head, ts, :], dd_ref[head, ts]
-        row = jax.lax.broadcasted_iota(jnp.int32, (chunk_size, chunk_size), 0)
-        col = jax.lax.broadcasted_iota(jnp.int32, (chunk_size, chunk_size), 1)
 
         # Inside the chunk: W = f(s) * exp(g_i - g_j) on and below the diagonal.
         scores = _dot(q_c, k_c, trans_b=True)
-        decay = jnp.exp(jnp.where(row >= col, g[:, None] - g[None, :], -jnp.inf))
+        causal, decay = _causal_decay(g, chunk_size)
         weights_ij = (scores if power == 1 else scores * scores) * decay
         d_weights = _dot(d_out_c.astype(dtype), v_c, trans_b=True) + d_den_c[:, None]
-        d_weights = jnp.where(row >= col, d_weights, 0.0)
+        d_weights = jnp.where(causal, d_weights, 0.0)
         d_scores = d_weights * decay * (1.0 if power == 1 else 2.0 * scores)
         dq = _dot(d_scores.astype(dtype), k_c)
         dk = _dot(d_scores.T.astype(dtype), q_c)
