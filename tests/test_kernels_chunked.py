@@ -1,11 +1,15 @@
-"""The chunked Pallas kernels (interpret mode on CPU) against the float64 oracle, and their GPU lowering.
+"""The chunked Pallas kernels (interpret mode on CPU) against the float64 oracle, and their GPU and TPU lowering.
 
 Tolerances: float32 inputs 1e-5 relative (float32 accumulation over a few chunks; interpret mode computes in
 float32 like the GPU with IEEE dots); bfloat16 inputs 1e-2 (operands rounded to 8 bits, float32 accumulation).
 Gradients run through the backward kernels (states recomputed, state cotangents in reverse, per-chunk grads).
+The GPU (Triton) kernels run through ``decayed_attention(impl="pallas")``, which picks them on CPU; the TPU (Mosaic)
+kernels run in the TPU interpreter, which fills uninitialized VMEM with NaN, on a subset of the cases (it is
+slower): every head dim and dtype for the two main variants, the others at d = 64.
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -22,13 +26,21 @@ def _pallas(q, k, v, a, **kw):
     return ops.decayed_attention(q, k, v, a, impl="pallas", chunk_size=16, **kw)
 
 
+def _tpu_pallas(q, k, v, a, **kw):
+    return chunked_attention_pallas(q, k, v, a, scale=1 / math.sqrt(q.shape[-1]), chunk_size=16, backend="tpu",
+                                    interpret=True, **kw)
+
+
+KERNELS = {"triton": _pallas, "tpu": _tpu_pallas}
 VARIANTS = [(2, "softmax", True), (2, None, False), (1, None, True), (1, "softmax", False)]
-CASES = [(dim, dtype, *variant) for dim in (32, 64, 128) for dtype in (jnp.float32, jnp.bfloat16)
+CASES = [("triton", dim, dtype, *variant) for dim in (32, 64, 128) for dtype in (jnp.float32, jnp.bfloat16)
          for variant in VARIANTS]
+CASES += [("tpu", dim, dtype, *variant) for dim in (32, 64, 128) for dtype in (jnp.float32, jnp.bfloat16)
+          for variant in VARIANTS if dim == 64 or variant in (VARIANTS[0], VARIANTS[2])]
 
 
-@pytest.mark.parametrize("dim,dtype,power,normalize,decay", CASES)
-def test_values_states_and_gradients_match_the_oracle(rng, dim, dtype, power, normalize, decay):
+@pytest.mark.parametrize("backend,dim,dtype,power,normalize,decay", CASES)
+def test_values_states_and_gradients_match_the_oracle(rng, backend, dim, dtype, power, normalize, decay):
     q, k, v, a = random_qkv(rng, batch=1, length=37, heads=2, key_dim=dim, value_dim=dim // 2, dtype=dtype,
                             decay=decay, non_negative=(power == 1 and normalize == "softmax"))
     a = None if a is None else a.astype(jnp.float32)
@@ -49,7 +61,8 @@ def test_values_states_and_gradients_match_the_oracle(rng, dim, dtype, power, no
     oracle = lambda q, k, v, a, **o: ops.decayed_attention(q, k, v, a, impl="reference", **o)
     (_, (y_ref, s_ref)), g_ref = jax.value_and_grad(functools.partial(loss, oracle), argnums, has_aux=True)(
         upcast(q), upcast(k), upcast(v), upcast(a), jax.tree.map(upcast, state0))
-    (_, (y, s)), g = jax.value_and_grad(functools.partial(loss, _pallas), argnums, has_aux=True)(q, k, v, a, state0)
+    kernel = KERNELS[backend]
+    (_, (y, s)), g = jax.value_and_grad(functools.partial(loss, kernel), argnums, has_aux=True)(q, k, v, a, state0)
 
     tol = TOLERANCES[dtype]
     assert y.dtype == dtype and rel_error(y, y_ref) < tol
@@ -58,9 +71,10 @@ def test_values_states_and_gradients_match_the_oracle(rng, dim, dtype, power, no
         assert tree_rel_error(got, expected) < tol, name
 
 
+@pytest.mark.parametrize("backend", ["triton", "tpu"])
 @pytest.mark.parametrize("key_dim,value_dim,chunk_size,length", [(16, 32, 32, 64), (16, 16, 64, 20),
                                                                   (32, 64, 128, 130)])
-def test_other_shapes_without_state(rng, key_dim, value_dim, chunk_size, length):
+def test_other_shapes_without_state(rng, backend, key_dim, value_dim, chunk_size, length):
     """Padded features (dk=16), dv > dk, N a multiple of the chunk, N below one chunk; no state in or out."""
     q, k, v, a = random_qkv(rng, batch=2, length=length, heads=1, key_dim=key_dim, value_dim=value_dim,
                             dtype=jnp.float32)
@@ -68,13 +82,18 @@ def test_other_shapes_without_state(rng, key_dim, value_dim, chunk_size, length)
     cotangent = jnp.asarray(rng.standard_normal(v.shape), jnp.float32)
     kw = dict(power=2, normalize="softmax", chunk_size=chunk_size)
 
-    def loss(impl, *args):
-        return jnp.sum(ops.decayed_attention(*args, impl=impl, **kw).astype(jnp.float64) * cotangent)
+    def loss(fn, *args):
+        return jnp.sum(fn(*args, **kw).astype(jnp.float64) * cotangent)
+
+    def kernel(*args, chunk_size, **kw):
+        return chunked_attention_pallas(*args, scale=1 / math.sqrt(key_dim), chunk_size=chunk_size,
+                                        backend=backend, interpret=True, **kw)
 
     args = (q, k, v, a)
-    expected = jax.value_and_grad(functools.partial(loss, "reference"), (0, 1, 2, 3))(
+    oracle = functools.partial(ops.decayed_attention, impl="reference")
+    expected = jax.value_and_grad(functools.partial(loss, oracle), (0, 1, 2, 3))(
         *(x.astype(jnp.float64) for x in args))
-    got = jax.value_and_grad(functools.partial(loss, "pallas"), (0, 1, 2, 3))(*args)
+    got = jax.value_and_grad(functools.partial(loss, kernel), (0, 1, 2, 3))(*args)
     assert rel_error(got[0], expected[0]) < 1e-5
     for name, g, e in zip("q k v log_decay".split(), got[1], expected[1]):
         assert rel_error(g, e) < 1e-5, name
@@ -117,3 +136,43 @@ def test_kernels_lower_for_the_gpu_on_cpu():
     text = lowered.as_text()
     for kernel in ("chunk_states", "chunk_outputs", "chunk_state_grads", "chunk_grads"):
         assert f"twomamba_{kernel}" in text, kernel
+
+
+def test_unknown_backend_is_refused(rng):
+    q, k, v, a = random_qkv(rng, batch=1, length=9, heads=1, key_dim=16, value_dim=16, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="backend: expected one of \\('triton', 'tpu'\\); got 'cuda'"):
+        chunked_attention_pallas(q, k, v, a, power=2, normalize=None, scale=0.25, chunk_size=16, backend="cuda")
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("power,normalize,dim", [(2, "softmax", 64), (2, None, 128), (1, None, 64)])
+def test_tpu_kernels_lower_to_mosaic_on_cpu(power, normalize, dim, dtype):
+    """Pallas -> Mosaic lowering of the TPU kernels (forward and backward), without a TPU; d = 128 splits the
+    features over programs. (libtpu's own layout passes run only on a TPU host.)"""
+    tokens = jax.ShapeDtypeStruct((1, 200, 2, dim), dtype)
+    decay = jax.ShapeDtypeStruct((1, 200, 2), jnp.float32)
+
+    def loss(q, k, v, a):
+        return jnp.sum(chunked_attention_pallas(q, k, v, a, power=power, normalize=normalize, scale=0.125,
+                                                chunk_size=64, backend="tpu").astype(jnp.float32))
+
+    lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).trace(
+        tokens, tokens, tokens, decay).lower(lowering_platforms=("tpu",))
+    text = lowered.as_text()
+    assert text.count("tpu_custom_call") == 5  # forward: states, outputs; backward: states again, reverse, grads
+    for kernel in ("chunk_states", "chunk_outputs", "chunk_state_grads", "chunk_grads"):
+        assert f"twomamba_{kernel}" in text, kernel
+
+
+@pytest.mark.parametrize("platform,backend,interpret", [("gpu", "triton", False), ("tpu", "tpu", False),
+                                                         ("cpu", "triton", True)])
+def test_dispatch_picks_the_kernels_of_the_platform(rng, monkeypatch, platform, backend, interpret):
+    from twomamba_jax.ops import api
+
+    monkeypatch.setattr(api.jax, "default_backend", lambda: platform)
+    q, k, v, _ = random_qkv(rng, batch=1, length=9, heads=1, key_dim=16, value_dim=16, dtype=jnp.bfloat16)
+    kernel = api._pallas_or_fallback(q, k, v, power=2, chunk_size=64, requested="pallas")
+    assert kernel.keywords == {"backend": backend, "interpret": interpret}
+    long = api.DENSE_MAX_LEN + 1
+    assert api._resolve_impl("auto", 2, 1, long) == ("chunked" if platform == "cpu" else "pallas")
+    assert api._resolve_impl("auto", 2, 1, api.DENSE_MAX_LEN) == "reference"

@@ -1,7 +1,7 @@
 """``chunked_attention_pallas``: the chunked algorithm on the Pallas kernels, joined to a backward by custom_vjp.
 
 Forward: ``state_pass`` then ``chunk_outputs``. Backward: ``state_pass`` again (recomputing the per-chunk states
-is one cheap pass, so the forward keeps none of its B H (N/C) F dv float32 states as residuals; the backward
+is one cheap pass, so the forward keeps none of its B H (N/C) F dv states as residuals; the backward
 holds them and their cotangents, twice that, while it runs), ``state_pass(reverse=True)`` (the state cotangents,
 chunks in reverse) and ``chunk_grads`` (dq, dk, dv and the log-decay cotangent, chunks in parallel); the
 log-decay cotangent is a reverse cumulative sum within each chunk, done in jnp.
@@ -15,6 +15,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from twomamba_jax.kernels.chunked import tpu as tpu_kernels
 from twomamba_jax.kernels.chunked import triton as triton_kernels
 from twomamba_jax.kernels.chunked.features import feature_selectors
 from twomamba_jax.ops.numerics import NORMALIZER_EPS
@@ -24,7 +25,7 @@ from twomamba_jax.ops.state import RecurrentState, init_state
 KERNEL_DIMS = (16, 32, 64, 128)  # head dims the kernels take: powers of two (Triton blocks)
 KERNEL_CHUNKS = (16, 32, 64, 128)
 KERNEL_DTYPES = (jnp.float32, jnp.bfloat16)  # float16 operands would overflow on rounded-down f32 values
-POWER2_FEATURE_BLOCK = 64
+BACKENDS = {"triton": triton_kernels, "tpu": tpu_kernels}
 
 
 def unsupported_reason(q, k, v, *, power, chunk_size) -> str | None:
@@ -46,6 +47,7 @@ class _Config(NamedTuple):
     normalize: str | None
     scale: float
     chunk_size: int
+    backend: str  # a key of BACKENDS
     interpret: bool
 
 
@@ -71,7 +73,8 @@ class _Prepared(NamedTuple):
 
 
 def _kernel_options(q, config: _Config):
-    block = q.shape[-1] if config.power == 1 else POWER2_FEATURE_BLOCK
+    dk = q.shape[-1]
+    block = dk if config.power == 1 else BACKENDS[config.backend].power2_feature_block(feature_size(dk, 2))
     return dict(power=config.power, chunk_size=config.chunk_size, feature_block=block, interpret=config.interpret)
 
 
@@ -111,10 +114,10 @@ def _heads_last(x, batch, length):
     return jnp.moveaxis(x.reshape(batch, -1, *x.shape[1:]), 1, 2)
 
 
-def _states(p: _Prepared, options):
+def _states(p: _Prepared, config: _Config, options):
     ones = jnp.ones_like(p.key_decay)
-    return triton_kernels.state_pass(p.k, p.v, p.key_decay, ones, p.chunk_decay, *p.selectors, p.numerator0,
-                                     p.normalizer0, reverse=False, **options)
+    return BACKENDS[config.backend].state_pass(p.k, p.v, p.key_decay, ones, p.chunk_decay, *p.selectors,
+                                               p.numerator0, p.normalizer0, reverse=False, **options)
 
 
 def _forward(q, k, v, log_decay, numerator0, normalizer0, config: _Config):
@@ -123,9 +126,9 @@ def _forward(q, k, v, log_decay, numerator0, normalizer0, config: _Config):
     features = feature_size(dk, config.power)
     options = _kernel_options(q, config)
     p = _prepare(q, k, v, log_decay, numerator0, normalizer0, config, options["feature_block"])
-    numerators, normalizers, numerator, normalizer = _states(p, options)
-    y, token_normalizer = triton_kernels.chunk_outputs(p.q, p.k, p.v, p.gamma, numerators, normalizers, *p.selectors,
-                                                       normalize=config.normalize, **options)
+    numerators, normalizers, numerator, normalizer = _states(p, config, options)
+    y, token_normalizer = BACKENDS[config.backend].chunk_outputs(
+        p.q, p.k, p.v, p.gamma, numerators, normalizers, *p.selectors, normalize=config.normalize, **options)
     numerator = numerator[:, :features].reshape(batch, heads, features, -1)
     normalizer = normalizer[:, :features].reshape(batch, heads, features)
     return (_heads_last(y, batch, length), numerator, normalizer), token_normalizer
@@ -149,7 +152,8 @@ def _attention_bwd(config, residuals, cotangents):
     features = feature_size(dk, config.power)
     options = _kernel_options(q, config)
     p = _prepare(q, k, v, log_decay, numerator0, normalizer0, config, options["feature_block"])
-    numerators, normalizers, _, _ = _states(p, options)
+    numerators, normalizers, _, _ = _states(p, config, options)
+    kernels = BACKENDS[config.backend]
 
     padded = p.q.shape[1]
     d_y = _heads_first(d_y.astype(jnp.float32), padded)
@@ -162,10 +166,10 @@ def _attention_bwd(config, residuals, cotangents):
         d_out, d_den = d_y, jnp.zeros_like(token_normalizer)
         d_normalizer = jnp.zeros_like(d_normalizer)
     padded_features = p.numerator0.shape[1]
-    d_states, d_normalizers, d_numerator0, d_normalizer0 = triton_kernels.state_pass(
+    d_states, d_normalizers, d_numerator0, d_normalizer0 = kernels.state_pass(
         p.q, d_out, jnp.exp(p.gamma), d_den, p.chunk_decay, *p.selectors, _pad_features(d_numerator, padded_features),
         _pad_features(d_normalizer, padded_features), reverse=True, **options)
-    dq, dk_, dv, d_gamma = triton_kernels.chunk_grads(
+    dq, dk_, dv, d_gamma = kernels.chunk_grads(
         p.q, p.k, p.v, p.gamma, p.key_decay, numerators, normalizers, d_states, d_normalizers, d_out, d_den,
         *p.selectors, **options)
     # gamma_t = sum_{s <= t} a_s inside a chunk, so da_s = sum_{t >= s} d_gamma_t (a reverse cumsum per chunk).
@@ -185,11 +189,15 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def chunked_attention_pallas(q, k, v, log_decay, *, power, normalize, scale, chunk_size, initial_state=None,
-                             return_state=False, interpret=False):
+                             return_state=False, backend="triton", interpret=False):
     """Same contract as ``twomamba_jax.ops.chunked.chunked_attention``, on the Pallas kernels.
 
-    The caller checks ``unsupported_reason`` first. ``interpret=True`` runs the kernels in Pallas interpret mode.
+    The caller checks ``unsupported_reason`` first. ``backend``: "triton" (the GPU kernels of ``triton.py``) or
+    "tpu" (the Mosaic kernels of ``tpu.py``); both give the same results. ``interpret=True`` runs them in Pallas
+    interpret mode (the TPU interpreter for "tpu"), on any machine.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {tuple(BACKENDS)}; got {backend!r}")
     batch, _, heads, dk = q.shape
     dv = v.shape[-1]
     if log_decay is None:
@@ -199,7 +207,7 @@ def chunked_attention_pallas(q, k, v, log_decay, *, power, normalize, scale, chu
     normalizer0 = initial_state.normalizer
     if normalizer0 is None:
         normalizer0 = jnp.zeros(initial_state.numerator.shape[:-1], jnp.float32)
-    config = _Config(power, normalize, float(scale), chunk_size, interpret)
+    config = _Config(power, normalize, float(scale), chunk_size, backend, interpret)
     y, numerator, normalizer = _attention(q, k, v, log_decay, initial_state.numerator, normalizer0, config)
     if not return_state:
         return y

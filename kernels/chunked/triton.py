@@ -2,17 +2,19 @@
 
 Two launches, as the chunked form splits (SPEC section 2):
 
-1. ``state_pass``: grid (B*H, feature blocks). Each program walks the chunks in order, carrying its block of the
-   state ``S`` (BF x dv) and normalizer ``z`` (BF) in registers, and writes the state *before* every chunk.
+1. ``state_pass``: grid (B*H, feature blocks, value blocks). Each program walks the chunks in order, carrying its
+   block of the state ``S`` (BF x BV) and normalizer ``z`` (BF) in registers, and writes the state *before* every
+   chunk.
 2. ``chunk_outputs``: grid (B*H, chunks), fully parallel. Each program computes its chunk's masked quadratic part
    and adds ``exp(gamma_i) phi(q_i)^T S_{c-1}``, looping over the feature blocks of the stored state.
 
 The backward is the same two shapes: ``state_pass(..., reverse=True)`` carries the state cotangent from the last
 chunk to the first, and ``chunk_grads`` turns it into dq, dk, dv and the log-decay cotangent, chunk by chunk.
 
-phi tiles are built on chip from q and k (see ``features.py``) and never written out. Decays, cumulative sums,
-states and accumulators are float32; matmul operands are the inputs' dtype, so with bfloat16 inputs the stored
-states are rounded to bfloat16 where a matmul reads them (float32 dots use IEEE precision, not TF32). Triton wants power-of-two blocks and no slicing of values, so everything is sliced from refs.
+phi tiles are built on chip from q and k (see ``features.py``) and never written out; the tile math is in
+``tiles.py``, shared with the TPU kernels. Decays, cumulative sums, states and accumulators are float32; matmul
+operands are the inputs' dtype, so with bfloat16 inputs the stored states are rounded to bfloat16 where a matmul
+reads them. Triton wants power-of-two blocks and no slicing of values, so everything is sliced from refs.
 """
 
 from __future__ import annotations
@@ -22,32 +24,27 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from twomamba_jax.kernels.chunked.tiles import (causal_decay, dot, features, features_and_factors,
+                                                features_vjp)
 from twomamba_jax.ops.numerics import NORMALIZER_EPS
 
 
-def _dot(a, b, trans_b=False):
-    """a @ b (or a @ b^T) with float32 accumulation; float32 operands at full precision."""
-    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    contract = (((1,), (1,)) if trans_b else ((1,), (0,)), ((), ()))
-    return jax.lax.dot_general(a, b, contract, precision=precision, preferred_element_type=jnp.float32)
+def power2_feature_block(num_features: int) -> int:
+    """Features per program of the power-2 kernels: 64 measured faster than 32 or 128 on the H200 (registers)."""
+    del num_features
+    return 64
 
 
-def _features(x, rows, cols, weights, power):
-    """phi(x) for one feature block: (C, d) -> (C, BF) float32."""
-    if power == 1:
-        return x.astype(jnp.float32)
-    return _dot(x, rows) * _dot(x, cols) * weights
+MIN_PROGRAMS = 128  # about one per SM of an H100 / H200 (132)
 
 
-def _causal_decay(g, chunk_size):
-    """The causal mask (C, C) and ``exp(g_i - g_j)`` on and below the diagonal, 0 above.
-
-    Masked before the exp: above the diagonal g_i - g_j >= 0 could overflow.
-    """
-    row = jax.lax.broadcasted_iota(jnp.int32, (chunk_size, chunk_size), 0)
-    col = jax.lax.broadcasted_iota(jnp.int32, (chunk_size, chunk_size), 1)
-    causal = row >= col
-    return causal, jnp.exp(jnp.where(causal, g[:, None] - g[None, :], -jnp.inf))
+def _value_block(programs: int, dv: int) -> int:
+    """Values per state-pass program: dv, halved (down to 16) while fewer than MIN_PROGRAMS programs would run.
+    Power 1 has one feature block, so at B*H = 16 the pass would otherwise occupy 16 SMs for the whole sequence."""
+    block = dv
+    while programs * (dv // block) < MIN_PROGRAMS and block > 16:
+        block //= 2
+    return block
 
 
 def _compiler_params(num_warps, num_stages):
@@ -65,47 +62,58 @@ def state_pass(x, values, token_decay, token_weights, chunk_decay, rows, cols, w
 
     x: (BH, Np, dk); values: (BH, Np, dv); token_decay, token_weights: (BH, Np) float32; chunk_decay: (BH, nc)
     ``exp(gamma_last)``; rows, cols: (dk, F); weights: (1, F); state0: (BH, F, dv), normalizer0: (BH, F), float32.
-    Returns (per chunk (BH, nc, F, dv), per chunk (BH, nc, F), the last S, the last z), float32.
+    Returns (per chunk S (BH, nc, F, dv) in x's dtype, per chunk z (BH, nc, F), the last S, the last z), float32
+    but the per-chunk S: it is only ever read as a matmul operand in x's dtype, so storing it so halves the
+    kernels' largest memory traffic with bfloat16 inputs and loses nothing.
     """
     bh, padded_len, _ = x.shape
     dv = values.shape[-1]
-    features = state0.shape[1]
+    num_features = state0.shape[1]
     num_chunks = padded_len // chunk_size
     block = feature_block
+    value_block = _value_block(bh * (num_features // block), dv)
 
     def kernel(x_ref, val_ref, td_ref, tw_ref, cd_ref, rows_ref, cols_ref, w_ref, s0_ref, z0_ref,
                s_ref, z_ref, sf_ref, zf_ref):
-        head, fblock = pl.program_id(0), pl.program_id(1)
-        fs = pl.ds(fblock * block, block)
+        head, fblock, vblock = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        fs, vs = pl.ds(fblock * block, block), pl.ds(vblock * value_block, value_block)
         rows_b, cols_b, w_b = rows_ref[:, fs], cols_ref[:, fs], w_ref[:, fs]
+        owns_normalizer = vblock == 0  # every value block computes z; the first stores it
 
         def step(i, carry):
             state, norm = carry
             c = num_chunks - 1 - i if reverse else i
-            s_ref[head, c, fs, :] = state
-            z_ref[head, c, fs] = norm
+            s_ref[head, c, fs, vs] = state.astype(s_ref.dtype)
+
+            @pl.when(owns_normalizer)
+            def _():
+                z_ref[head, c, fs] = norm
+
             ts = pl.ds(c * chunk_size, chunk_size)
             x_c = x_ref[head, ts, :]
-            phi = _features(x_c, rows_b, cols_b, w_b, power) * td_ref[head, ts][:, None]
+            phi = features(x_c, rows_b, cols_b, w_b, power) * td_ref[head, ts][:, None]
             decay = cd_ref[head, c]
-            state = decay * state + _dot(phi.T.astype(x_c.dtype), val_ref[head, ts, :].astype(x_c.dtype))
+            state = decay * state + dot(phi.T.astype(x_c.dtype), val_ref[head, ts, vs].astype(x_c.dtype))
             norm = decay * norm + jnp.sum(phi * tw_ref[head, ts][:, None], axis=0)
             return state, norm
 
-        state, norm = jax.lax.fori_loop(0, num_chunks, step, (s0_ref[head, fs, :], z0_ref[head, fs]))
-        sf_ref[head, fs, :] = state
-        zf_ref[head, fs] = norm
+        state, norm = jax.lax.fori_loop(0, num_chunks, step, (s0_ref[head, fs, vs], z0_ref[head, fs]))
+        sf_ref[head, fs, vs] = state
+
+        @pl.when(owns_normalizer)
+        def _():
+            zf_ref[head, fs] = norm
 
     f32 = jnp.float32
     out_shape = (
-        jax.ShapeDtypeStruct((bh, num_chunks, features, dv), f32),
-        jax.ShapeDtypeStruct((bh, num_chunks, features), f32),
-        jax.ShapeDtypeStruct((bh, features, dv), f32),
-        jax.ShapeDtypeStruct((bh, features), f32),
+        jax.ShapeDtypeStruct((bh, num_chunks, num_features, dv), x.dtype),
+        jax.ShapeDtypeStruct((bh, num_chunks, num_features), f32),
+        jax.ShapeDtypeStruct((bh, num_features, dv), f32),
+        jax.ShapeDtypeStruct((bh, num_features), f32),
     )
     name = "twomamba_chunk_state_grads" if reverse else "twomamba_chunk_states"
     return pl.pallas_call(
-        kernel, out_shape=out_shape, grid=(bh, features // block), interpret=interpret,
+        kernel, out_shape=out_shape, grid=(bh, num_features // block, dv // value_block), interpret=interpret,
         compiler_params=_compiler_params(num_warps, num_stages), name=name,
     )(x, values, token_decay, token_weights, chunk_decay, rows, cols, weights, state0, normalizer0)
 
@@ -117,7 +125,7 @@ def chunk_outputs(q, k, v, gamma, numerators, normalizers, rows, cols, weights, 
     Returns y: (BH, Np, dv) in v's dtype, and the softmax normalizer (BH, Np) float32 (for the backward)."""
     bh, padded_len, _ = q.shape
     dv = v.shape[-1]
-    features = numerators.shape[2]
+    num_features = numerators.shape[2]
     num_chunks = padded_len // chunk_size
     block = feature_block
 
@@ -126,22 +134,22 @@ def chunk_outputs(q, k, v, gamma, numerators, normalizers, rows, cols, weights, 
         ts = pl.ds(c * chunk_size, chunk_size)
         q_c, v_c = q_ref[head, ts, :], v_ref[head, ts, :]
         g = g_ref[head, ts]
-        scores = _dot(q_c, k_ref[head, ts, :], trans_b=True)
+        scores = dot(q_c, k_ref[head, ts, :], trans_b=True)
         scores = scores if power == 1 else scores * scores
-        weights_ij = scores * _causal_decay(g, chunk_size)[1]
-        numerator = _dot(weights_ij.astype(v_c.dtype), v_c)
+        weights_ij = scores * causal_decay(g[:, None], g[None, :], chunk_size)[1]
+        numerator = dot(weights_ij.astype(v_c.dtype), v_c)
         denominator = jnp.sum(weights_ij, axis=1)
         inflow = jnp.exp(g)[:, None]
 
         def add_block(fblock, carry):
             numerator, denominator = carry
             fs = pl.ds(fblock * block, block)
-            phi = _features(q_c, rows_ref[:, fs], cols_ref[:, fs], w_ref[:, fs], power) * inflow
-            numerator = numerator + _dot(phi.astype(v_c.dtype), s_ref[head, c, fs, :].astype(v_c.dtype))
+            phi = features(q_c, rows_ref[:, fs], cols_ref[:, fs], w_ref[:, fs], power) * inflow
+            numerator = numerator + dot(phi.astype(v_c.dtype), s_ref[head, c, fs, :].astype(v_c.dtype))
             denominator = denominator + jnp.sum(phi * z_ref[head, c, fs][None, :], axis=1)
             return numerator, denominator
 
-        numerator, denominator = jax.lax.fori_loop(0, features // block, add_block, (numerator, denominator))
+        numerator, denominator = jax.lax.fori_loop(0, num_features // block, add_block, (numerator, denominator))
         if normalize:
             numerator = numerator / jnp.maximum(denominator, NORMALIZER_EPS)[:, None]
         y_ref[head, ts, :] = numerator.astype(y_ref.dtype)
@@ -153,18 +161,6 @@ def chunk_outputs(q, k, v, gamma, numerators, normalizers, rows, cols, weights, 
         kernel, out_shape=out_shape, grid=(bh, num_chunks),
         interpret=interpret, compiler_params=_compiler_params(num_warps, num_stages), name="twomamba_chunk_outputs",
     )(q, k, v, gamma, numerators, normalizers, rows, cols, weights)
-
-
-def _features_vjp(x, d_phi, rows, cols, weights, power):
-    """x^T-side of phi's VJP: (C, BF) cotangent of phi(x) -> (C, d) cotangent of x, float32."""
-    if power == 1:
-        return d_phi
-    d_phi = d_phi * weights
-    dtype = x.dtype
-    by_rows = _dot(x, rows)
-    by_cols = _dot(x, cols)
-    return (_dot((d_phi * by_cols).astype(dtype), rows, trans_b=True)
-            + _dot((d_phi * by_rows).astype(dtype), cols, trans_b=True))
 
 
 def chunk_grads(q, k, v, gamma, key_decay, numerators, normalizers, d_states, d_normalizers, d_out, d_den,
@@ -179,7 +175,7 @@ def chunk_grads(q, k, v, gamma, key_decay, numerators, normalizers, d_states, d_
     """
     bh, padded_len, dk = q.shape
     dv = v.shape[-1]
-    features = numerators.shape[2]
+    num_features = numerators.shape[2]
     num_chunks = padded_len // chunk_size
     block = feature_block
 
@@ -193,15 +189,15 @@ def chunk_grads(q, k, v, gamma, key_decay, numerators, normalizers, d_states, d_
         d_out_c, d_den_c = do_ref[head, ts, :], dd_ref[head, ts]
 
         # Inside the chunk: W = f(s) * exp(g_i - g_j) on and below the diagonal.
-        scores = _dot(q_c, k_c, trans_b=True)
-        causal, decay = _causal_decay(g, chunk_size)
+        scores = dot(q_c, k_c, trans_b=True)
+        causal, decay = causal_decay(g[:, None], g[None, :], chunk_size)
         weights_ij = (scores if power == 1 else scores * scores) * decay
-        d_weights = _dot(d_out_c.astype(dtype), v_c, trans_b=True) + d_den_c[:, None]
+        d_weights = dot(d_out_c.astype(dtype), v_c, trans_b=True) + d_den_c[:, None]
         d_weights = jnp.where(causal, d_weights, 0.0)
         d_scores = d_weights * decay * (1.0 if power == 1 else 2.0 * scores)
-        dq = _dot(d_scores.astype(dtype), k_c)
-        dk = _dot(d_scores.T.astype(dtype), q_c)
-        dv_c = _dot(weights_ij.T.astype(dtype), d_out_c.astype(dtype))
+        dq = dot(d_scores.astype(dtype), k_c)
+        dk = dot(d_scores.T.astype(dtype), q_c)
+        dv_c = dot(weights_ij.T.astype(dtype), d_out_c.astype(dtype))
         through_decay = d_weights * weights_ij
         d_gamma = jnp.sum(through_decay, axis=1) - jnp.sum(through_decay, axis=0)
 
@@ -211,15 +207,17 @@ def chunk_grads(q, k, v, gamma, key_decay, numerators, normalizers, d_states, d_
             dq, dk, dv_c, d_gamma, d_keys, d_alpha = carry
             fs = pl.ds(fblock * block, block)
             rows_b, cols_b, w_b = rows_ref[:, fs], cols_ref[:, fs], w_ref[:, fs]
-            state, norm = s_ref[head, c, fs, :], z_ref[head, c, fs]
-            grad, grad_z = gs_ref[head, c, fs, :], gz_ref[head, c, fs]
-            q_feat = _features(q_c, rows_b, cols_b, w_b, power) * inflow  # phi(q) exp(g)
-            k_feat = _features(k_c, rows_b, cols_b, w_b, power) * key_decay_c[:, None]  # phi(k) exp(g_L - g)
-            dv_c = dv_c + _dot(k_feat.astype(dtype), grad.astype(dtype))
-            d_q_feat = _dot(d_out_c.astype(dtype), state.astype(dtype), trans_b=True) + d_den_c[:, None] * norm
-            d_k_feat = _dot(v_c, grad.astype(dtype), trans_b=True) + grad_z[None, :]
-            dq = dq + _features_vjp(q_c, d_q_feat * inflow, rows_b, cols_b, w_b, power)
-            dk = dk + _features_vjp(k_c, d_k_feat * key_decay_c[:, None], rows_b, cols_b, w_b, power)
+            state, norm = s_ref[head, c, fs, :].astype(jnp.float32), z_ref[head, c, fs]
+            grad, grad_z = gs_ref[head, c, fs, :].astype(jnp.float32), gz_ref[head, c, fs]
+            q_phi, q_factors = features_and_factors(q_c, rows_b, cols_b, w_b, power)
+            k_phi, k_factors = features_and_factors(k_c, rows_b, cols_b, w_b, power)
+            q_feat = q_phi * inflow  # phi(q) exp(g)
+            k_feat = k_phi * key_decay_c[:, None]  # phi(k) exp(g_L - g)
+            dv_c = dv_c + dot(k_feat.astype(dtype), grad.astype(dtype))
+            d_q_feat = dot(d_out_c.astype(dtype), state.astype(dtype), trans_b=True) + d_den_c[:, None] * norm
+            d_k_feat = dot(v_c, grad.astype(dtype), trans_b=True) + grad_z[None, :]
+            dq = dq + features_vjp(d_q_feat * inflow, q_factors, rows_b, cols_b, w_b, power, dtype)
+            dk = dk + features_vjp(d_k_feat * key_decay_c[:, None], k_factors, rows_b, cols_b, w_b, power, dtype)
             through_keys = jnp.sum(d_k_feat * k_feat, axis=1)
             d_gamma = d_gamma + jnp.sum(d_q_feat * q_feat, axis=1) - through_keys
             # The last gamma scales every key weight and, through alpha = exp(g_L), the carried state.
@@ -230,7 +228,7 @@ def chunk_grads(q, k, v, gamma, key_decay, numerators, normalizers, d_states, d_
 
         zero = jnp.zeros((), jnp.float32)
         init = (dq, dk, dv_c, d_gamma, zero, zero)
-        dq, dk, dv_c, d_gamma, d_keys, d_alpha = jax.lax.fori_loop(0, features // block, add_block, init)
+        dq, dk, dv_c, d_gamma, d_keys, d_alpha = jax.lax.fori_loop(0, num_features // block, add_block, init)
         last = jax.lax.broadcasted_iota(jnp.int32, (chunk_size,), 0) == chunk_size - 1
         alpha = jnp.sum(jnp.where(last, jnp.exp(g), 0.0))  # exp(g_L), by a masked sum (no value slicing)
         d_gamma = d_gamma + jnp.where(last, d_keys + d_alpha * alpha, 0.0)

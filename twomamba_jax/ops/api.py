@@ -16,6 +16,9 @@ from twomamba_jax.ops.validation import check_normalize, check_positive_int, che
 
 IMPLS = ("auto", "reference", "chunked", "associative", "pallas")
 _logger = logging.getLogger(__name__)
+# Which kernels each JAX backend runs (``jax.default_backend()`` at trace time); "cpu" runs the GPU kernels in
+# Pallas interpret mode, for tests.
+_KERNEL_BACKENDS = {"gpu": "triton", "tpu": "tpu"}
 DEFAULT_CHUNK_SIZE = 64
 
 # Up to this many tokens "auto" takes the dense form: at short N one masked matmul beats the chunked form's
@@ -42,8 +45,8 @@ def _resolve_impl(impl: str, power, batch_heads: int, length: int) -> str:
         if length <= DENSE_MAX_LEN and batch_heads * length * length <= DENSE_MAX_ELEMENTS:
             return "reference"
         # On an H200 the kernels run forward + backward 5-7x faster than the jnp form (benchmarks/RESULTS.md);
-        # on CPU they only run interpreted, and on TPU they do not lower yet.
-        return "pallas" if jax.default_backend() == "gpu" else "chunked"
+        # on CPU they only run interpreted.
+        return "pallas" if jax.default_backend() in _KERNEL_BACKENDS else "chunked"
     return impl
 
 
@@ -60,12 +63,13 @@ def _pallas_or_fallback(q, k, v, *, power, chunk_size, requested):
 
     backend = jax.default_backend()
     reason = unsupported_reason(q, k, v, power=power, chunk_size=chunk_size)
-    if reason is None and backend not in ("gpu", "cpu"):
-        reason = f"backend {backend!r} (the chunked kernels lower for GPU, and run interpreted on CPU)"
+    if reason is None and backend not in (*_KERNEL_BACKENDS, "cpu"):
+        reason = f"backend {backend!r} (the chunked kernels lower for GPU and TPU, and run interpreted on CPU)"
     if reason is not None:
         _log_fallback(reason, requested=requested)
         return None
-    return functools.partial(chunked_attention_pallas, interpret=backend == "cpu")
+    return functools.partial(chunked_attention_pallas, backend=_KERNEL_BACKENDS.get(backend, "triton"),
+                             interpret=backend == "cpu")
 
 
 def _keep_dtypes(new_state, old_state):
@@ -103,10 +107,10 @@ def decayed_attention(
       scale: ``s_ij = scale * q_i . k_j``; default ``1 / sqrt(dk)``.
       chunk_size: tokens per chunk for "chunked" and "associative"; N need not be a multiple of it.
       impl: "reference" (dense O(N^2)), "chunked" (lax.scan over chunks), "associative" (associative_scan
-        over chunk summaries), "pallas" (the chunked Pallas kernels of ``twomamba_jax.kernels.chunked``, in
-        interpret mode on CPU; shapes or backends they do not take fall back to "chunked" with one log line),
-        or "auto" (dense up to ``DENSE_MAX_LEN`` tokens while B * H * N^2 <= ``DENSE_MAX_ELEMENTS``; beyond,
-        "pallas" on GPU and "chunked" elsewhere). Power "exp" has no finite state and
+        over chunk summaries), "pallas" (the chunked Pallas kernels of ``twomamba_jax.kernels.chunked``:
+        Triton on GPU, Mosaic on TPU, the GPU kernels in interpret mode on CPU; shapes or backends they do not
+        take fall back to "chunked" with one log line), or "auto" (dense up to ``DENSE_MAX_LEN`` tokens while
+        B * H * N^2 <= ``DENSE_MAX_ELEMENTS``; beyond, "pallas" on GPU and TPU and "chunked" elsewhere). Power "exp" has no finite state and
         always runs dense.
       initial_state: the state of the tokens before this sequence, as returned with ``return_state=True``
         or made by ``init_state``: a ``RecurrentState`` (powers 1, 2) or a ``KVCache`` (exp; it must have room
