@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -12,6 +13,7 @@ from flax import nnx
 from twomamba_jax import ops
 from twomamba_jax.nn import initializers as inits
 from twomamba_jax.nn.layers import check_model_input
+from twomamba_jax.nn.partitioning import per_head
 from twomamba_jax.ops.state import check_cache_room, poison_overflow, write_tokens
 
 
@@ -86,7 +88,8 @@ class SoftmaxAttention(nnx.Module):
         """x: (B, N, M) -> (B, N, M)."""
         check_model_input(x, self.model_dim)
         q, k, v = self._project(x, jnp.arange(x.shape[1]))
-        y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self._implementation(q))
+        core = functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation=self._implementation(q))
+        y = per_head(core, q, k, v)
         return self._merge(y)
 
     def init_cache(self, batch_size: int, max_len: int) -> AttentionCache:

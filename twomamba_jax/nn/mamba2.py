@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
@@ -13,6 +14,7 @@ from flax import nnx
 from twomamba_jax import ops
 from twomamba_jax.nn import initializers as inits
 from twomamba_jax.nn.layers import CausalConv, check_model_input
+from twomamba_jax.nn.partitioning import per_head
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,9 +75,11 @@ def ssd(x, dt, A, B, C, *, chunk_size=ops.DEFAULT_CHUNK_SIZE, impl="auto", initi
     values = x * dt[..., None].astype(x.dtype)
     decay_dtype = jnp.promote_types(dt.dtype, jnp.float32)
     log_decay = A.astype(decay_dtype) * dt.astype(decay_dtype)
-    return ops.decayed_attention(queries, keys, values, log_decay, power=1, normalize=None, scale=1.0,
-                                 chunk_size=chunk_size, impl=impl, initial_state=initial_state,
-                                 return_state=return_state)
+    core = functools.partial(ops.decayed_attention, power=1, normalize=None, scale=1.0, chunk_size=chunk_size,
+                             impl=impl, initial_state=initial_state, return_state=return_state)
+    if initial_state is None and not return_state:  # the training path: per head under a mesh
+        return per_head(core, queries, keys, values, log_decay)
+    return core(queries, keys, values, log_decay)
 
 
 class Mamba2(nnx.Module):

@@ -6,6 +6,7 @@ Every ablation of the paper is one ``MixerConfig``; ``twomamba_jax.presets`` nam
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -15,6 +16,7 @@ from flax import nnx
 from twomamba_jax import ops
 from twomamba_jax.nn import initializers as inits
 from twomamba_jax.nn.layers import CausalConv, RMSNorm, check_model_input
+from twomamba_jax.nn.partitioning import per_head
 from twomamba_jax.ops.validation import check_power
 
 NORMS = ("softmax", "output")
@@ -176,7 +178,11 @@ class DecayedAttention(nnx.Module):
 
         kwargs = dict(power=cfg.power, normalize=self._normalize)
         if cache is None:
-            y = ops.decayed_attention(q, k, v, log_decay, chunk_size=cfg.chunk_size, impl=cfg.impl, **kwargs)
+            core = functools.partial(ops.decayed_attention, chunk_size=cfg.chunk_size, impl=cfg.impl, **kwargs)
+            if log_decay is None:
+                y = per_head(core, q, k, v)
+            else:
+                y = per_head(core, q, k, v, log_decay)
             state = None
         elif x.shape[1] == 1:
             y, state = ops.decayed_attention_step(q[:, 0], k[:, 0], v[:, 0],

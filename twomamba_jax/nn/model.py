@@ -27,6 +27,7 @@ class ModelConfig:
       its own config (expand, head_dim), not from ``num_heads`` / ``head_dim``.
     dtype: compute dtype of the mixers and MLPs (e.g. jnp.bfloat16); param_dtype: parameter dtype (float32
       recommended). The residual stream between blocks is float32 (or wider) whatever the compute dtype.
+    remat: recompute each block's activations in the backward instead of storing them (``nnx.remat``).
     """
 
     vocab_size: int
@@ -40,6 +41,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    remat: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "model_dim", "num_layers", "num_heads", "head_dim", "mlp_dim"):
@@ -97,8 +99,9 @@ class LanguageModel(nnx.Module):
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """tokens: (B, N) integer ids -> logits (B, N, vocab_size) float32."""
         x = self._embed(tokens)
+        apply = nnx.remat(lambda block, x: block(x)) if self.config.remat else (lambda block, x: block(x))
         for block in self.blocks:
-            x = block(x)
+            x = apply(block, x)
         return self._logits(x)
 
     def init_cache(self, batch_size: int, max_len: int) -> tuple:

@@ -1,0 +1,113 @@
+"""Metrics: a progress line (loss, tokens/s, MFU estimate, ETA), a JSONL file of everything logged, TensorBoard
+event files (with tensorboardX installed), and the model FLOPs behind the MFU estimate."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+_logger = logging.getLogger(__name__)
+
+# Dense bf16 peak FLOP/s per chip by jax device_kind (vendor figures), for the MFU estimate.
+PEAK_FLOPS = {
+    "NVIDIA H200": 989e12,
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+}
+
+
+def peak_flops(device) -> float | None:
+    return PEAK_FLOPS.get(device.device_kind)
+
+
+def train_flops_per_token(num_matmul_params: int, num_layers: int, num_heads: int, head_dim: int,
+                          seq_len: int) -> float:
+    """6 FLOPs per matmul parameter (forward + backward) plus the causal quadratic mixer core,
+    6 * L * H * d * N (half of the 12 L H d N of full attention). A chunked core costs less at long N; the
+    estimate keeps one formula so that mixers compare at equal work."""
+    return 6.0 * num_matmul_params + 6.0 * num_layers * num_heads * head_dim * seq_len
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class MetricsLogger:
+    """Writes metrics of process 0 to ``workdir/metrics.jsonl`` (and TensorBoard) and prints progress lines."""
+
+    def __init__(self, workdir: Path, *, total_steps: int, start_step: int, tokens_per_step: int,
+                 flops_per_token: float, enabled: bool = True, stream=sys.stdout):
+        self.enabled, self.stream = enabled, stream
+        self.total_steps, self.tokens_per_step, self.flops_per_token = total_steps, tokens_per_step, flops_per_token
+        peak = peak_flops(jax.devices()[0])
+        self.peak = peak * jax.device_count() if peak else None
+        self.path = workdir / "metrics.jsonl"
+        self._tensorboard = None
+        self._mark = (time.perf_counter(), start_step)
+        if not enabled:
+            return
+        self._truncate_after(start_step)
+        try:
+            from tensorboardX import SummaryWriter
+            self._tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+        except ImportError:
+            _logger.warning("metrics: tensorboardX is not installed; writing metrics.jsonl only")
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume, drop lines past the restored step (written by the run that stopped), so the file is exact."""
+        if not self.path.exists():
+            return
+        lines = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in lines))
+
+    def write(self, step: int, split: str, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "split": split, **{k: float(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tensorboard is not None:
+            for key, value in metrics.items():
+                self._tensorboard.add_scalar(f"{split}/{key}", float(value), step)
+            self._tensorboard.flush()
+
+    def progress(self, step: int, metrics: dict) -> dict:
+        """Adds tokens/s, MFU and ETA to the train metrics of ``step``, logs them and prints a progress line."""
+        now = time.perf_counter()
+        then, then_step = self._mark
+        self._mark = (now, step)
+        rate = (step - then_step) * self.tokens_per_step / max(now - then, 1e-9)
+        metrics = dict(metrics, tokens_per_second=rate)
+        if self.peak:
+            metrics["mfu"] = rate * self.flops_per_token / self.peak
+        self.write(step, "train", metrics)
+        if self.enabled:
+            eta = (self.total_steps - step) * self.tokens_per_step / rate if rate else math.inf
+            parts = [f"step {step}/{self.total_steps}", f"loss {metrics['loss']:.4f}"]
+            if "accuracy" in metrics:
+                parts.append(f"acc {metrics['accuracy']:.3f}")
+            parts.append(f"{rate / 1e3:.1f}k tok/s")
+            parts.append(f"MFU {100 * metrics['mfu']:.1f}%" if "mfu" in metrics else "MFU n/a")
+            parts.append(f"ETA {_duration(eta) if math.isfinite(eta) else '?'}")
+            print(" | ".join(parts), file=self.stream, flush=True)
+        return metrics
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()

@@ -1,0 +1,45 @@
+"""Loss and accuracy curves of runs (their ``metrics.jsonl``) in one PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_metrics(workdir: str | Path) -> list[dict]:
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"workdirs: {workdir} has no metrics.jsonl (not a twomamba-train work directory?)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def plot_runs(workdirs: list[str], output: str | Path) -> Path:
+    """Train and eval loss of every run, and eval accuracy where the runs have it; returns the PNG's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {str(workdir): read_metrics(workdir) for workdir in workdirs}
+    has_accuracy = any("accuracy" in r for records in runs.values() for r in records if r["split"] == "eval")
+    fig, axes = plt.subplots(1, 2 if has_accuracy else 1, figsize=(12 if has_accuracy else 7, 4.5), squeeze=False)
+    loss_axis = axes[0, 0]
+    for name, records in runs.items():
+        for split, style in (("train", "-"), ("eval", "o--")):
+            points = [(r["step"], r["loss"]) for r in records if r["split"] == split]
+            if points:
+                loss_axis.plot(*zip(*points), style, label=f"{name} {split}", markersize=3)
+        if has_accuracy:
+            points = [(r["step"], r["accuracy"]) for r in records if r["split"] == "eval" and "accuracy" in r]
+            if points:
+                axes[0, 1].plot(*zip(*points), "o-", label=name, markersize=3)
+    loss_axis.set(xlabel="step", ylabel="loss", yscale="log", title="loss")
+    loss_axis.legend(fontsize=8)
+    if has_accuracy:
+        axes[0, 1].set(xlabel="step", ylabel="exact-match accuracy", ylim=(0, 1.02), title="eval accuracy")
+        axes[0, 1].legend(fontsize=8)
+    fig.tight_layout()
+    output = Path(output)
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
+    return output

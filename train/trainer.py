@@ -1,0 +1,274 @@
+"""The trainer: one function, ``train(config, workdir)``, from a laptop CPU to a multi-host pod.
+
+State = float32 parameters, optax state and the step, sharded over a ``(data, fsdp, tensor)`` mesh by the
+parameters' logical axes; one jitted step with explicit in/out shardings and the state donated. The step draws no
+random numbers (no dropout) and the data is a pure function of the seed and the step, so restoring the state and
+the step resumes a run exactly: the steps after a resume compute the same numbers as a run that never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from twomamba_jax import nn, presets, sharding
+from twomamba_jax.train.checkpoint import Checkpointer
+from twomamba_jax.train.config import TrainConfig, to_dict
+from twomamba_jax.train.data import Batch, Dataset, make_dataset
+from twomamba_jax.train.metrics import MetricsLogger, train_flops_per_token
+from twomamba_jax.train.optim import make_optimizer
+
+PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def model_config(config: TrainConfig, vocab_size: int) -> nn.ModelConfig:
+    """The ``nn.ModelConfig`` of a training config: size, mixer (with its overrides), precision, remat."""
+    m = config.model
+    if m.size not in presets.MODEL_SIZES:
+        raise ValueError(f"model.size: expected one of {sorted(presets.MODEL_SIZES)}; got {m.size!r}")
+    if config.precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {sorted(PRECISIONS)}; got {config.precision!r}")
+    overrides = {key: value for key, value in (("chunk_size", m.chunk_size), ("impl", m.impl)) if value is not None}
+    sizes = dict(presets.MODEL_SIZES[m.size])
+    sizes.update({key: getattr(m, key) for key in sizes if getattr(m, key) is not None})
+    return nn.ModelConfig(vocab_size=vocab_size, mixer=presets.mixer_config(m.mixer, **overrides),
+                          dtype=PRECISIONS[config.precision], remat=m.remat, **sizes)
+
+
+def _init_distributed(mesh_config) -> None:
+    if mesh_config.num_processes > 1 and not jax.distributed.is_initialized():
+        jax.distributed.initialize(coordinator_address=mesh_config.coordinator_address or None,
+                                   num_processes=mesh_config.num_processes,
+                                   process_id=None if mesh_config.process_id < 0 else mesh_config.process_id)
+
+
+def _masked_sums(logits, batch):
+    """(sum of the masked token losses, mask count, masked exact matches)."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+    nll = -jnp.take_along_axis(log_probs, batch["targets"][..., None], axis=-1)[..., 0]
+    mask = batch["loss_mask"]
+    correct = (jnp.argmax(logits, axis=-1) == batch["targets"]) * mask
+    return jnp.sum(nll * mask), jnp.sum(mask), jnp.sum(correct)
+
+
+@dataclasses.dataclass
+class Setup:
+    """What a run is made of, before any step: usable to build, restore or test a run piece by piece."""
+
+    config: TrainConfig
+    dataset: Dataset
+    model_config: nn.ModelConfig
+    mesh: jax.sharding.Mesh
+    graphdef: nnx.GraphDef
+    state_shardings: dict
+    abstract_state: dict
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    batch_sharding: NamedSharding
+    num_params: int
+
+    def init_state(self) -> dict:
+        """Fresh parameters (from ``config.seed``; the same values on every mesh) and optimizer state."""
+        with jax.set_mesh(self.mesh):
+            return jax.jit(self._fresh_state, out_shardings=self.state_shardings)()
+
+    def _fresh_state(self):
+        model = nn.LanguageModel(self.model_config, rngs=nnx.Rngs(self.config.seed))
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        return {"params": params, "opt_state": self.optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    def global_batch(self, local: Batch) -> dict:
+        """This process's rows -> global arrays sharded over the data axes."""
+        return {key: jax.make_array_from_process_local_data(self.batch_sharding, value)
+                for key, value in local.items()}
+
+    def train_step(self):
+        """The jitted step: (state, batch) -> (state, metrics); the state is donated."""
+        accumulate = self.config.optim.accumulate
+        graphdef, optimizer, schedule = self.graphdef, self.optimizer, self.schedule
+
+        def loss_sum(params, batch):
+            loss, count, correct = _masked_sums(nnx.merge(graphdef, params)(batch["inputs"]), batch)
+            return loss, (count, correct)
+
+        def step(state, batch):
+            # Micro-batch j is rows j, j + A, j + 2A, ...: each is spread over all data shards.
+            micro = jax.tree.map(lambda x: x.reshape(-1, accumulate, *x.shape[1:]).swapaxes(0, 1), batch)
+
+            def accumulate_grads(carry, micro_batch):
+                (loss, (count, correct)), grads = jax.value_and_grad(loss_sum, has_aux=True)(
+                    state["params"], micro_batch)
+                sums = (carry[0] + loss, carry[1] + count, carry[2] + correct)
+                return (*sums, jax.tree.map(jnp.add, carry[3], grads)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state["params"])
+            zero = jnp.zeros((), jnp.float32)
+            (loss, count, correct, grads), _ = jax.lax.scan(accumulate_grads, (zero, zero, zero, zeros), micro)
+            count = jnp.maximum(count, 1.0)
+            grads = jax.tree.map(lambda g: g / count, grads)  # the mean over every masked token of the batch
+            updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+            new_state = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
+                         "step": state["step"] + 1}
+            metrics = {"loss": loss / count, "accuracy": correct / count, "grad_norm": optax.tree.norm(grads),
+                       "learning_rate": schedule(state["step"])}
+            return new_state, metrics
+
+        replicated = NamedSharding(self.mesh, P())
+        batch_shardings = {key: self.batch_sharding for key in ("inputs", "targets", "loss_mask", "segment_ids")}
+        return jax.jit(step, in_shardings=(self.state_shardings, batch_shardings),
+                       out_shardings=(self.state_shardings, replicated), donate_argnums=0)
+
+    def eval_step(self):
+        """The jitted eval: (params, batch) -> (loss sum, count, exact matches)."""
+        graphdef = self.graphdef
+        return jax.jit(lambda params, batch: _masked_sums(nnx.merge(graphdef, params)(batch["inputs"]), batch))
+
+
+def setup(config: TrainConfig, devices=None) -> Setup:
+    """Data, model config, mesh (over ``devices``, default all), shardings and optimizer of a run; fails here,
+    before compiling, on bad meshes."""
+    if config.steps <= 0:
+        raise ValueError(f"steps: expected a positive int; got {config.steps}")
+    _init_distributed(config.mesh)
+    dataset = make_dataset(config.data, process_index=jax.process_index(), process_count=jax.process_count())
+    model_cfg = model_config(config, dataset.vocab_size)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
+    optimizer, schedule = make_optimizer(config.optim, config.steps)
+    accumulate = config.optim.accumulate
+    if config.data.batch_size % accumulate:
+        raise ValueError(f"optim.accumulate: {accumulate} does not divide data.batch_size={config.data.batch_size}")
+    abstract_model = nnx.eval_shape(lambda: nn.LanguageModel(model_cfg, rngs=nnx.Rngs(0)))
+    mixer = abstract_model.blocks[0].mixer
+    sharding.check_mesh_fits(mesh, num_heads=mixer.num_heads, num_kv_heads=getattr(mixer, "num_kv_heads", None),
+                             batch_size=config.data.batch_size // accumulate)
+    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+    param_shardings = nnx.to_pure_dict(sharding.param_shardings(abstract_params, mesh))
+    abstract_params = nnx.to_pure_dict(abstract_params)
+    replicated = NamedSharding(mesh, P())
+    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+    opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, param_shardings,
+                                          transform_non_params=lambda _: replicated)
+    state_shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
+    abstract_state = {"params": abstract_params, "opt_state": abstract_opt,
+                      "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
+    return Setup(config, dataset, model_cfg, mesh, graphdef, state_shardings, abstract_state, optimizer, schedule,
+                 sharding.batch_sharding(mesh), num_params)
+
+
+class _StopRequest:
+    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint at the end of the current step and returns."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        del frame
+        self.requested = True
+        print(f"signal {signal.Signals(signum).name}: stopping after this step (a checkpoint is saved)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def evaluate(run: Setup, eval_step, params, batches) -> dict:
+    loss = count = correct = 0.0
+    for local in batches:
+        sums = jax.device_get(eval_step(params, run.global_batch(local)))
+        loss, count, correct = loss + float(sums[0]), count + float(sums[1]), correct + float(sums[2])
+    count = max(count, 1.0)
+    metrics = {"loss": loss / count, "perplexity": float(np.exp(min(loss / count, 50.0)))}
+    if run.dataset.has_accuracy:
+        metrics["accuracy"] = correct / count
+    return metrics
+
+
+def train(config: TrainConfig, workdir: str | Path, *, stop_after: int | None = None, stream=sys.stdout) -> dict:
+    """Trains (or resumes, from the latest checkpoint in ``workdir``) to ``config.steps``; returns the summary.
+
+    stop_after: stop (with a checkpoint) once this step is done, as if stopped by SIGTERM; for tests and
+    time-boxed jobs.
+    """
+    workdir = Path(workdir)
+    run = setup(config)
+    is_main = jax.process_index() == 0
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
+    checkpointer = Checkpointer(workdir / "checkpoints", config.checkpoint)
+    restored = checkpointer.restore_latest(run.abstract_state, run.state_shardings)
+    state = restored if restored is not None else run.init_state()
+    start = int(jax.device_get(state["step"]))
+    m = run.model_config
+    tokens_per_step = config.data.batch_size * config.data.seq_len
+    flops = train_flops_per_token(run.num_params - m.vocab_size * m.model_dim, m.num_layers, m.num_heads,
+                                  m.head_dim, config.data.seq_len)
+    logger = MetricsLogger(workdir, total_steps=config.steps, start_step=start, tokens_per_step=tokens_per_step,
+                           flops_per_token=flops, enabled=is_main, stream=stream)
+    logger.message(f"{'resuming at' if restored is not None else 'starting'} step {start}/{config.steps}: "
+                   f"{config.model.size} {config.model.mixer}, {run.num_params / 1e6:.2f}M parameters, "
+                   f"{config.data.source}, mesh {dict(run.mesh.shape)}, {jax.device_count()} "
+                   f"{jax.devices()[0].platform} device(s)")
+    train_step, eval_step = run.train_step(), run.eval_step()
+    eval_batches = run.dataset.eval_batches(config.eval.batches) if config.eval.every else []
+    started, pending, last, last_eval = time.perf_counter(), [], {}, None
+    step = start
+    with jax.set_mesh(run.mesh), _StopRequest() as stop:
+        batches = run.dataset.batches(start)
+        while step < config.steps:
+            state, metrics = train_step(state, run.global_batch(next(batches)))
+            pending.append(metrics)
+            step += 1
+            done = step == config.steps
+            stopping = stop.requested or step == stop_after
+            if step % config.log_every == 0 or done or stopping:
+                averaged = {k: float(np.mean([jax.device_get(p[k]) for p in pending])) for k in pending[0]}
+                if not run.dataset.has_accuracy:
+                    averaged.pop("accuracy")
+                last = logger.progress(step, averaged)
+                pending = []
+            if eval_batches and (step % config.eval.every == 0 or done):
+                last_eval = (step, evaluate(run, eval_step, state["params"], eval_batches))
+                logger.write(step, "eval", last_eval[1])
+                logger.message(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval[1].items()))
+            if step % config.checkpoint.every == 0 or done or stopping:
+                checkpointer.save(step, state, {"step": step, "next_row": step * config.data.batch_size})
+            if stopping and not done:
+                logger.message(f"stopped at step {step}; rerun the same command to resume")
+                break
+    checkpointer.close()
+    elapsed = time.perf_counter() - started
+    summary = {"step": step, "steps": config.steps, "seconds": elapsed, "train": last,
+               "tokens_per_second": (step - start) * tokens_per_step / max(elapsed, 1e-9),
+               "num_params": run.num_params}
+    if eval_batches:
+        fresh = last_eval is not None and last_eval[0] == step
+        summary["eval"] = last_eval[1] if fresh else evaluate(run, eval_step, state["params"], eval_batches)
+    if is_main:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        logger.message(f"done: step {step}/{config.steps} in {elapsed:.0f}s"
+                       + ("".join(f", eval {k} {v:.4f}" for k, v in summary.get("eval", {}).items())))
+    logger.close()
+    return summary
