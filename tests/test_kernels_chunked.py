@@ -3,9 +3,9 @@
 Tolerances: float32 inputs 1e-5 relative (float32 accumulation over a few chunks; interpret mode computes in
 float32 like the GPU with IEEE dots); bfloat16 inputs 1e-2 (operands rounded to 8 bits, float32 accumulation).
 Gradients run through the backward kernels (states recomputed, state cotangents in reverse, per-chunk grads).
-The GPU (Triton) kernels run through ``decayed_attention(impl="pallas")``, which picks them on CPU; the TPU (Mosaic)
-kernels run in the TPU interpreter, which fills uninitialized VMEM with NaN, on a subset of the cases (it is
-slower): every head dim and dtype for the two main variants, the others at d = 64.
+The GPU (Triton) kernels run through ``decayed_attention(impl="pallas_chunked")``, which picks them on CPU; the
+TPU (Mosaic) kernels run in the TPU interpreter, which fills uninitialized VMEM with NaN, on a subset of the
+cases (it is slower): every head dim and dtype for the two main variants, the others at d = 64.
 """
 
 import functools
@@ -23,7 +23,7 @@ TOLERANCES = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 
 
 def _pallas(q, k, v, a, **kw):
-    return ops.decayed_attention(q, k, v, a, impl="pallas", chunk_size=16, **kw)
+    return ops.decayed_attention(q, k, v, a, impl="pallas_chunked", chunk_size=16, **kw)
 
 
 def _tpu_pallas(q, k, v, a, **kw):
@@ -113,7 +113,7 @@ def test_unsupported_inputs_fall_back_with_one_log_line(rng, caplog):
         y = _pallas(q, k, v, a, power=2, normalize="softmax")
         _pallas(q, k, v, a, power=2, normalize="softmax")
     assert [r.getMessage() for r in caplog.records].count(
-        "decayed_attention: impl='pallas' cannot use the Pallas kernels for dk=12 (expected one of "
+        "decayed_attention: impl='pallas_chunked' cannot use the Pallas kernels for dk=12 (expected one of "
         "(16, 32, 64, 128)); using impl='chunked'") == 1
     expected = ops.decayed_attention(q, k, v, a, power=2, normalize="softmax", impl="reference")
     assert rel_error(y, expected) < 1e-5
@@ -171,8 +171,14 @@ def test_dispatch_picks_the_kernels_of_the_platform(rng, monkeypatch, platform, 
 
     monkeypatch.setattr(api.jax, "default_backend", lambda: platform)
     q, k, v, _ = random_qkv(rng, batch=1, length=9, heads=1, key_dim=16, value_dim=16, dtype=jnp.bfloat16)
-    kernel = api._pallas_or_fallback(q, k, v, power=2, chunk_size=64, requested="pallas")
+    kernel = api._chunked_kernel(q, k, v, power=2, chunk_size=64, requested="pallas")
     assert kernel.keywords == {"backend": backend, "interpret": interpret}
-    long = api.DENSE_MAX_LEN + 1
-    assert api._resolve_impl("auto", 2, 1, long) == ("chunked" if platform == "cpu" else "pallas")
-    assert api._resolve_impl("auto", 2, 1, api.DENSE_MAX_LEN) == "reference"
+    long, short = api.PARALLEL_MAX_LEN["gpu"][2] + 1, api.DENSE_MAX_LEN
+    auto = {"gpu": ("pallas_chunked", "pallas_parallel", "pallas_parallel"),
+            "tpu": ("pallas_chunked", "reference", "pallas_parallel"),
+            "cpu": ("chunked", "reference", "reference")}[platform]
+    assert (api._resolve_impl("auto", 2, 1, long), api._resolve_impl("auto", 2, 1, short),
+            api._resolve_impl("auto", "exp", 1, long)) == auto
+    assert api._resolve_impl("auto", 2, 1, short, stateful=True) == (
+        "pallas_chunked" if platform == "gpu" else "reference")
+    assert api._resolve_impl("pallas", 1, 1, short) == "pallas_chunked"  # power 1: chunked at every length

@@ -13,6 +13,8 @@ def test_subpackages_are_installed_under_twomamba_jax():
         assert module.__file__.endswith(f"{name}/__init__.py")
         assert not (site_packages / name).exists(), f"a bare top-level '{name}' package was installed"
     assert importlib.import_module("twomamba_jax.kernels.chunked").chunked_attention_pallas
+    assert importlib.import_module("twomamba_jax.kernels.parallel").parallel_attention_pallas
+    assert importlib.import_module("twomamba_jax.configs.tiny").get_config().model.mixer == "2mamba"
 
 
 def test_core_dependencies_are_light():

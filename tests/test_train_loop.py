@@ -4,6 +4,8 @@ command line parses, trains, resumes and plots, and bad configs fail with messag
 import dataclasses
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -104,18 +106,34 @@ def test_text_sources_tokenizers_and_their_errors(tmp_path):
     assert summary["step"] == 4 and "accuracy" not in summary["eval"] and summary["eval"]["perplexity"] > 1
 
 
-def test_command_line_trains_resumes_and_plots(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": ""}
-    command = [sys.executable, "-m", "twomamba_jax.train", "--config", "tiny", "--workdir", str(tmp_path / "run"),
-               "--config.steps=6", "--config.log_every=3", "--config.optim.warmup_steps=2", "--config.data.seq_len=32",
-               "--config.data.num_kv_pairs=4", "--config.eval.every=6", "--config.eval.batches=1"]
-    first = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
-    assert "starting step 0/6" in first.stdout and "step 6/6 | loss" in first.stdout and "tok/s" in first.stdout
-    again = subprocess.run(command[:-4] + ["--config.steps=9", "--config.eval.every=9", "--config.eval.batches=1",
-                                           "--config.data.num_kv_pairs=4"], capture_output=True, text=True,
-                           env=env, check=True)
-    assert "resuming at step 6/9" in again.stdout and "done: step 9/9" in again.stdout
-    failed = subprocess.run(command + ["--config.optim.warmup_steps=50"], capture_output=True, text=True, env=env)
+def test_command_line_stops_on_sigterm_resumes_and_plots(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "", "PYTHONUNBUFFERED": "1"}
+    base = [sys.executable, "-m", "twomamba_jax.train", "--config", "tiny", "--workdir", str(tmp_path / "run"),
+            "--config.log_every=1", "--config.optim.warmup_steps=2", "--config.data.seq_len=32",
+            "--config.data.num_kv_pairs=4", "--config.eval.batches=1"]
+    first = subprocess.Popen(base + ["--config.steps=400", "--config.eval.every=400"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+    lines = []
+    for line in first.stdout:
+        lines.append(line)
+        if line.startswith("step 2/400"):
+            first.send_signal(signal.SIGTERM)
+    first.wait(timeout=120)
+    output = "".join(lines)
+    assert first.returncode == 0, first.stderr.read()
+    assert "starting step 0/400" in output and "tok/s" in output and "ETA" in output
+    stopped_at = int(re.search(r"stopped at step (\d+); rerun the same command to resume", output).group(1))
+    assert 2 <= stopped_at < 400
+    more = stopped_at + 3
+    again = subprocess.run(base + [f"--config.steps={more}", f"--config.eval.every={more}"], capture_output=True,
+                           text=True, env=env, check=True)
+    assert f"resuming at step {stopped_at}/{more}" in again.stdout and f"done: step {more}/{more}" in again.stdout
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["split"] == "train"]
+    assert steps == list(range(1, more + 1))  # no step lost or repeated across the stop
+
+    failed = subprocess.run(base + ["--config.steps=6", "--config.optim.warmup_steps=50"], capture_output=True,
+                            text=True, env=env)
     assert failed.returncode == 2
     assert failed.stderr.strip().endswith("optim.warmup_steps: expected 0 to steps=6; got 50")
     helped = subprocess.run([sys.executable, "-m", "twomamba_jax.train", "--help"], capture_output=True, text=True,
@@ -125,3 +143,51 @@ def test_command_line_trains_resumes_and_plots(tmp_path):
     script = Path(sys.executable).parent / "twomamba-plot"  # the console script pip installs beside python
     subprocess.run([str(script), str(tmp_path / "run"), "-o", str(plot)], check=True, env=env, capture_output=True)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sentencepiece_tokenizer(tmp_path):
+    import sentencepiece
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"paragraph {i}: the quick brown fox jumps over the lazy dog" for i in range(80)))
+    sentencepiece.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "spm"), vocab_size=48,
+                                             minloglevel=2)
+    config = override(override(_small(steps=2), "data.source", f"text:{corpus}"), "data.seq_len", "16")
+    config = override(config, "data.tokenizer", str(tmp_path / "spm.model"))
+    summary = train(config, tmp_path / "run")
+    assert summary["step"] == 2 and summary["num_params"] > 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["tokenizer"].endswith("spm.model")
+
+
+def test_tfds_sources_go_through_the_builder(tmp_path, monkeypatch):
+    """The TFDS glue against a stand-in module (TFDS itself needs TensorFlow and a download): train and eval
+    splits, the text feature, shuffled files with a seeded read config, and a clear error for a missing split."""
+    import types
+
+    calls = []
+
+    class Builder:
+        info = types.SimpleNamespace(splits={"train": None, "validation": None})
+
+        def download_and_prepare(self):
+            calls.append("prepare")
+
+        def as_dataset(self, split, shuffle_files, read_config):
+            calls.append((split, shuffle_files, getattr(read_config, "shuffle_seed", None)))
+            count = 200 if split == "train" else 40
+            return [{"text": f"{split} text number {i} ".encode() * 3} for i in range(count)]
+
+    fake = types.ModuleType("tensorflow_datasets")
+    fake.builder = lambda name: Builder() if name == "tiny_shakespeare" else (_ for _ in ()).throw(
+        KeyError(f"Dataset {name} not found"))
+    fake.ReadConfig = lambda shuffle_seed: types.SimpleNamespace(shuffle_seed=shuffle_seed)
+    fake.as_numpy = lambda dataset: iter(dataset)
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
+    config = override(override(_small(steps=2), "data.source", "tfds:tiny_shakespeare"), "data.seq_len", "16")
+    summary = train(config, tmp_path / "run")
+    assert summary["step"] == 2 and calls[0] == "prepare"
+    assert ("train", True, config.data.seed) in calls and ("validation", False, None) in calls
+    with pytest.raises(ValueError, match="is not a TFDS dataset"):
+        train(override(config, "data.source", "tfds:no_such"), tmp_path / "b")
+    with pytest.raises(ValueError, match="data.eval_split: tiny_shakespeare has splits"):
+        train(override(config, "data.eval_split", "test"), tmp_path / "c")

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from twomamba_jax.kernels.chunked import tpu as tpu_kernels
 from twomamba_jax.kernels.chunked import triton as triton_kernels
 from twomamba_jax.kernels.chunked.features import feature_selectors
+from twomamba_jax.kernels.layout import heads_first, heads_last
 from twomamba_jax.ops.numerics import NORMALIZER_EPS
 from twomamba_jax.ops.features import feature_size
 from twomamba_jax.ops.state import RecurrentState, init_state
@@ -49,13 +50,6 @@ class _Config(NamedTuple):
     chunk_size: int
     backend: str  # a key of BACKENDS
     interpret: bool
-
-
-def _heads_first(x, padded_len):
-    """(B, N, H, ...) -> (B*H, N_pad, ...), zero-padded along N."""
-    batch, length, heads = x.shape[:3]
-    x = jnp.moveaxis(x, 2, 1).reshape(batch * heads, length, *x.shape[3:])
-    return jnp.pad(x, [(0, 0), (0, padded_len - length)] + [(0, 0)] * (x.ndim - 2))
 
 
 class _Prepared(NamedTuple):
@@ -91,14 +85,14 @@ def _prepare(q, k, v, log_decay, numerator0, normalizer0, config: _Config, featu
     padded = num_chunks * chunk
     rows, cols, weights = feature_selectors(dk, config.power, feature_block)
     # Chunk-local cumulative log-decay (zero-padded tokens decay nothing), in float32.
-    gamma = jnp.cumsum(_heads_first(log_decay.astype(jnp.float32), padded).reshape(-1, num_chunks, chunk), -1)
+    gamma = jnp.cumsum(heads_first(log_decay.astype(jnp.float32), padded).reshape(-1, num_chunks, chunk), -1)
     gamma_last = gamma[..., -1]
     padded_features = rows.shape[1]
     operand = functools.partial(jnp.asarray, dtype=q.dtype)  # 0/1 selectors are exact in any float dtype
     return _Prepared(
-        q=_heads_first(q * jnp.asarray(config.scale, q.dtype), padded),
-        k=_heads_first(k, padded),
-        v=_heads_first(v, padded),
+        q=heads_first(q * jnp.asarray(config.scale, q.dtype), padded),
+        k=heads_first(k, padded),
+        v=heads_first(v, padded),
         gamma=gamma.reshape(-1, padded),
         key_decay=jnp.exp(gamma_last[..., None] - gamma).reshape(-1, padded),
         chunk_decay=jnp.exp(gamma_last),
@@ -106,12 +100,6 @@ def _prepare(q, k, v, log_decay, numerator0, normalizer0, config: _Config, featu
         numerator0=_pad_features(numerator0, padded_features),
         normalizer0=_pad_features(normalizer0, padded_features),
     )
-
-
-def _heads_last(x, batch, length):
-    """(B*H, N_pad, ...) -> (B, N, H, ...), dropping the padding."""
-    x = x[:, :length]
-    return jnp.moveaxis(x.reshape(batch, -1, *x.shape[1:]), 1, 2)
 
 
 def _states(p: _Prepared, config: _Config, options):
@@ -131,7 +119,7 @@ def _forward(q, k, v, log_decay, numerator0, normalizer0, config: _Config):
         p.q, p.k, p.v, p.gamma, numerators, normalizers, *p.selectors, normalize=config.normalize, **options)
     numerator = numerator[:, :features].reshape(batch, heads, features, -1)
     normalizer = normalizer[:, :features].reshape(batch, heads, features)
-    return (_heads_last(y, batch, length), numerator, normalizer), token_normalizer
+    return (heads_last(y, batch, length), numerator, normalizer), token_normalizer
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -156,11 +144,11 @@ def _attention_bwd(config, residuals, cotangents):
     kernels = BACKENDS[config.backend]
 
     padded = p.q.shape[1]
-    d_y = _heads_first(d_y.astype(jnp.float32), padded)
+    d_y = heads_first(d_y.astype(jnp.float32), padded)
     if config.normalize:  # y = numerator / max(normalizer, eps)
         safe = jnp.maximum(token_normalizer, NORMALIZER_EPS)
         d_out = d_y / safe[..., None]
-        y = _heads_first(y.astype(jnp.float32), padded)
+        y = heads_first(y.astype(jnp.float32), padded)
         d_den = jnp.where(token_normalizer > NORMALIZER_EPS, -jnp.sum(d_y * y, -1) / safe, 0.0)
     else:  # the normalizer is no output the caller sees
         d_out, d_den = d_y, jnp.zeros_like(token_normalizer)
@@ -176,10 +164,10 @@ def _attention_bwd(config, residuals, cotangents):
     d_gamma = d_gamma.reshape(-1, padded // config.chunk_size, config.chunk_size)
     d_log_decay = jnp.flip(jnp.cumsum(jnp.flip(d_gamma, -1), -1), -1).reshape(-1, padded)
     return (
-        (_heads_last(dq, batch, length) * config.scale).astype(q.dtype),
-        _heads_last(dk_, batch, length).astype(k.dtype),
-        _heads_last(dv, batch, length).astype(v.dtype),
-        _heads_last(d_log_decay, batch, length).astype(log_decay.dtype),
+        (heads_last(dq, batch, length) * config.scale).astype(q.dtype),
+        heads_last(dk_, batch, length).astype(k.dtype),
+        heads_last(dv, batch, length).astype(v.dtype),
+        heads_last(d_log_decay, batch, length).astype(log_decay.dtype),
         d_numerator0[:, :features].reshape(numerator0.shape).astype(numerator0.dtype),
         d_normalizer0[:, :features].reshape(normalizer0.shape).astype(normalizer0.dtype),
     )

@@ -14,61 +14,99 @@ from twomamba_jax.ops.reference import reference_attention
 from twomamba_jax.ops.state import AttentionState, check_cache_room, check_state
 from twomamba_jax.ops.validation import check_normalize, check_positive_int, check_power, check_qkv, check_scale
 
-IMPLS = ("auto", "reference", "chunked", "associative", "pallas")
+IMPLS = ("auto", "reference", "chunked", "associative", "pallas", "pallas_chunked", "pallas_parallel")
 _logger = logging.getLogger(__name__)
 # Which kernels each JAX backend runs (``jax.default_backend()`` at trace time); "cpu" runs the GPU kernels in
 # Pallas interpret mode, for tests.
-_KERNEL_BACKENDS = {"gpu": "triton", "tpu": "tpu"}
+_CHUNKED_BACKENDS = {"gpu": "triton", "tpu": "tpu"}
+_PARALLEL_BACKENDS = {"gpu": "triton", "tpu": "tpu"}
 DEFAULT_CHUNK_SIZE = 64
 
-# Up to this many tokens "auto" takes the dense form: at short N one masked matmul beats the chunked form's
-# F x dv state traffic. Measured on CPU (benchmarks/ops_cpu.py, power 2, d = 64): the forward passes cross near
-# 1k tokens, forward + backward near 2k; memory of the dense form grows as N^2, so beyond this the chunked form
-# is used (its Pallas kernels on GPU).
+# Up to this many tokens "auto" takes the dense form where no flash-style kernel runs: at short N one masked
+# matmul beats the chunked form's F x dv state traffic. Measured on CPU (benchmarks/ops_cpu.py, power 2, d = 64):
+# the forward passes cross near 1k tokens, forward + backward near 2k; memory of the dense form grows as N^2, so
+# beyond this the chunked form is used.
 DENSE_MAX_LEN = 2048
 DENSE_MAX_ELEMENTS = 2**27  # B * H * N^2 above this (512 MiB per float32 tile) takes the chunked form at any N
+# Tuning table, per backend and power: up to this many tokens "pallas" takes the flash-style kernel, beyond it the
+# chunked one. Measured on the H200 (benchmarks/RESULTS.md, B=4, H=16, d=64, bf16, fwd + bwd): power 2 is faster
+# flash-style at 2k / 4k / 8k tokens (1.5 / 4.6 / 16.4 ms against 6.9 / 13.0 / 25.4) and chunked at 32k (25.9 ms
+# against ~4 x 16.4); power 1 is faster chunked at every length (0.67 against 1.34 ms at 2k). CPU runs the GPU
+# kernels, so shares the entry.
+PARALLEL_MAX_LEN = {"gpu": {1: 0, 2: 8192}, "cpu": {1: 0, 2: 8192}}
 
 
-def _resolve_impl(impl: str, power, batch_heads: int, length: int) -> str:
+def _dense_is_small(batch_heads: int, length: int) -> bool:
+    return length <= DENSE_MAX_LEN and batch_heads * length * length <= DENSE_MAX_ELEMENTS
+
+
+def _resolve_impl(impl: str, power, batch_heads: int, length: int, stateful: bool = False) -> str:
+    """The implementation a request runs: "reference", "chunked", "associative", "pallas_chunked" or
+    "pallas_parallel" (kernel availability for the shapes is checked after, at the call)."""
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}; got {impl!r}")
-    if power == "exp":
-        if impl in ("chunked", "associative"):
-            raise ValueError(
-                f'impl: power="exp" has no finite state, so only the dense form exists; use impl="reference" '
-                f'or "auto"; got {impl!r}'
-            )
-        if impl == "pallas":
-            _log_fallback('power="exp" (its flash-style kernel is not written yet)', "reference")
-        return "reference"
+    if power == "exp" and impl in ("chunked", "associative", "pallas_chunked"):
+        raise ValueError(f'impl: power="exp" has no finite state, so only the dense and flash-style forms exist; '
+                         f'use impl="reference", "pallas_parallel", "pallas" or "auto"; got {impl!r}')
+    backend, requested = jax.default_backend(), impl
     if impl == "auto":
-        if length <= DENSE_MAX_LEN and batch_heads * length * length <= DENSE_MAX_ELEMENTS:
+        if backend == "gpu":  # measured: the tuning table chooses
+            impl = "pallas"
+        elif power == "exp":
+            return "reference" if stateful or backend not in _PARALLEL_BACKENDS else "pallas_parallel"
+        elif _dense_is_small(batch_heads, length):
             return "reference"
-        # On an H200 the kernels run forward + backward 5-7x faster than the jnp form (benchmarks/RESULTS.md);
-        # on CPU they only run interpreted.
-        return "pallas" if jax.default_backend() in _KERNEL_BACKENDS else "chunked"
+        else:
+            return "pallas_chunked" if backend in _CHUNKED_BACKENDS else "chunked"
+    if impl == "pallas":
+        if power == "exp":
+            impl = "pallas_parallel"
+        elif stateful or length > PARALLEL_MAX_LEN.get(backend, {}).get(power, 0):
+            return "pallas_chunked"
+        else:
+            impl = "pallas_parallel"
+    if impl == "pallas_parallel" and stateful:  # the flash-style kernel takes no state in and gives none out
+        fallback = "reference" if power == "exp" else "pallas_chunked"
+        if requested != "auto":
+            _log_fallback("a state in or out (initial_state / return_state)", fallback, requested, "flash-style")
+        return fallback
     return impl
 
 
 @functools.cache
-def _log_fallback(reason: str, fallback: str = "chunked", requested: str = "pallas") -> None:
-    _logger.warning("decayed_attention: impl=%r cannot use the Pallas kernels for %s; using impl=%r", requested,
-                    reason, fallback)
+def _log_fallback(reason: str, fallback: str = "chunked", requested: str = "pallas", family: str = "Pallas") -> None:
+    _logger.warning("decayed_attention: impl=%r cannot use the %s kernels for %s; using impl=%r", requested,
+                    family, reason, fallback)
 
 
-def _pallas_or_fallback(q, k, v, *, power, chunk_size, requested):
-    """The Pallas kernels where they apply (interpret mode on CPU), else the jnp chunked form, said once."""
+def _chunked_kernel(q, k, v, *, power, chunk_size, requested):
+    """The chunked Pallas kernels where they apply (interpret mode on CPU), else None, said once."""
     # Imported here: the kernels build on the ops, so the ops reach them only at call time.
     from twomamba_jax.kernels.chunked import chunked_attention_pallas, unsupported_reason
 
     backend = jax.default_backend()
     reason = unsupported_reason(q, k, v, power=power, chunk_size=chunk_size)
-    if reason is None and backend not in (*_KERNEL_BACKENDS, "cpu"):
+    if reason is None and backend not in (*_CHUNKED_BACKENDS, "cpu"):
         reason = f"backend {backend!r} (the chunked kernels lower for GPU and TPU, and run interpreted on CPU)"
     if reason is not None:
         _log_fallback(reason, requested=requested)
         return None
-    return functools.partial(chunked_attention_pallas, backend=_KERNEL_BACKENDS.get(backend, "triton"),
+    return functools.partial(chunked_attention_pallas, backend=_CHUNKED_BACKENDS.get(backend, "triton"),
+                             interpret=backend == "cpu")
+
+
+def _parallel_kernel(q, k, v, *, power, requested):
+    """The flash-style Pallas kernels where they apply (interpret mode on CPU), else None, said once."""
+    from twomamba_jax.kernels.parallel import parallel_attention_pallas, unsupported_reason
+
+    backend = jax.default_backend()
+    reason = unsupported_reason(q, k, v, power=power)
+    if reason is None and backend not in (*_PARALLEL_BACKENDS, "cpu"):
+        reason = f"backend {backend!r} (the flash-style kernels lower for GPU and TPU, and run interpreted on CPU)"
+    if reason is not None:
+        _log_fallback(reason, "reference" if power == "exp" else "pallas_chunked", requested, "flash-style")
+        return None
+    return functools.partial(parallel_attention_pallas, backend=_PARALLEL_BACKENDS.get(backend, "triton"),
                              interpret=backend == "cpu")
 
 
@@ -107,11 +145,17 @@ def decayed_attention(
       scale: ``s_ij = scale * q_i . k_j``; default ``1 / sqrt(dk)``.
       chunk_size: tokens per chunk for "chunked" and "associative"; N need not be a multiple of it.
       impl: "reference" (dense O(N^2)), "chunked" (lax.scan over chunks), "associative" (associative_scan
-        over chunk summaries), "pallas" (the chunked Pallas kernels of ``twomamba_jax.kernels.chunked``:
-        Triton on GPU, Mosaic on TPU, the GPU kernels in interpret mode on CPU; shapes or backends they do not
-        take fall back to "chunked" with one log line), or "auto" (dense up to ``DENSE_MAX_LEN`` tokens while
-        B * H * N^2 <= ``DENSE_MAX_ELEMENTS``; beyond, "pallas" on GPU and TPU and "chunked" elsewhere). Power "exp" has no finite state and
-        always runs dense.
+        over chunk summaries), "pallas_chunked" (the chunked Pallas kernels of ``twomamba_jax.kernels.chunked``:
+        Triton on GPU, Mosaic on TPU), "pallas_parallel" (the flash-style kernels of
+        ``twomamba_jax.kernels.parallel``, quadratic and tiled: Triton on GPU, Mosaic on TPU; no state in or
+        out), "pallas" (the flash-style kernel for exp, and for powers 1, 2 up to ``PARALLEL_MAX_LEN`` tokens,
+        the tuning table; the chunked kernel beyond or with a state), or "auto" ("pallas" on GPU; on TPU, with
+        no crossover measured yet, the flash-style kernel for exp and, for powers, the dense form up to
+        ``DENSE_MAX_LEN`` tokens while B * H * N^2 <= ``DENSE_MAX_ELEMENTS`` and the chunked kernels beyond;
+        elsewhere the same with dense exp and "chunked"). On CPU the Pallas kernels run in interpret mode (the
+        GPU ones). Shapes or backends a kernel does not take fall back with one log line: to "pallas_chunked"
+        (or "reference" for exp) from the flash-style kernel, to "chunked" from the chunked one. Power "exp"
+        has no finite state: it runs dense or flash-style.
       initial_state: the state of the tokens before this sequence, as returned with ``return_state=True``
         or made by ``init_state``: a ``RecurrentState`` (powers 1, 2) or a ``KVCache`` (exp; it must have room
         for N more tokens).
@@ -129,7 +173,8 @@ def decayed_attention(
     check_positive_int("chunk_size", chunk_size)
     batch, length, heads, dk = q.shape
     dv = v.shape[-1]
-    requested, impl = impl, _resolve_impl(impl, power, batch * heads, length)
+    requested, impl = impl, _resolve_impl(impl, power, batch * heads, length,
+                                          stateful=initial_state is not None or return_state)
     if max_len is not None:
         check_positive_int("max_len", max_len)
         if power != "exp" or initial_state is not None or max_len < length:
@@ -144,13 +189,18 @@ def decayed_attention(
 
     common = dict(power=power, normalize=normalize, scale=scale, initial_state=initial_state,
                   return_state=return_state)
-    pallas = None
-    if impl == "pallas":
-        pallas = _pallas_or_fallback(q, k, v, power=power, chunk_size=chunk_size, requested=requested)
+    if impl == "pallas_parallel":
+        kernel = _parallel_kernel(q, k, v, power=power, requested=requested)
+        if kernel is not None:
+            return kernel(q, k, v, log_decay, power=power, normalize=normalize, scale=scale)
+        impl = "reference" if power == "exp" else "pallas_chunked"
+    kernel = None
+    if impl == "pallas_chunked":
+        kernel = _chunked_kernel(q, k, v, power=power, chunk_size=chunk_size, requested=requested)
     if impl == "reference":
         out = reference_attention(q, k, v, log_decay, max_len=max_len, **common)
-    elif pallas is not None:
-        out = pallas(q, k, v, log_decay, chunk_size=chunk_size, **common)
+    elif kernel is not None:
+        out = kernel(q, k, v, log_decay, chunk_size=chunk_size, **common)
     else:
         state_pass = "associative" if impl == "associative" else "scan"
         out = chunked_attention(q, k, v, log_decay, chunk_size=chunk_size, state_pass=state_pass, **common)

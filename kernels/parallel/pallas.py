@@ -1,0 +1,134 @@
+"""``parallel_attention_pallas``: the flash-style kernels joined to their backward by custom_vjp.
+
+Residuals are the inputs, the output and one float32 statistic per token (the normalizer, or the log-normalizer
+for normalized exp); nothing of size N^2 is ever stored. The log-decay cotangent per token is the row sums minus
+the column sums of ``dW * W`` (from the two backward kernels), turned into the cotangent of ``a`` by a reverse
+cumulative sum (g = cumsum(a)).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from twomamba_jax.kernels.layout import heads_first, heads_last
+from twomamba_jax.kernels.parallel import tpu as tpu_kernels
+from twomamba_jax.kernels.parallel import triton as triton_kernels
+from twomamba_jax.ops.numerics import NORMALIZER_EPS
+
+KERNEL_DIMS = (16, 32, 64, 128)
+KERNEL_DTYPES = (jnp.float32, jnp.bfloat16)
+BACKENDS = {"triton": triton_kernels, "tpu": tpu_kernels}
+# Tokens per tile, per backend: 64 on the GPU (registers; measured on the H200), 128 on the TPU (the MXU width).
+DEFAULT_BLOCK = {"triton": 64, "tpu": 128}
+
+
+def unsupported_reason(q, k, v, *, power) -> str | None:
+    """Why the flash-style kernels cannot take these inputs, or None when they can."""
+    if power not in (1, 2, "exp"):
+        return f"power={power!r} (the flash-style kernels take 1, 2 and 'exp')"
+    for name, dim in (("dk", q.shape[-1]), ("dv", v.shape[-1])):
+        if dim not in KERNEL_DIMS:
+            return f"{name}={dim} (expected one of {KERNEL_DIMS})"
+    if q.dtype not in KERNEL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtypes q={q.dtype}, k={k.dtype}, v={v.dtype} (expected float32 or bfloat16, the same for all)"
+    return None
+
+
+class _Config(NamedTuple):
+    power: int | str
+    normalize: str | None
+    scale: float
+    block: int
+    backend: str
+    interpret: bool
+
+
+def _layout(q, k, v, log_decay, config: _Config):
+    """Kernel layouts: heads first, N padded to whole blocks, block-local cumsums of the log-decay and totals."""
+    length = q.shape[1]
+    num_blocks = -(-length // config.block)
+    padded = num_blocks * config.block
+    blocks = heads_first(log_decay.astype(jnp.float32), padded).reshape(-1, num_blocks, config.block)
+    g_local = jnp.cumsum(blocks, axis=-1)
+    options = dict(power=config.power, normalize=config.normalize, block=config.block, num_heads=q.shape[2],
+                   group=q.shape[2] // k.shape[2], interpret=config.interpret)
+    prepared = (heads_first(q * jnp.asarray(config.scale, q.dtype), padded), heads_first(k, padded),
+                heads_first(v, padded), g_local.reshape(-1, padded), g_local[..., -1])
+    return prepared, options
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q, k, v, log_decay, config):
+    return _forward(q, k, v, log_decay, config)[0]
+
+
+def _forward(q, k, v, log_decay, config):
+    batch, length = q.shape[:2]
+    prepared, options = _layout(q, k, v, log_decay, config)
+    y, stat = BACKENDS[config.backend].forward(*prepared, **options)
+    return heads_last(y, batch, length), stat
+
+
+def _attention_fwd(q, k, v, log_decay, config):
+    y, stat = _forward(q, k, v, log_decay, config)
+    return y, (q, k, v, log_decay, y, stat)
+
+
+def _attention_bwd(config, residuals, d_y):
+    q, k, v, log_decay, y, stat = residuals
+    batch, length, heads, _ = q.shape
+    kernels = BACKENDS[config.backend]
+    prepared, options = _layout(q, k, v, log_decay, config)
+    padded = prepared[0].shape[1]
+    d_out = heads_first(d_y.astype(jnp.float32), padded)
+    if config.normalize:
+        delta = jnp.sum(d_out * heads_first(y.astype(jnp.float32), padded), axis=-1)
+        if config.power != "exp":  # y = numerator / max(normalizer, eps): no gradient through a clipped normalizer
+            delta = jnp.where(stat > NORMALIZER_EPS, delta, 0.0)
+            stat = jnp.maximum(stat, NORMALIZER_EPS)
+    else:
+        delta = jnp.zeros_like(stat)
+    dq, d_rows = kernels.backward_dq(*prepared, d_out, stat, delta, **options)
+    dk, dv, d_cols = kernels.backward_dkv(*prepared, d_out, stat, delta, **options)
+    group = options["group"]
+    # Per query head -> per key head: the heads of a group are adjacent.
+    dk = dk.reshape(-1, group, *dk.shape[1:]).sum(1)
+    dv = dv.reshape(-1, group, *dv.shape[1:]).sum(1)
+    d_gamma = d_rows - d_cols  # g_i enters row i with +, column i with -
+    d_log_decay = jnp.flip(jnp.cumsum(jnp.flip(d_gamma, -1), -1), -1)  # g = cumsum(a): da_s = sum_{t>=s} dg_t
+    return (
+        (heads_last(dq, batch, length) * config.scale).astype(q.dtype),
+        heads_last(dk, batch, length).astype(k.dtype),
+        heads_last(dv, batch, length).astype(v.dtype),
+        heads_last(d_log_decay, batch, length).astype(log_decay.dtype),
+    )
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def parallel_attention_pallas(q, k, v, log_decay=None, *, power, normalize, scale, block_size=None,
+                              backend="triton", interpret=False):
+    """Causal ``y_i = sum_{j<=i} f(s_ij) exp(g_i - g_j) v_j`` (optionally / its row sum), tiled, O(N) memory.
+
+    q: (B, N, H, dk); k: (B, N, Hk, dk) and v: (B, N, Hk, dv) with Hk dividing H (grouped keys: query head h uses
+    key head h // (H / Hk)); log_decay: (B, N, H) or None. Any N (padded to whole blocks of ``block_size``
+    tokens, default ``DEFAULT_BLOCK``; a power of two for Triton, a multiple of 8 for the TPU). backend:
+    "triton" (GPU) or "tpu" (Mosaic); ``interpret=True`` runs either in Pallas interpret mode. The caller checks
+    ``unsupported_reason`` first. Returns y: (B, N, H, dv) in q's dtype.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {tuple(BACKENDS)}; got {backend!r}")
+    heads, kv_heads = q.shape[2], k.shape[2]
+    if heads % kv_heads or v.shape[2] != kv_heads:
+        raise ValueError(f"k, v: expected a head count dividing q's {heads} (and equal for k and v); got "
+                         f"{kv_heads} and {v.shape[2]}")
+    if log_decay is None:
+        log_decay = jnp.zeros(q.shape[:3], jnp.float32)
+    block_size = DEFAULT_BLOCK[backend] if block_size is None else block_size
+    config = _Config(power, normalize, float(scale), block_size, backend, interpret)
+    return _attention(q, k, v, log_decay, config)
