@@ -1,6 +1,6 @@
 """The embedded default: the tiny 2Mamba model on synthetic multi-query associative recall (MQAR), offline.
 
-Finishes in about 3 minutes on 2 CPU cores and learns the task (exact-match recall near 1; chance is 1/128).
+Finishes in about 2.5 minutes on 2 CPU cores and learns the task (exact-match recall near 1; chance is 1/128).
 """
 
 from twomamba_jax.train.config import (CheckpointConfig, DataConfig, EvalConfig, ModelConfig, OptimConfig,
