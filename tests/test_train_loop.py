@@ -48,6 +48,8 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     assert _records(tmp_path / "straight", "eval") == _records(tmp_path / "stopped", "eval")
     assert summary["step"] == 8 and json.loads((tmp_path / "stopped" / "summary.json").read_text())["step"] == 8
     assert (tmp_path / "stopped" / "tensorboard").is_dir()
+    with pytest.raises(ValueError, match="data.batch_size: the checkpoint at step 8 was written with 8 rows per step"):
+        train(override(override(config, "data.batch_size", "16"), "steps", "10"), tmp_path / "stopped")
 
 
 def test_tiny_config_learns_mqar_in_a_shortened_run(tmp_path):
@@ -86,6 +88,8 @@ def test_overrides_are_typed_and_checked():
     ("data.source", "wikipedia", "data.source: expected"),
     ("model.mixer", "mamba3", "name: expected a mixer preset"),
     ("precision", "float8", "precision: expected one of"),
+    ("log_every", "0", "log_every: expected a positive int; got 0"),
+    ("eval.batches", "0", "eval: expected every >= 0"),
 ])
 def test_bad_configs_fail_with_a_clear_message(tmp_path, key, value, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):

@@ -24,8 +24,9 @@ class Checkpointer:
         self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                          data=ocp.args.JsonSave(data_position)))
 
-    def restore_latest(self, abstract_state: dict, shardings: dict) -> dict | None:
-        """The latest saved state, placed with ``shardings``, or None when there is none."""
+    def restore_latest(self, abstract_state: dict, shardings: dict, batch_size: int) -> dict | None:
+        """The latest saved state, placed with ``shardings``, or None when there is none. The saved data
+        position must be where this run's batches of ``batch_size`` rows would be at that step."""
         step = self._manager.latest_step()
         if step is None:
             return None
@@ -35,8 +36,13 @@ class Checkpointer:
                                                                        data=ocp.args.JsonRestore()))
         # orbax gives containers back as plain tuples / dicts: put the leaves back into the optimizer's types.
         state = jax.tree.unflatten(jax.tree.structure(target), jax.tree.leaves(restored["state"]))
-        if restored["data"]["step"] != int(jax.device_get(state["step"])):
-            raise ValueError(f"checkpoint {step}: the data position {restored['data']} does not match the state")
+        position, saved_step = restored["data"], int(jax.device_get(state["step"]))
+        if position["step"] != saved_step:
+            raise ValueError(f"checkpoint {step}: the data position {position} does not match the state")
+        if position["next_row"] != saved_step * batch_size:
+            raise ValueError(f"data.batch_size: the checkpoint at step {saved_step} was written with "
+                             f"{position['next_row'] // max(saved_step, 1)} rows per step; resuming with {batch_size} "
+                             "would skip or repeat data (use a new workdir to change it)")
         return state
 
     def close(self) -> None:

@@ -69,7 +69,14 @@ class MetricsLogger:
         """On resume, drop lines past the restored step (written by the run that stopped), so the file is exact."""
         if not self.path.exists():
             return
-        lines = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        lines = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a killed run
+                continue
+            if record["step"] <= step:
+                lines.append(line)
         self.path.write_text("".join(line + "\n" for line in lines))
 
     def write(self, step: int, split: str, metrics: dict) -> None:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -140,8 +141,12 @@ class Setup:
 def setup(config: TrainConfig, devices=None) -> Setup:
     """Data, model config, mesh (over ``devices``, default all), shardings and optimizer of a run; fails here,
     before compiling, on bad meshes."""
-    if config.steps <= 0:
-        raise ValueError(f"steps: expected a positive int; got {config.steps}")
+    for name, value in (("steps", config.steps), ("log_every", config.log_every)):
+        if value <= 0:
+            raise ValueError(f"{name}: expected a positive int; got {value}")
+    if config.eval.every < 0 or (config.eval.every and config.eval.batches <= 0):
+        raise ValueError(f"eval: expected every >= 0 (0 turns eval off) and, with eval on, batches >= 1; got "
+                         f"every={config.eval.every}, batches={config.eval.batches}")
     _init_distributed(config.mesh)
     dataset = make_dataset(config.data, process_index=jax.process_index(), process_count=jax.process_count())
     model_cfg = model_config(config, dataset.vocab_size)
@@ -154,6 +159,10 @@ def setup(config: TrainConfig, devices=None) -> Setup:
     mixer = abstract_model.blocks[0].mixer
     sharding.check_mesh_fits(mesh, num_heads=mixer.num_heads, num_kv_heads=getattr(mixer, "num_kv_heads", None),
                              batch_size=config.data.batch_size // accumulate)
+    if jax.process_count() > 1 and jax.local_device_count() % mesh.shape["tensor"]:
+        # Each process feeds its own rows: a tensor group spanning hosts would get different rows per replica.
+        raise ValueError(f"mesh.tensor: {mesh.shape['tensor']} must divide the {jax.local_device_count()} devices "
+                         "of each process (tensor parallelism within a host; data and fsdp across hosts)")
     graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
     param_shardings = nnx.to_pure_dict(sharding.param_shardings(abstract_params, mesh))
     abstract_params = nnx.to_pure_dict(abstract_params)
@@ -167,6 +176,13 @@ def setup(config: TrainConfig, devices=None) -> Setup:
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
     return Setup(config, dataset, model_cfg, mesh, graphdef, state_shardings, abstract_state, optimizer, schedule,
                  sharding.batch_sharding(mesh), num_params)
+
+
+def _any_process(flag: bool) -> bool:
+    """Whether any process has the flag: all must stop (and save, a collective) at the same step."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
 class _StopRequest:
@@ -218,7 +234,7 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_after: int | None = 
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
     checkpointer = Checkpointer(workdir / "checkpoints", config.checkpoint)
-    restored = checkpointer.restore_latest(run.abstract_state, run.state_shardings)
+    restored = checkpointer.restore_latest(run.abstract_state, run.state_shardings, config.data.batch_size)
     state = restored if restored is not None else run.init_state()
     start = int(jax.device_get(state["step"]))
     m = run.model_config
@@ -242,7 +258,7 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_after: int | None = 
             pending.append(metrics)
             step += 1
             done = step == config.steps
-            stopping = stop.requested or step == stop_after
+            stopping = _any_process(stop.requested) or step == stop_after
             if step % config.log_every == 0 or done or stopping:
                 averaged = {k: float(np.mean([jax.device_get(p[k]) for p in pending])) for k in pending[0]}
                 if not run.dataset.has_accuracy:
@@ -258,14 +274,14 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_after: int | None = 
             if stopping and not done:
                 logger.message(f"stopped at step {step}; rerun the same command to resume")
                 break
+        elapsed = time.perf_counter() - started
+        summary = {"step": step, "steps": config.steps, "seconds": elapsed, "train": last,
+                   "tokens_per_second": (step - start) * tokens_per_step / max(elapsed, 1e-9),
+                   "num_params": run.num_params}
+        if eval_batches:  # inside the mesh: the mixer cores must see it
+            fresh = last_eval is not None and last_eval[0] == step
+            summary["eval"] = last_eval[1] if fresh else evaluate(run, eval_step, state["params"], eval_batches)
     checkpointer.close()
-    elapsed = time.perf_counter() - started
-    summary = {"step": step, "steps": config.steps, "seconds": elapsed, "train": last,
-               "tokens_per_second": (step - start) * tokens_per_step / max(elapsed, 1e-9),
-               "num_params": run.num_params}
-    if eval_batches:
-        fresh = last_eval is not None and last_eval[0] == step
-        summary["eval"] = last_eval[1] if fresh else evaluate(run, eval_step, state["params"], eval_batches)
     if is_main:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         logger.message(f"done: step {step}/{config.steps} in {elapsed:.0f}s"

@@ -90,7 +90,7 @@ def _prepare(q, k, v, log_decay, numerator0, normalizer0, config: _Config, featu
     padded_features = rows.shape[1]
     operand = functools.partial(jnp.asarray, dtype=q.dtype)  # 0/1 selectors are exact in any float dtype
     return _Prepared(
-        q=heads_first(q * jnp.asarray(config.scale, q.dtype), padded),
+        q=heads_first((q.astype(jnp.float32) * config.scale).astype(q.dtype), padded),
         k=heads_first(k, padded),
         v=heads_first(v, padded),
         gamma=gamma.reshape(-1, padded),

@@ -56,7 +56,7 @@ def _layout(q, k, v, log_decay, config: _Config):
     g_local = jnp.cumsum(blocks, axis=-1)
     options = dict(power=config.power, normalize=config.normalize, block=config.block, num_heads=q.shape[2],
                    group=q.shape[2] // k.shape[2], interpret=config.interpret)
-    prepared = (heads_first(q * jnp.asarray(config.scale, q.dtype), padded), heads_first(k, padded),
+    prepared = (heads_first((q.astype(jnp.float32) * config.scale).astype(q.dtype), padded), heads_first(k, padded),
                 heads_first(v, padded), g_local.reshape(-1, padded), g_local[..., -1])
     return prepared, options
 
