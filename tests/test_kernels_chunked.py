@@ -171,8 +171,10 @@ def test_dispatch_picks_the_kernels_of_the_platform(rng, monkeypatch, platform, 
 
     monkeypatch.setattr(api.jax, "default_backend", lambda: platform)
     q, k, v, _ = random_qkv(rng, batch=1, length=9, heads=1, key_dim=16, value_dim=16, dtype=jnp.bfloat16)
-    kernel = api._chunked_kernel(q, k, v, power=2, chunk_size=64, requested="pallas")
-    assert kernel.keywords == {"backend": backend, "interpret": interpret}
+    for family in ("chunked", "parallel"):
+        kernel = api._kernel(family, q, k, v, power=2, requested="pallas",
+                             **({"chunk_size": 64} if family == "chunked" else {}))
+        assert kernel.keywords == {"backend": backend, "interpret": interpret}, family
     long, short = api.PARALLEL_MAX_LEN["gpu"][2] + 1, api.DENSE_MAX_LEN
     auto = {"gpu": ("pallas_chunked", "pallas_parallel", "pallas_parallel"),
             "tpu": ("pallas_chunked", "reference", "pallas_parallel"),

@@ -18,14 +18,12 @@ import jax.numpy as jnp
 from twomamba_jax.kernels.chunked import tpu as tpu_kernels
 from twomamba_jax.kernels.chunked import triton as triton_kernels
 from twomamba_jax.kernels.chunked.features import feature_selectors
-from twomamba_jax.kernels.layout import heads_first, heads_last
+from twomamba_jax.kernels.layout import heads_first, heads_last, unsupported_dims, unsupported_dtypes
 from twomamba_jax.ops.numerics import NORMALIZER_EPS
 from twomamba_jax.ops.features import feature_size
 from twomamba_jax.ops.state import RecurrentState, init_state
 
-KERNEL_DIMS = (16, 32, 64, 128)  # head dims the kernels take: powers of two (Triton blocks)
 KERNEL_CHUNKS = (16, 32, 64, 128)
-KERNEL_DTYPES = (jnp.float32, jnp.bfloat16)  # float16 operands would overflow on rounded-down f32 values
 BACKENDS = {"triton": triton_kernels, "tpu": tpu_kernels}
 
 
@@ -33,14 +31,11 @@ def unsupported_reason(q, k, v, *, power, chunk_size) -> str | None:
     """Why the kernels cannot take these inputs, or None when they can."""
     if power not in (1, 2):
         return f"power={power!r} (the chunked kernels take powers 1 and 2)"
-    for name, dim in (("dk", q.shape[-1]), ("dv", v.shape[-1])):
-        if dim not in KERNEL_DIMS:
-            return f"{name}={dim} (expected one of {KERNEL_DIMS})"
+    if reason := unsupported_dims(q, v):
+        return reason
     if chunk_size not in KERNEL_CHUNKS:
         return f"chunk_size={chunk_size} (expected one of {KERNEL_CHUNKS})"
-    if q.dtype not in KERNEL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"dtypes q={q.dtype}, k={k.dtype}, v={v.dtype} (expected float32 or bfloat16, the same for all)"
-    return None
+    return unsupported_dtypes(q, k, v)
 
 
 class _Config(NamedTuple):

@@ -14,13 +14,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from twomamba_jax.kernels.layout import heads_first, heads_last
+from twomamba_jax.kernels.layout import heads_first, heads_last, unsupported_dims, unsupported_dtypes
 from twomamba_jax.kernels.parallel import tpu as tpu_kernels
 from twomamba_jax.kernels.parallel import triton as triton_kernels
 from twomamba_jax.ops.numerics import NORMALIZER_EPS
 
-KERNEL_DIMS = (16, 32, 64, 128)
-KERNEL_DTYPES = (jnp.float32, jnp.bfloat16)
 BACKENDS = {"triton": triton_kernels, "tpu": tpu_kernels}
 # Tokens per tile, per backend: 64 on the GPU (registers; measured on the H200), 128 on the TPU (the MXU width).
 DEFAULT_BLOCK = {"triton": 64, "tpu": 128}
@@ -30,12 +28,7 @@ def unsupported_reason(q, k, v, *, power) -> str | None:
     """Why the flash-style kernels cannot take these inputs, or None when they can."""
     if power not in (1, 2, "exp"):
         return f"power={power!r} (the flash-style kernels take 1, 2 and 'exp')"
-    for name, dim in (("dk", q.shape[-1]), ("dv", v.shape[-1])):
-        if dim not in KERNEL_DIMS:
-            return f"{name}={dim} (expected one of {KERNEL_DIMS})"
-    if q.dtype not in KERNEL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"dtypes q={q.dtype}, k={k.dtype}, v={v.dtype} (expected float32 or bfloat16, the same for all)"
-    return None
+    return unsupported_dims(q, v) or unsupported_dtypes(q, k, v)
 
 
 class _Config(NamedTuple):

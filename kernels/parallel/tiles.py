@@ -11,6 +11,12 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 
+def kv_head(head, num_heads, group):
+    """The key / value head (of B * H / group) that query head ``head`` (of B * H) reads: heads of a group are
+    adjacent."""
+    return (head // num_heads) * (num_heads // group) + (head % num_heads) // group
+
+
 def causal_diff(g_rows, g_cols, row_positions, col_positions, offset):
     """``g_i - g_j`` (block-local cumsums plus the sum of the blocks between) where j <= i, else -inf.
 

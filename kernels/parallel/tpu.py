@@ -15,7 +15,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from twomamba_jax.kernels.chunked.tiles import dot
-from twomamba_jax.kernels.parallel.tiles import causal_diff, tile_grads, weights
+from twomamba_jax.kernels.parallel.tiles import causal_diff, kv_head, tile_grads, weights
 from twomamba_jax.ops.numerics import NORMALIZER_EPS
 
 _F32 = jnp.float32
@@ -27,10 +27,6 @@ def _interpret(interpret: bool):
 
 def _params():
     return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
-
-
-def _kv_head(head, num_heads, group):
-    return (head // num_heads) * (num_heads // group) + (head % num_heads) // group
 
 
 def _between(totals_row, first, last):
@@ -53,7 +49,7 @@ class _Layout:
         self.bh, self.padded, self.dk = q.shape
         self.dv, self.block = v.shape[-1], block
         self.num_blocks = self.padded // block
-        self.kv = lambda h: _kv_head(h, num_heads, group)
+        self.kv = lambda h: kv_head(h, num_heads, group)
         self.columns = g_local.reshape(self.bh, self.padded, 1)
         self.rows = g_local.reshape(self.bh, self.num_blocks, 1, block)
         self.totals = totals.reshape(self.bh, 1, self.num_blocks)

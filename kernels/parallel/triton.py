@@ -20,17 +20,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from twomamba_jax.kernels.chunked.tiles import dot
-from twomamba_jax.kernels.parallel.tiles import causal_diff, tile_grads, weights
+from twomamba_jax.kernels.parallel.tiles import causal_diff, kv_head, tile_grads, weights
 from twomamba_jax.ops.numerics import NORMALIZER_EPS
 
 
 def _params(num_warps, num_stages):
     return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-
-
-def _kv_head(head, num_heads, group):
-    """The key / value head (of B * H / group) that query head ``head`` (of B * H) reads."""
-    return (head // num_heads) * (num_heads // group) + (head % num_heads) // group
 
 
 def _positions(block_index, block):
@@ -49,7 +44,7 @@ def forward(q, k, v, g_local, totals, *, power, normalize, block, num_heads, gro
 
     def kernel(q_ref, k_ref, v_ref, g_ref, t_ref, y_ref, stat_ref):
         head, i = pl.program_id(0), pl.program_id(1)
-        kv = _kv_head(head, num_heads, group)
+        kv = kv_head(head, num_heads, group)
         rows = pl.ds(i * block, block)
         q_i, g_i = q_ref[head, rows, :], g_ref[head, rows]
         row_positions = _positions(i, block)[:, None]
@@ -100,7 +95,7 @@ def backward_dq(q, k, v, g_local, totals, d_out, stat, delta, *, power, normaliz
 
     def kernel(q_ref, k_ref, v_ref, g_ref, t_ref, do_ref, st_ref, dl_ref, dq_ref, dg_ref):
         head, i = pl.program_id(0), pl.program_id(1)
-        kv = _kv_head(head, num_heads, group)
+        kv = kv_head(head, num_heads, group)
         rows = pl.ds(i * block, block)
         q_i, g_i = q_ref[head, rows, :], g_ref[head, rows]
         d_out_i = do_ref[head, rows, :].astype(q_i.dtype)
@@ -142,7 +137,7 @@ def backward_dkv(q, k, v, g_local, totals, d_out, stat, delta, *, power, normali
 
     def kernel(q_ref, k_ref, v_ref, g_ref, t_ref, do_ref, st_ref, dl_ref, dk_ref, dv_ref, dg_ref):
         head, j = pl.program_id(0), pl.program_id(1)
-        kv = _kv_head(head, num_heads, group)
+        kv = kv_head(head, num_heads, group)
         cols = pl.ds(j * block, block)
         k_j, v_j, g_j = k_ref[kv, cols, :], v_ref[kv, cols, :], g_ref[head, cols]
         col_positions = _positions(j, block)[None, :]

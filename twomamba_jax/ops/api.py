@@ -18,8 +18,7 @@ IMPLS = ("auto", "reference", "chunked", "associative", "pallas", "pallas_chunke
 _logger = logging.getLogger(__name__)
 # Which kernels each JAX backend runs (``jax.default_backend()`` at trace time); "cpu" runs the GPU kernels in
 # Pallas interpret mode, for tests.
-_CHUNKED_BACKENDS = {"gpu": "triton", "tpu": "tpu"}
-_PARALLEL_BACKENDS = {"gpu": "triton", "tpu": "tpu"}
+_KERNEL_BACKENDS = {"gpu": "triton", "tpu": "tpu"}
 DEFAULT_CHUNK_SIZE = 64
 
 # Up to this many tokens "auto" takes the dense form where no flash-style kernel runs: at short N one masked
@@ -53,11 +52,11 @@ def _resolve_impl(impl: str, power, batch_heads: int, length: int, stateful: boo
         if backend == "gpu":  # measured: the tuning table chooses
             impl = "pallas"
         elif power == "exp":
-            return "reference" if stateful or backend not in _PARALLEL_BACKENDS else "pallas_parallel"
+            return "reference" if stateful or backend not in _KERNEL_BACKENDS else "pallas_parallel"
         elif _dense_is_small(batch_heads, length):
             return "reference"
         else:
-            return "pallas_chunked" if backend in _CHUNKED_BACKENDS else "chunked"
+            return "pallas_chunked" if backend in _KERNEL_BACKENDS else "chunked"
     if impl == "pallas":
         if power == "exp":
             impl = "pallas_parallel"
@@ -79,35 +78,24 @@ def _log_fallback(reason: str, fallback: str = "chunked", requested: str = "pall
                     family, reason, fallback)
 
 
-def _chunked_kernel(q, k, v, *, power, chunk_size, requested):
-    """The chunked Pallas kernels where they apply (interpret mode on CPU), else None, said once."""
+def _kernel(family: str, q, k, v, *, power, requested, **limits):
+    """The Pallas kernels of ``family`` ("chunked" or "parallel") where they take these inputs on this backend
+    (interpret mode on CPU), else None, said once; ``limits`` go to the family's ``unsupported_reason``."""
     # Imported here: the kernels build on the ops, so the ops reach them only at call time.
-    from twomamba_jax.kernels.chunked import chunked_attention_pallas, unsupported_reason
-
+    if family == "chunked":
+        from twomamba_jax.kernels.chunked import chunked_attention_pallas as attention, unsupported_reason
+        name, fallback = "chunked", "chunked"
+    else:
+        from twomamba_jax.kernels.parallel import parallel_attention_pallas as attention, unsupported_reason
+        name, fallback = "flash-style", "reference" if power == "exp" else "pallas_chunked"
     backend = jax.default_backend()
-    reason = unsupported_reason(q, k, v, power=power, chunk_size=chunk_size)
-    if reason is None and backend not in (*_CHUNKED_BACKENDS, "cpu"):
-        reason = f"backend {backend!r} (the chunked kernels lower for GPU and TPU, and run interpreted on CPU)"
+    reason = unsupported_reason(q, k, v, power=power, **limits)
+    if reason is None and backend not in (*_KERNEL_BACKENDS, "cpu"):
+        reason = f"backend {backend!r} (the {name} kernels lower for GPU and TPU, and run interpreted on CPU)"
     if reason is not None:
-        _log_fallback(reason, requested=requested)
+        _log_fallback(reason, fallback, requested, "Pallas" if family == "chunked" else "flash-style")
         return None
-    return functools.partial(chunked_attention_pallas, backend=_CHUNKED_BACKENDS.get(backend, "triton"),
-                             interpret=backend == "cpu")
-
-
-def _parallel_kernel(q, k, v, *, power, requested):
-    """The flash-style Pallas kernels where they apply (interpret mode on CPU), else None, said once."""
-    from twomamba_jax.kernels.parallel import parallel_attention_pallas, unsupported_reason
-
-    backend = jax.default_backend()
-    reason = unsupported_reason(q, k, v, power=power)
-    if reason is None and backend not in (*_PARALLEL_BACKENDS, "cpu"):
-        reason = f"backend {backend!r} (the flash-style kernels lower for GPU and TPU, and run interpreted on CPU)"
-    if reason is not None:
-        _log_fallback(reason, "reference" if power == "exp" else "pallas_chunked", requested, "flash-style")
-        return None
-    return functools.partial(parallel_attention_pallas, backend=_PARALLEL_BACKENDS.get(backend, "triton"),
-                             interpret=backend == "cpu")
+    return functools.partial(attention, backend=_KERNEL_BACKENDS.get(backend, "triton"), interpret=backend == "cpu")
 
 
 def _keep_dtypes(new_state, old_state):
@@ -190,13 +178,13 @@ def decayed_attention(
     common = dict(power=power, normalize=normalize, scale=scale, initial_state=initial_state,
                   return_state=return_state)
     if impl == "pallas_parallel":
-        kernel = _parallel_kernel(q, k, v, power=power, requested=requested)
+        kernel = _kernel("parallel", q, k, v, power=power, requested=requested)
         if kernel is not None:
             return kernel(q, k, v, log_decay, power=power, normalize=normalize, scale=scale)
         impl = "reference" if power == "exp" else "pallas_chunked"
     kernel = None
     if impl == "pallas_chunked":
-        kernel = _chunked_kernel(q, k, v, power=power, chunk_size=chunk_size, requested=requested)
+        kernel = _kernel("chunked", q, k, v, power=power, chunk_size=chunk_size, requested=requested)
     if impl == "reference":
         out = reference_attention(q, k, v, log_decay, max_len=max_len, **common)
     elif kernel is not None:
