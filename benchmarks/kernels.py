@@ -6,7 +6,8 @@
 For each mixer core (2Mamba: power 2, softmax norm, decay; Mamba-2S core: power 1, no norm, decay; 2Mamba-E: exp,
 softmax norm, decay) and shape it times every path (the flash-style and the chunked Pallas kernels, the jnp chunked
 form, the dense XLA form) and cuDNN softmax attention
-as the yardstick: median ms of the forward and of forward + backward over rotating inputs, TFLOP/s-equivalent (the
+as the yardstick (every row also as a ratio to cuDNN's forward and forward + backward times of the same run), with
+jax's own Mosaic GPU FlashAttention-3 beside it (what Mosaic GPU reaches on this machine): median ms of the forward and of forward + backward over rotating inputs, TFLOP/s-equivalent (the
 FLOPs of causal softmax attention at that shape: 2 B H N^2 d forward, 3.5x that for forward + backward), and the
 relative Frobenius error of the output and of dq (for a fixed random output cotangent) against the jnp chunked form
 (the dense form for exp, where it fits) on the same inputs upcast to float32, at full matmul precision (both tested
@@ -24,12 +25,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from twomamba_jax import ops
+from twomamba_jax.kernels.parallel import parallel_attention_pallas
 
 PERF_SHAPES = [(4, 2048), (4, 8192), (1, 32768)]
 SMOKE_SHAPES = [(1, 256)]
 CORES = {"2mamba": dict(power=2, normalize="softmax"), "power1": dict(power=1, normalize=None),
          "2mamba-e": dict(power="exp", normalize="softmax")}
-IMPLS = ("pallas_parallel", "pallas_chunked", "chunked", "reference")
+# "pallas_parallel_triton": the flash-style kernels forced onto the Triton lowering (on Hopper "pallas_parallel"
+# runs the Mosaic GPU forward).
+IMPLS = ("pallas_parallel", "pallas_parallel_triton", "pallas_chunked", "chunked", "reference")
 DENSE_MAX_BYTES = 24 * 2**30
 ROTATIONS = 3
 
@@ -51,6 +55,16 @@ def _inputs(seed, batch, length, heads, dim, dtype):
     q, k, v = (jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(3))
     log_decay = jnp.asarray(-np.log1p(np.exp(rng.standard_normal(shape[:3]) - 4.0)), jnp.float32)  # softplus
     return q, k, v, log_decay
+
+
+def _attention_mgpu(q, k, v, a):
+    """jax's own Mosaic GPU FlashAttention-3 (causal softmax, forward only: its backward takes no causal mask);
+    it stages tiles as float16, so it runs on float16 copies."""
+    from jax.experimental.pallas.ops.gpu import attention_mgpu
+
+    config = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=True)
+    q, k, v = (x.astype(jnp.float16) for x in (q, k, v))
+    return attention_mgpu.attention(q, k, v, config).astype(jnp.bfloat16)
 
 
 def _rel(x, y):
@@ -76,14 +90,19 @@ def main():
     device = jax.devices()[0]
     print(f"{device.device_kind}, jax {jax.__version__}, H={heads}, d={dim}, bf16, chunk {args.chunk_size}; "
           "errors vs jnp chunked float32 (highest precision)")
-    print("| B x N | path | fwd ms | fwd+bwd ms | TFLOP/s-eq (fwd+bwd) | rel err y | rel err dq |")
-    print("|---|---|---|---|---|---|---|", flush=True)
+    print("| B x N | path | fwd ms | fwd+bwd ms | fwd / cuDNN | fwd+bwd / cuDNN | TFLOP/s-eq (fwd+bwd) | rel err y | "
+          "rel err dq |")
+    print("|---|---|---|---|---|---|---|---|---|", flush=True)
 
     for batch, length in shapes:
         input_sets = [_inputs(seed, batch, length, heads, dim, dtype) for seed in range(ROTATIONS)]
         cotangent = jnp.asarray(np.random.default_rng(99).standard_normal((batch, length, heads, dim)), jnp.float32)
         flops = 2 * batch * heads * length**2 * dim
         paths = {}
+        if jax.default_backend() == "gpu":  # the yardsticks first: every row is also a ratio to cuDNN's times
+            paths["softmax cuDNN"] = (lambda q, k, v, a: jax.nn.dot_product_attention(
+                q, k, v, is_causal=True, implementation="cudnn"), None)
+            paths["softmax attention_mgpu (jax's Mosaic GPU FA3; fp16, fwd only)"] = (_attention_mgpu, None)
         for core_name in args.cores:
             core = CORES[core_name]
             for impl in args.impls:
@@ -91,13 +110,14 @@ def main():
                     continue
                 if core["power"] == "exp" and impl in ("pallas_chunked", "chunked"):
                     continue  # no finite state
+                if impl == "pallas_parallel_triton":
+                    paths[f"{core_name} {impl}"] = (lambda q, k, v, a, core=core: parallel_attention_pallas(
+                        q, k, v, a, scale=1 / np.sqrt(q.shape[-1]), backend="triton", **core), core)
+                    continue
                 paths[f"{core_name} {impl}"] = (lambda q, k, v, a, impl=impl, core=core: ops.decayed_attention(
                     q, k, v, a, impl=impl, chunk_size=args.chunk_size, **core), core)
-        if jax.default_backend() == "gpu":
-            paths["softmax cuDNN"] = (lambda q, k, v, a: jax.nn.dot_product_attention(
-                q, k, v, is_causal=True, implementation="cudnn"), None)
 
-        oracles = {}
+        oracles, yardstick = {}, None
         for name, (forward, core) in paths.items():
             loss = lambda q, k, v, a, forward=forward: jnp.sum(forward(q, k, v, a).astype(jnp.float32) * cotangent)
             fwd = jax.jit(forward)
@@ -105,7 +125,8 @@ def main():
             fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
             try:
                 ms_fwd = _median_ms(fwd, input_sets, args.repeats)
-                ms_both = _median_ms(fwd_bwd, input_sets, args.repeats)
+                ms_both = (float("nan") if forward is _attention_mgpu
+                           else _median_ms(fwd_bwd, input_sets, args.repeats))
             except Exception as error:  # report and go on: one broken path must not hide the others
                 print(f"| {batch}x{length} | {name} | - | - | - | failed: {type(error).__name__}: "
                       f"{str(error)[:200]} | |", flush=True)
@@ -127,8 +148,9 @@ def main():
                     error_y = f"{_rel(fwd(*input_sets[0]), y_ref):.1e}"
                     error_dq = f"{_rel(fwd_bwd(*input_sets[0])[1][0], dq_ref):.1e}"
             tflops = 3.5 * flops / (ms_both * 1e-3) / 1e12
-            print(f"| {batch}x{length} | {name} | {ms_fwd:.2f} | {ms_both:.2f} | {tflops:.1f} | {error_y} | "
-                  f"{error_dq} |", flush=True)
+            yardstick = yardstick or (ms_fwd, ms_both)
+            print(f"| {batch}x{length} | {name} | {ms_fwd:.2f} | {ms_both:.2f} | {ms_fwd / yardstick[0]:.2f} | "
+                  f"{ms_both / yardstick[1]:.2f} | {tflops:.1f} | {error_y} | {error_dq} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -184,3 +184,44 @@ def test_dispatch_picks_the_kernels_of_the_platform(rng, monkeypatch, platform, 
     assert api._resolve_impl("auto", 2, 1, short, stateful=True) == (
         "pallas_chunked" if platform == "gpu" else "reference")
     assert api._resolve_impl("pallas", 1, 1, short) == "pallas_chunked"  # power 1: chunked at every length
+
+
+@pytest.mark.parametrize("backend", ["triton", "tpu"])
+def test_selectors_are_built_on_chip_not_passed_as_constants(backend):
+    """The forward kernels make the one-hot selectors (dk, F) from (1, F) int32 index rows, so the lowered forward
+    holds no constant, and no array at all, of dk x F or more elements for them (the gradient kernel reads
+    selectors made outside: see ``kernels/chunked/features.py``)."""
+    import re
+
+    from twomamba_jax.ops.features import feature_size
+
+    dim = 64
+    features = feature_size(dim, 2)  # 2080; padded to whole feature blocks in the kernels
+    tokens = jax.ShapeDtypeStruct((1, 200, 2, dim), jnp.bfloat16)
+    decay = jax.ShapeDtypeStruct((1, 200, 2), jnp.float32)
+
+    def forward(q, k, v, a):
+        return chunked_attention_pallas(q, k, v, a, power=2, normalize="softmax", scale=0.125, chunk_size=64,
+                                        backend=backend)
+
+    def lower(platform):
+        traced = jax.jit(forward).trace(tokens, tokens, tokens, decay)
+        return traced.lower(lowering_platforms=(platform,)).as_text()
+
+    if backend == "tpu":
+        text = lower("tpu")
+    else:  # an abstract CUDA device, as in test_kernels_lower_for_the_gpu_on_cpu
+        device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
+        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
+            text = lower("cuda")
+
+    def elements(tensor_type):  # "1x2176xi32" -> 2176, "f32" -> 1
+        return math.prod(int(d) for d in tensor_type.split("x")[:-1])
+
+    constants = [re.findall(r"tensor<([^>]*)>", line)[-1] for line in text.splitlines()
+                 if "stablehlo.constant" in line]
+    sizes = [elements(t) for t in constants]
+    assert max(sizes) >= features  # the index rows and weights, (1, F_pad): the parse sees array constants
+    assert max(sizes) < dim * features, [t for t in constants if elements(t) >= dim * features]
+    # Nor a (dk, F_pad) array of any kind (a constant hoisted to an argument, say).
+    assert not [f for f in re.findall(rf"tensor<{dim}x(\d+)x", text) if int(f) >= features]

@@ -1,9 +1,9 @@
 """The flash-style Pallas kernels (interpret mode on CPU) against the float64 oracle, values and gradients of q, k,
 v and the log-decay, and their GPU and TPU lowering.
 
-Tolerances: outputs float32 1e-5 relative, bfloat16 1e-2; float32 gradients 3e-5, since dq and dk are sums over
-every key (query) of ``dW = dy . v - dy . y`` terms that cancel (about 10x the rounding of the output), bfloat16
-gradients 1e-2. N = 37 is not a multiple of the block (16 here), and keys are grouped (GQA: 4 query heads over 2
+Tolerances: outputs float32 1e-5 relative, bfloat16 1e-2; float32 gradients 5e-5, since dq and dk are sums over
+every key (query) of ``dW = dy . v - dy . y`` terms that cancel (about 10-30x the rounding of the output; 3.2e-5
+seen for normalized power 2 without decay, d = 64), bfloat16 gradients 1e-2. N = 37 is not a multiple of the block (16 here), and keys are grouped (GQA: 4 query heads over 2
 key heads).
 """
 
@@ -20,7 +20,7 @@ from twomamba_jax import ops
 from twomamba_jax.kernels.parallel import parallel_attention_pallas, unsupported_reason
 
 TOLERANCES = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
-GRADIENT_TOLERANCES = {jnp.float32: 3e-5, jnp.bfloat16: 1e-2}
+GRADIENT_TOLERANCES = {jnp.float32: 5e-5, jnp.bfloat16: 1e-2}
 VARIANTS = [(p, n) for p in (1, 2, "exp") for n in ("softmax", None)]
 CASES = [(32, jnp.float32, p, n, True) for p, n in VARIANTS]
 CASES += [(dim, dtype, p, "softmax", True) for dim in (64, 128) for dtype in (jnp.float32, jnp.bfloat16)
@@ -31,6 +31,16 @@ CASES = [("triton", *case) for case in CASES]
 # both dtypes at d = 128.
 CASES += [("tpu", 32, jnp.float32, p, n, True) for p, n in VARIANTS]
 CASES += [("tpu", 128, dtype, p, "softmax", True) for dtype in (jnp.float32, jnp.bfloat16) for p in (2, "exp")]
+# The Hopper (Mosaic GPU) forward in the Mosaic GPU interpreter (bfloat16, head dims multiples of 64, 64-token
+# tiles: N = 130 gives two programs of 128 query rows, diagonal and off-diagonal tiles and a ragged end), forward
+# and backward.
+# Six cases (the interpreter takes ~30 s each): every power, normalized and not, d 64 and 128, with and without
+# decay.
+CASES += [("mosaic_gpu", 64, jnp.bfloat16, p, n, True) for p, n in ((2, "softmax"), (2, None), ("exp", "softmax"),
+                                                                     (1, None))]
+CASES += [("mosaic_gpu", 128, jnp.bfloat16, 2, "softmax", True), ("mosaic_gpu", 64, jnp.bfloat16, 2, "softmax", False)]
+BLOCKS = {"triton": 16, "tpu": 16, "mosaic_gpu": 64}
+LENGTHS = {"triton": 37, "tpu": 37, "mosaic_gpu": 130}
 
 
 def _inputs(rng, dim, dtype, power, normalize, decay, heads=4, kv_heads=2, length=37):
@@ -47,7 +57,7 @@ def _inputs(rng, dim, dtype, power, normalize, decay, heads=4, kv_heads=2, lengt
 
 @pytest.mark.parametrize("backend,dim,dtype,power,normalize,decay", CASES)
 def test_values_and_gradients_match_the_oracle(rng, backend, dim, dtype, power, normalize, decay):
-    q, k, v, a = _inputs(rng, dim, dtype, power, normalize, decay)
+    q, k, v, a = _inputs(rng, dim, dtype, power, normalize, decay, length=LENGTHS[backend])
     group = q.shape[2] // k.shape[2]
     cotangent = jnp.asarray(rng.standard_normal(q.shape[:3] + (v.shape[-1],)))
     scale = 1 / np.sqrt(dim)
@@ -60,8 +70,8 @@ def test_values_and_gradients_match_the_oracle(rng, backend, dim, dtype, power, 
         return ops.decayed_attention(q, k, v, a, power=power, normalize=normalize, impl="reference")
 
     def kernel(q, k, v, a):
-        return parallel_attention_pallas(q, k, v, a, power=power, normalize=normalize, scale=scale, block_size=16,
-                                         backend=backend, interpret=True)
+        return parallel_attention_pallas(q, k, v, a, power=power, normalize=normalize, scale=scale,
+                                         block_size=BLOCKS[backend], backend=backend, interpret=True)
 
     argnums = (0, 1, 2, 3) if decay else (0, 1, 2)
     upcast = lambda x: None if x is None else x.astype(jnp.float64)
@@ -137,3 +147,16 @@ def test_tpu_kernels_lower_to_mosaic_on_cpu(power, normalize):
     assert text.count("tpu_custom_call") == 3  # forward (its output and statistic are the residuals), dq, dkv
     for kernel in ("forward", "dq", "dkv"):
         assert f"twomamba_parallel_{kernel}" in text, kernel
+
+
+@pytest.mark.parametrize("dim,dtype,expected", [(64, jnp.bfloat16, "mosaic_gpu"), (128, jnp.bfloat16, "mosaic_gpu"),
+                                                (32, jnp.bfloat16, "triton"), (64, jnp.float32, "triton")])
+def test_hopper_gpus_take_the_mosaic_gpu_kernels(monkeypatch, dim, dtype, expected):
+    from twomamba_jax.ops import api
+
+    q = k = v = jnp.zeros((1, 8, 2, dim), dtype)
+    monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(api, "_has_wgmma", lambda: True)
+    assert api._kernel("parallel", q, k, v, power=2, requested="pallas").keywords["backend"] == expected
+    monkeypatch.setattr(api, "_has_wgmma", lambda: False)  # e.g. an A100: no wgmma
+    assert api._kernel("parallel", q, k, v, power=2, requested="pallas").keywords["backend"] == "triton"

@@ -21,7 +21,7 @@ def test_wrong_ranks(qkv):
     q, k, v, a = qkv
     with pytest.raises(ValueError, match=r"q: expected shape \(B, N, H, dk\)"):
         _call(q[0], k, v)
-    with pytest.raises(ValueError, match=r"v: expected shape \(B, N, H, dv\)"):
+    with pytest.raises(ValueError, match=r"v: expected shape \(B, N, Hk, dv\)"):
         _call(q, k, v[..., 0])
     with pytest.raises(ValueError, match=r"log_decay: expected shape \(B, N, H\)"):
         _call(q, k, v, a[..., None])
@@ -109,3 +109,27 @@ def test_more_bad_values(qkv):
         _call(q, k, v, max_len=10)
     with pytest.raises(ValueError, match='max_len: sizes the KV cache of power="exp"'):
         _call(q, k, v, power="exp", max_len=3)
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked", "associative", "pallas"])
+def test_empty_dimensions_are_refused_by_every_impl(qkv, impl):
+    q, k, v, a = qkv
+    with pytest.raises(ValueError, match=r"q: expected a batch of at least one row \(B >= 1\)"):
+        _call(q[:0], k[:0], v[:0], a[:0], impl=impl)
+    with pytest.raises(ValueError, match=r"q: expected a head dim >= 1"):
+        _call(q[..., :0], k[..., :0], v, a, impl=impl)
+    with pytest.raises(ValueError, match=r"v: expected a head dim >= 1"):
+        _call(q, k, v[..., :0], a, impl=impl)
+    with pytest.raises(ValueError, match=r"q: expected at least one head \(H >= 1\)"):
+        _call(q[:, :, :0], k[:, :, :0], v[:, :, :0], a[:, :, :0], impl=impl)
+
+
+def test_power_1_softmax_refuses_signed_inputs(qkv):
+    q, k, v, a = qkv
+    signed = q.at[0, 0, 0, 0].set(-1.0)
+    with pytest.raises(ValueError, match="q: power=1 with normalize='softmax' needs entries >= 0"):
+        _call(signed, jnp.abs(k), v, a, power=1)
+    with pytest.raises(ValueError, match="k: power=1 with normalize='softmax' needs entries >= 0"):
+        _call(jnp.abs(q), signed, v, a, power=1)
+    assert _call(jnp.abs(q), jnp.abs(k), v, a, power=1).shape == v.shape
+    assert _call(signed, k, v, a, power=1, normalize=None).shape == v.shape  # unnormalized: any sign

@@ -147,3 +147,30 @@ def test_bad_mixer_flags():
         nn.MixerConfig(power=3)
     with pytest.raises(ValueError, match="conv_window: expected a non-negative integer"):
         nn.MixerConfig(conv_window=-1)
+
+
+OUTPUT_NORM = [name for name, config in {**presets.MIXER_PRESETS, **presets.PAPER_CONFIGS}.items()
+               if isinstance(config, nn.MixerConfig) and config.norm == "output"]
+
+
+def test_output_norm_configs_are_the_papers_output_norm_names():
+    named = {name for name in presets.PAPER_CONFIGS if "output_norm" in name or "out_norm" in name}
+    assert named == set(OUTPUT_NORM) - set(presets.MIXER_PRESETS) and len(named) == 21
+    assert {"mamba2s", "linear-out"} <= set(OUTPUT_NORM)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("name", OUTPUT_NORM)
+def test_output_norm_adds_the_machine_epsilon_of_the_compute_dtype(rng, name, dtype):
+    """The paper's ``torch.nn.RMSNorm(H * d)`` has no eps: torch then adds finfo(dtype).eps. Inputs are scaled so
+    that mean(x^2) is near that epsilon, where a different epsilon (e.g. 1e-5) would move the output by > 10%."""
+    eps = float(jnp.finfo(dtype).eps)
+    layer = _mixer(name, dtype=dtype, param_dtype=jnp.float32)
+    layer.out_norm.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, (HEADS, HEAD_DIM)), jnp.float32)
+    y = jnp.asarray(rng.standard_normal((2, 5, HEADS, HEAD_DIM)) * np.sqrt(eps), dtype)
+
+    x = np.asarray(y, np.float64)
+    expected = x / np.sqrt(np.mean(x**2, axis=(-2, -1), keepdims=True) + eps) * np.asarray(layer.out_norm.scale[...])
+    got = np.asarray(layer.out_norm(y), np.float64)
+    tolerance = 1e-6 if dtype == jnp.float32 else 1e-2  # bf16: the output is rounded to 8 mantissa bits
+    assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < tolerance

@@ -108,14 +108,15 @@ def load_config(name_or_path: str) -> TrainConfig:
     else:
         path = Path(name_or_path)
         if path.suffix != ".py" or not path.is_file():
-            raise ValueError(f"config: expected one of {NAMED_CONFIGS} or a .py file defining get_config(); "
-                             f"got {name_or_path!r}")
+            missing = " (no such file)" if path.suffix == ".py" else ""
+            raise ValueError(f"--config: expected one of {', '.join(NAMED_CONFIGS)} or a .py file defining "
+                             f"get_config(); got {name_or_path!r}{missing}")
         spec = importlib.util.spec_from_file_location(f"twomamba_config_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     config = module.get_config()
     if not isinstance(config, TrainConfig):
-        raise ValueError(f"config: get_config() of {name_or_path!r} must return a TrainConfig; got {type(config)}")
+        raise ValueError(f"--config: get_config() of {name_or_path!r} must return a TrainConfig; got {type(config)}")
     return config
 
 
@@ -138,7 +139,12 @@ def _parse(text: str, kind, key: str):
 
 def override(config, key: str, text: str):
     """A copy of ``config`` with the dotted ``key`` (e.g. ``model.mixer``) set from ``text``."""
-    head, _, rest = key.partition(".")
+    return _override(config, key.split("."), key, text)
+
+
+def _override(config, path: list[str], key: str, text: str):
+    """Sets ``path`` within ``config``; errors name the whole ``key``, so a nested key keeps its section."""
+    head, rest = path[0], path[1:]
     fields = {field.name: field for field in dataclasses.fields(config)}
     if head not in fields:
         raise ValueError(f"--config.{key}: unknown key {head!r} in {type(config).__name__}; expected one of "
@@ -148,11 +154,23 @@ def override(config, key: str, text: str):
     if dataclasses.is_dataclass(current):
         if not rest:
             raise ValueError(f"--config.{key}: {head} is a section; set one of its keys, e.g. "
-                             f"--config.{head}.{dataclasses.fields(current)[0].name}=...")
-        return dataclasses.replace(config, **{head: override(current, rest, text)})
+                             f"--config.{key}.{dataclasses.fields(current)[0].name}=...")
+        return dataclasses.replace(config, **{head: _override(current, rest, key, text)})
     if rest:
         raise ValueError(f"--config.{key}: {head} is not a section")
     return dataclasses.replace(config, **{head: _parse(text, hints[head], key)})
+
+
+def check(config: TrainConfig) -> None:
+    """What the command line checks at once, before any data is read: the mixer's name (the presets' own error
+    would name their argument, ``name``, rather than the config key)."""
+    from twomamba_jax import presets  # imports jax: kept out of --help
+
+    mixer = config.model.mixer
+    if mixer not in presets.MIXER_PRESETS and mixer not in presets.PAPER_CONFIGS:
+        raise ValueError(f"model.mixer: expected a preset {sorted(presets.MIXER_PRESETS)} or one of the "
+                         f"{len(presets.PAPER_CONFIGS)} paper config names (twomamba_jax.presets.PAPER_CONFIGS, "
+                         f"listed in the README); got {mixer!r}")
 
 
 def describe(config, prefix: str = "") -> list[str]:

@@ -159,6 +159,9 @@ def make_dataset(config, *, process_index: int = 0, process_count: int = 1) -> D
                   process_count=process_count)
     source = config.source
     if source in synthetic.TASKS:
+        if config.tokenizer != "byte":  # the tasks emit token ids directly; a tokenizer would go unused
+            raise ValueError(f"data.tokenizer: {config.tokenizer!r} applies to text sources only; data.source="
+                             f"{source!r} is a synthetic task (its vocabulary is data.vocab_size)")
         return SyntheticDataset(source, seed=config.seed, vocab_size=config.vocab_size,
                                 num_kv_pairs=config.num_kv_pairs, **common)
     kind, _, name = source.partition(":")

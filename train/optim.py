@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import optax
 
@@ -11,6 +13,9 @@ DECAY_MASKS = ("matrices", "all")
 
 def make_schedule(config, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to ``learning_rate`` over ``warmup_steps``, then the decay to ``final_lr_ratio``."""
+    # NaN, inf, 0 or a negative rate would train on without a word: NaNs, ascent or no change at all.
+    if not (math.isfinite(config.learning_rate) and config.learning_rate > 0):
+        raise ValueError(f"optim.learning_rate: expected a positive finite number; got {config.learning_rate}")
     if config.schedule not in SCHEDULES:
         raise ValueError(f"optim.schedule: expected one of {SCHEDULES}; got {config.schedule!r}")
     if not 0 <= config.warmup_steps <= total_steps:

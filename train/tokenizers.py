@@ -29,7 +29,11 @@ class SentencePieceTokenizer:
         except ImportError as error:
             raise ImportError('tokenizer: a SentencePiece model needs the sentencepiece package: '
                               'pip install "twomamba_jax[train]"') from error
-        self._model = sentencepiece.SentencePieceProcessor(model_file=path)
+        try:
+            self._model = sentencepiece.SentencePieceProcessor(model_file=path)
+        except (RuntimeError, OSError) as error:  # sentencepiece's own message names neither the key nor the fix
+            raise ValueError(f"data.tokenizer: {path!r} is not a SentencePiece model file ({error}); expected "
+                             "'byte' or a .model file from SentencePieceTrainer") from error
         self.vocab_size = self._model.get_piece_size()
         self.eos_id = self._model.eos_id()
         if self.eos_id < 0:

@@ -4,6 +4,11 @@
     mixer_config("2mamba", chunk_size=128)          # with a field overridden
     mixer_config("squared__sm_norm__A_mask_type_neg_softplus__in_conv_k_2")   # a paper config, by its name
     model_config("small", mixer="2mamba")           # a ModelConfig of the paper's 276M model
+
+Output-norm mixers (``mamba2s``, ``linear-out`` and the paper's ``output_norm`` / ``out_norm`` configs) keep
+``MixerConfig``'s default ``norm_eps=None``: the output RMSNorm adds the compute dtype's machine epsilon, as the
+paper's ``torch.nn.RMSNorm(H * d)`` (no eps given) does. A fixed 1e-5 would move their layer outputs by up to
+1e-1 relative. The language model's block norms keep their own ``ModelConfig.norm_eps``.
 """
 
 from __future__ import annotations

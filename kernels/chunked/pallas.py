@@ -17,9 +17,10 @@ import jax.numpy as jnp
 
 from twomamba_jax.kernels.chunked import tpu as tpu_kernels
 from twomamba_jax.kernels.chunked import triton as triton_kernels
-from twomamba_jax.kernels.chunked.features import feature_selectors
+from twomamba_jax.kernels.chunked.features import feature_indices
+from twomamba_jax.kernels.chunked.tiles import one_hot
 from twomamba_jax.kernels.layout import heads_first, heads_last, unsupported_dims, unsupported_dtypes
-from twomamba_jax.ops.numerics import NORMALIZER_EPS
+from twomamba_jax.ops.numerics import NORMALIZER_EPS, zero_log_decay
 from twomamba_jax.ops.features import feature_size
 from twomamba_jax.ops.state import RecurrentState, init_state
 
@@ -56,7 +57,7 @@ class _Prepared(NamedTuple):
     gamma: jax.Array  # (BH, Np) float32, chunk-local cumulative log-decay
     key_decay: jax.Array  # (BH, Np) float32, exp(gamma_last - gamma)
     chunk_decay: jax.Array  # (BH, nc) float32, exp(gamma_last)
-    selectors: tuple  # rows, cols (dk, F_pad) in q's dtype; weights (1, F_pad) float32
+    pairs: tuple  # pair_rows, pair_cols (1, F_pad) int32, weights (1, F_pad) float32: the selectors' sources
     numerator0: jax.Array  # (BH, F_pad, dv) float32
     normalizer0: jax.Array  # (BH, F_pad) float32
 
@@ -78,12 +79,11 @@ def _prepare(q, k, v, log_decay, numerator0, normalizer0, config: _Config, featu
     chunk = config.chunk_size
     num_chunks = -(-length // chunk)
     padded = num_chunks * chunk
-    rows, cols, weights = feature_selectors(dk, config.power, feature_block)
+    pair_rows, pair_cols, weights = feature_indices(dk, config.power, feature_block)
     # Chunk-local cumulative log-decay (zero-padded tokens decay nothing), in float32.
     gamma = jnp.cumsum(heads_first(log_decay.astype(jnp.float32), padded).reshape(-1, num_chunks, chunk), -1)
     gamma_last = gamma[..., -1]
-    padded_features = rows.shape[1]
-    operand = functools.partial(jnp.asarray, dtype=q.dtype)  # 0/1 selectors are exact in any float dtype
+    padded_features = weights.shape[1]
     return _Prepared(
         q=heads_first((q.astype(jnp.float32) * config.scale).astype(q.dtype), padded),
         k=heads_first(k, padded),
@@ -91,7 +91,7 @@ def _prepare(q, k, v, log_decay, numerator0, normalizer0, config: _Config, featu
         gamma=gamma.reshape(-1, padded),
         key_decay=jnp.exp(gamma_last[..., None] - gamma).reshape(-1, padded),
         chunk_decay=jnp.exp(gamma_last),
-        selectors=(operand(rows), operand(cols), jnp.asarray(weights)),
+        pairs=(jnp.asarray(pair_rows), jnp.asarray(pair_cols), jnp.asarray(weights)),
         numerator0=_pad_features(numerator0, padded_features),
         normalizer0=_pad_features(normalizer0, padded_features),
     )
@@ -99,7 +99,7 @@ def _prepare(q, k, v, log_decay, numerator0, normalizer0, config: _Config, featu
 
 def _states(p: _Prepared, config: _Config, options):
     ones = jnp.ones_like(p.key_decay)
-    return BACKENDS[config.backend].state_pass(p.k, p.v, p.key_decay, ones, p.chunk_decay, *p.selectors,
+    return BACKENDS[config.backend].state_pass(p.k, p.v, p.key_decay, ones, p.chunk_decay, *p.pairs,
                                                p.numerator0, p.normalizer0, reverse=False, **options)
 
 
@@ -111,7 +111,7 @@ def _forward(q, k, v, log_decay, numerator0, normalizer0, config: _Config):
     p = _prepare(q, k, v, log_decay, numerator0, normalizer0, config, options["feature_block"])
     numerators, normalizers, numerator, normalizer = _states(p, config, options)
     y, token_normalizer = BACKENDS[config.backend].chunk_outputs(
-        p.q, p.k, p.v, p.gamma, numerators, normalizers, *p.selectors, normalize=config.normalize, **options)
+        p.q, p.k, p.v, p.gamma, numerators, normalizers, *p.pairs, normalize=config.normalize, **options)
     numerator = numerator[:, :features].reshape(batch, heads, features, -1)
     normalizer = normalizer[:, :features].reshape(batch, heads, features)
     return (heads_last(y, batch, length), numerator, normalizer), token_normalizer
@@ -150,11 +150,12 @@ def _attention_bwd(config, residuals, cotangents):
         d_normalizer = jnp.zeros_like(d_normalizer)
     padded_features = p.numerator0.shape[1]
     d_states, d_normalizers, d_numerator0, d_normalizer0 = kernels.state_pass(
-        p.q, d_out, jnp.exp(p.gamma), d_den, p.chunk_decay, *p.selectors, _pad_features(d_numerator, padded_features),
+        p.q, d_out, jnp.exp(p.gamma), d_den, p.chunk_decay, *p.pairs, _pad_features(d_numerator, padded_features),
         _pad_features(d_normalizer, padded_features), reverse=True, **options)
+    pair_rows, pair_cols, weights = p.pairs
     dq, dk_, dv, d_gamma = kernels.chunk_grads(
         p.q, p.k, p.v, p.gamma, p.key_decay, numerators, normalizers, d_states, d_normalizers, d_out, d_den,
-        *p.selectors, **options)
+        one_hot(pair_rows, dk, p.q.dtype), one_hot(pair_cols, dk, p.q.dtype), weights, **options)
     # gamma_t = sum_{s <= t} a_s inside a chunk, so da_s = sum_{t >= s} d_gamma_t (a reverse cumsum per chunk).
     d_gamma = d_gamma.reshape(-1, padded // config.chunk_size, config.chunk_size)
     d_log_decay = jnp.flip(jnp.cumsum(jnp.flip(d_gamma, -1), -1), -1).reshape(-1, padded)
@@ -184,7 +185,7 @@ def chunked_attention_pallas(q, k, v, log_decay, *, power, normalize, scale, chu
     batch, _, heads, dk = q.shape
     dv = v.shape[-1]
     if log_decay is None:
-        log_decay = jnp.zeros(q.shape[:3], jnp.float32)
+        log_decay = zero_log_decay(q)
     if initial_state is None:
         initial_state = init_state(batch, heads, dk, dv, power=power, normalize="softmax")
     normalizer0 = initial_state.normalizer

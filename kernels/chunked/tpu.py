@@ -13,8 +13,10 @@ The same three kernels as ``triton.py``, with the same signatures and results, l
   first step does the chunk's masked quadratic part into VMEM accumulators, every step adds one feature block's
   inter-chunk part, and the last writes the results.
 
-phi tiles are built on chip (``tiles.features``); decays, cumulative sums, states and accumulators are float32,
-matmul operands the inputs' dtype.
+phi tiles are built on chip (``tiles.features``), and so are their one-hot selectors (d, BF), from the feature
+block's int32 pair indices (``tiles.block_selectors``): only those travel, as (1, BF) blocks like the weights;
+``chunk_grads`` reads (d, BF) blocks of selectors made outside, as the Triton one does (see ``features.py``).
+Decays, cumulative sums, states and accumulators are float32, matmul operands the inputs' dtype.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from twomamba_jax.kernels.chunked.tiles import (causal_decay, dot, features, features_and_factors,
-                                                features_vjp)
+from twomamba_jax.kernels.chunked.tiles import (block_selectors, causal_decay, dot, features,
+                                                features_and_factors, features_vjp)
 from twomamba_jax.ops.numerics import NORMALIZER_EPS
 
 _F32 = jnp.float32
@@ -63,8 +65,8 @@ def _row(x, chunk_size):
     return x.reshape(x.shape[0], -1, 1, chunk_size)
 
 
-def state_pass(x, values, token_decay, token_weights, chunk_decay, rows, cols, weights, state0, normalizer0, *,
-               reverse, power, chunk_size, feature_block, interpret=False):
+def state_pass(x, values, token_decay, token_weights, chunk_decay, pair_rows, pair_cols, weights, state0,
+               normalizer0, *, reverse, power, chunk_size, feature_block, interpret=False):
     """See ``triton.state_pass``: same arguments (bar the Triton tuning knobs), same results."""
     bh, padded_len, dk = x.shape
     dv = values.shape[-1]
@@ -76,7 +78,7 @@ def state_pass(x, values, token_decay, token_weights, chunk_decay, rows, cols, w
     def chunk(c):
         return last - c if reverse else c
 
-    def kernel(x_ref, val_ref, td_ref, tw_ref, cd_ref, rows_ref, cols_ref, w_ref, s0_ref, z0_ref,
+    def kernel(x_ref, val_ref, td_ref, tw_ref, cd_ref, pr_ref, pc_ref, w_ref, s0_ref, z0_ref,
                s_ref, z_ref, sf_ref, zf_ref, state, norm):
         step = pl.program_id(2)
 
@@ -88,7 +90,8 @@ def state_pass(x, values, token_decay, token_weights, chunk_decay, rows, cols, w
         s_ref[...] = state[...].astype(s_ref.dtype)
         z_ref[...] = norm[...]
         x_c = x_ref[...]
-        phi = features(x_c, rows_ref[...], cols_ref[...], w_ref[...], power) * td_ref[...]  # (C, BF)
+        selectors = block_selectors(pr_ref[...], pc_ref[...], dk, x_c.dtype, power)
+        phi = features(x_c, selectors, w_ref[...], power) * td_ref[...]  # (C, BF)
         decay = cd_ref[...]  # (1, 1)
         state[...] = decay * state[...] + dot(phi.T.astype(x_c.dtype), val_ref[...].astype(x_c.dtype))
         norm[...] = decay * norm[...] + jnp.sum(phi * tw_ref[...], axis=0, keepdims=True)
@@ -99,7 +102,7 @@ def state_pass(x, values, token_decay, token_weights, chunk_decay, rows, cols, w
             zf_ref[...] = norm[...]
 
     tokens = lambda width: pl.BlockSpec((None, chunk_size, width), lambda h, f, c: (h, chunk(c), 0))
-    selector = pl.BlockSpec((dk, block), lambda h, f, c: (0, f))
+    feature_row = pl.BlockSpec((1, block), lambda h, f, c: (0, f))  # pair indices, weights
     per_chunk_state = pl.BlockSpec((None, None, block, dv), lambda h, f, c: (h, chunk(c), f, 0))
     per_chunk_norm = pl.BlockSpec((None, None, 1, block), lambda h, f, c: (h, chunk(c), 0, f))
     whole_state = pl.BlockSpec((None, block, dv), lambda h, f, c: (h, f, 0))
@@ -117,7 +120,7 @@ def state_pass(x, values, token_decay, token_weights, chunk_decay, rows, cols, w
         in_specs=[
             tokens(dk), tokens(dv), tokens(1), tokens(1),
             pl.BlockSpec((None, None, 1, 1), lambda h, f, c: (h, chunk(c), 0, 0)),
-            selector, selector, pl.BlockSpec((1, block), lambda h, f, c: (0, f)),
+            feature_row, feature_row, feature_row,
             whole_state, whole_norm,
         ],
         out_specs=[per_chunk_state, per_chunk_norm, whole_state, whole_norm],
@@ -126,7 +129,7 @@ def state_pass(x, values, token_decay, token_weights, chunk_decay, rows, cols, w
         interpret=_interpret(interpret),
         name="twomamba_chunk_state_grads" if reverse else "twomamba_chunk_states",
     )(x, values, _column(token_decay), _column(token_weights), chunk_decay.reshape(bh, num_chunks, 1, 1),
-      rows, cols, weights, state0, normalizer0.reshape(bh, 1, features_padded))
+      pair_rows, pair_cols, weights, state0, normalizer0.reshape(bh, 1, features_padded))
     return states, norms.reshape(bh, num_chunks, features_padded), state, norm.reshape(bh, features_padded)
 
 
@@ -137,8 +140,8 @@ def _chunk_specs(chunk_size, block, dk, dv):
         row=pl.BlockSpec((None, None, 1, chunk_size), lambda h, c, f: (h, c, 0, 0)),
         state=pl.BlockSpec((None, None, block, dv), lambda h, c, f: (h, c, f, 0)),
         norm=pl.BlockSpec((None, None, 1, block), lambda h, c, f: (h, c, 0, f)),
-        selector=pl.BlockSpec((dk, block), lambda h, c, f: (0, f)),
-        weights=pl.BlockSpec((1, block), lambda h, c, f: (0, f)),
+        feature_row=pl.BlockSpec((1, block), lambda h, c, f: (0, f)),  # pair indices, weights
+        selector=pl.BlockSpec((dk, block), lambda h, c, f: (0, f)),  # one-hot selectors (chunk_grads)
     )
 
 
@@ -147,7 +150,7 @@ def _norm_rows(normalizers):
     return normalizers.reshape(*normalizers.shape[:2], 1, normalizers.shape[2])
 
 
-def chunk_outputs(q, k, v, gamma, numerators, normalizers, rows, cols, weights, *, power, normalize,
+def chunk_outputs(q, k, v, gamma, numerators, normalizers, pair_rows, pair_cols, weights, *, power, normalize,
                   chunk_size, feature_block, interpret=False):
     """See ``triton.chunk_outputs``: same arguments (bar the Triton tuning knobs), same results."""
     bh, padded_len, dk = q.shape
@@ -156,7 +159,7 @@ def chunk_outputs(q, k, v, gamma, numerators, normalizers, rows, cols, weights, 
     num_chunks = padded_len // chunk_size
     num_blocks = features_padded // feature_block
 
-    def kernel(q_ref, k_ref, v_ref, gc_ref, gr_ref, s_ref, z_ref, rows_ref, cols_ref, w_ref, y_ref, den_ref,
+    def kernel(q_ref, k_ref, v_ref, gc_ref, gr_ref, s_ref, z_ref, pr_ref, pc_ref, w_ref, y_ref, den_ref,
                numerator, denominator):
         fblock = pl.program_id(2)
         q_c, g = q_ref[...], gc_ref[...]  # g: (C, 1)
@@ -170,7 +173,8 @@ def chunk_outputs(q, k, v, gamma, numerators, normalizers, rows, cols, weights, 
             numerator[...] = dot(weights_ij.astype(v_c.dtype), v_c)
             denominator[...] = jnp.sum(weights_ij, axis=1, keepdims=True)
 
-        phi = features(q_c, rows_ref[...], cols_ref[...], w_ref[...], power) * jnp.exp(g)
+        selectors = block_selectors(pr_ref[...], pc_ref[...], dk, q_c.dtype, power)
+        phi = features(q_c, selectors, w_ref[...], power) * jnp.exp(g)
         numerator[...] += dot(phi.astype(v_ref.dtype), s_ref[...].astype(v_ref.dtype))
         denominator[...] += jnp.sum(phi * z_ref[...], axis=1, keepdims=True)
 
@@ -189,13 +193,14 @@ def chunk_outputs(q, k, v, gamma, numerators, normalizers, rows, cols, weights, 
                    jax.ShapeDtypeStruct((bh, padded_len, 1), _F32)),
         grid=(bh, num_chunks, num_blocks),
         in_specs=[spec["tokens"](dk), spec["tokens"](dk), spec["tokens"](dv), spec["tokens"](1), spec["row"],
-                  spec["state"], spec["norm"], spec["selector"], spec["selector"], spec["weights"]],
+                  spec["state"], spec["norm"], spec["feature_row"], spec["feature_row"], spec["feature_row"]],
         out_specs=[spec["tokens"](dv), spec["tokens"](1)],
         scratch_shapes=[pltpu.VMEM((chunk_size, dv), _F32), pltpu.VMEM((chunk_size, 1), _F32)],
         compiler_params=_params("parallel", "parallel", "arbitrary"),
         interpret=_interpret(interpret),
         name="twomamba_chunk_outputs",
-    )(q, k, v, _column(gamma), _row(gamma, chunk_size), numerators, _norm_rows(normalizers), rows, cols, weights)
+    )(q, k, v, _column(gamma), _row(gamma, chunk_size), numerators, _norm_rows(normalizers), pair_rows, pair_cols,
+      weights)
     return y, den.reshape(bh, padded_len)
 
 
@@ -231,19 +236,19 @@ def chunk_grads(q, k, v, gamma, key_decay, numerators, normalizers, d_states, d_
                             - jnp.sum(through_decay.T, axis=1, keepdims=True))
             d_last[...] = jnp.zeros_like(d_last)
 
-        rows_b, cols_b, w_b = rows_ref[...], cols_ref[...], w_ref[...]
+        selectors, w_b = (None if power == 1 else (rows_ref[...], cols_ref[...])), w_ref[...]
         state, norm = s_ref[...].astype(_F32), z_ref[...]  # (BF, dv), (1, BF)
         grad, grad_z = gs_ref[...].astype(_F32), gz_ref[...]
         inflow, key_decay_c = jnp.exp(g), kd_ref[...]
-        q_phi, q_factors = features_and_factors(q_c, rows_b, cols_b, w_b, power)
-        k_phi, k_factors = features_and_factors(k_c, rows_b, cols_b, w_b, power)
+        q_phi, q_factors = features_and_factors(q_c, selectors, w_b, power)
+        k_phi, k_factors = features_and_factors(k_c, selectors, w_b, power)
         q_feat = q_phi * inflow  # phi(q) exp(g)
         k_feat = k_phi * key_decay_c  # phi(k) exp(g_L - g)
         dv_acc[...] += dot(k_feat.astype(dtype), grad.astype(dtype))
         d_q_feat = dot(d_out_c, state.astype(dtype), trans_b=True) + d_den_c * norm
         d_k_feat = dot(v_c, grad.astype(dtype), trans_b=True) + grad_z
-        dq[...] += features_vjp(d_q_feat * inflow, q_factors, rows_b, cols_b, w_b, power, dtype)
-        dk_acc[...] += features_vjp(d_k_feat * key_decay_c, k_factors, rows_b, cols_b, w_b, power, dtype)
+        dq[...] += features_vjp(d_q_feat * inflow, q_factors, selectors, w_b, power, dtype)
+        dk_acc[...] += features_vjp(d_k_feat * key_decay_c, k_factors, selectors, w_b, power, dtype)
         through_keys = jnp.sum(d_k_feat * k_feat, axis=1, keepdims=True)
         d_gamma[...] += jnp.sum(d_q_feat * q_feat, axis=1, keepdims=True) - through_keys
         # The last gamma scales every key weight and, through alpha = exp(g_L), the carried state.
@@ -276,7 +281,7 @@ def chunk_grads(q, k, v, gamma, key_decay, numerators, normalizers, d_states, d_
         grid=(bh, num_chunks, num_blocks),
         in_specs=[tokens(dk), tokens(dk), tokens(dv), tokens(1), spec["row"], tokens(1), spec["state"],
                   spec["norm"], spec["state"], spec["norm"], tokens(dv), tokens(1), spec["selector"],
-                  spec["selector"], spec["weights"]],
+                  spec["selector"], spec["feature_row"]],
         out_specs=[tokens(dk), tokens(dk), tokens(dv), tokens(1)],
         scratch_shapes=scratch,
         compiler_params=_params("parallel", "parallel", "arbitrary"),

@@ -11,10 +11,11 @@ Two launches, as the chunked form splits (SPEC section 2):
 The backward is the same two shapes: ``state_pass(..., reverse=True)`` carries the state cotangent from the last
 chunk to the first, and ``chunk_grads`` turns it into dq, dk, dv and the log-decay cotangent, chunk by chunk.
 
-phi tiles are built on chip from q and k (see ``features.py``) and never written out; the tile math is in
-``tiles.py``, shared with the TPU kernels. Decays, cumulative sums, states and accumulators are float32; matmul
-operands are the inputs' dtype, so with bfloat16 inputs the stored states are rounded to bfloat16 where a matmul
-reads them. Triton wants power-of-two blocks and no slicing of values, so everything is sliced from refs.
+phi tiles are built on chip from q and k, and so are their one-hot selectors, from (1, BF) int32 rows of pair
+indices (see ``features.py``); neither is ever written out. The tile math is in ``tiles.py``, shared with the TPU
+kernels. Decays, cumulative sums, states and accumulators are float32; matmul operands are the inputs' dtype, so
+with bfloat16 inputs the stored states are rounded to bfloat16 where a matmul reads them. Triton wants
+power-of-two blocks and no slicing of values, so everything is sliced from refs.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from twomamba_jax.kernels.chunked.tiles import (causal_decay, dot, features, features_and_factors,
-                                                features_vjp)
+from twomamba_jax.kernels.chunked.tiles import (block_selectors, causal_decay, dot, features,
+                                                features_and_factors, features_vjp)
 from twomamba_jax.ops.numerics import NORMALIZER_EPS
 
 
@@ -51,8 +52,9 @@ def _compiler_params(num_warps, num_stages):
     return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def state_pass(x, values, token_decay, token_weights, chunk_decay, rows, cols, weights, state0, normalizer0, *,
-               reverse, power, chunk_size, feature_block, interpret=False, num_warps=4, num_stages=2):
+def state_pass(x, values, token_decay, token_weights, chunk_decay, pair_rows, pair_cols, weights, state0,
+               normalizer0, *, reverse, power, chunk_size, feature_block, interpret=False, num_warps=4,
+               num_stages=2):
     """The recurrence over chunks, ``S <- alpha_c S + (phi(x_c) * d_c)^T values_c`` (and the normalizer
     ``z <- alpha_c z + (phi(x_c) * d_c)^T u_c``), storing S (and z) as it was before each chunk's update.
 
@@ -61,23 +63,25 @@ def state_pass(x, values, token_decay, token_weights, chunk_decay, rows, cols, w
     d = exp(gamma), u = the normalizer cotangent: the state cotangents after every chunk.
 
     x: (BH, Np, dk); values: (BH, Np, dv); token_decay, token_weights: (BH, Np) float32; chunk_decay: (BH, nc)
-    ``exp(gamma_last)``; rows, cols: (dk, F); weights: (1, F); state0: (BH, F, dv), normalizer0: (BH, F), float32.
+    ``exp(gamma_last)``; pair_rows, pair_cols: (1, F) int32 pair indices, weights: (1, F) float32 (see
+    ``features.py``); state0: (BH, F, dv), normalizer0: (BH, F), float32.
     Returns (per chunk S (BH, nc, F, dv) in x's dtype, per chunk z (BH, nc, F), the last S, the last z), float32
     but the per-chunk S: it is only ever read as a matmul operand in x's dtype, so storing it so halves the
     kernels' largest memory traffic with bfloat16 inputs and loses nothing.
     """
-    bh, padded_len, _ = x.shape
+    bh, padded_len, dk = x.shape
     dv = values.shape[-1]
     num_features = state0.shape[1]
     num_chunks = padded_len // chunk_size
     block = feature_block
     value_block = _value_block(bh * (num_features // block), dv)
 
-    def kernel(x_ref, val_ref, td_ref, tw_ref, cd_ref, rows_ref, cols_ref, w_ref, s0_ref, z0_ref,
+    def kernel(x_ref, val_ref, td_ref, tw_ref, cd_ref, pr_ref, pc_ref, w_ref, s0_ref, z0_ref,
                s_ref, z_ref, sf_ref, zf_ref):
         head, fblock, vblock = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         fs, vs = pl.ds(fblock * block, block), pl.ds(vblock * value_block, value_block)
-        rows_b, cols_b, w_b = rows_ref[:, fs], cols_ref[:, fs], w_ref[:, fs]
+        selectors = block_selectors(pr_ref[:, fs], pc_ref[:, fs], dk, x_ref.dtype, power)
+        w_b = w_ref[:, fs]
         owns_normalizer = vblock == 0  # every value block computes z; the first stores it
 
         def step(i, carry):
@@ -91,7 +95,7 @@ def state_pass(x, values, token_decay, token_weights, chunk_decay, rows, cols, w
 
             ts = pl.ds(c * chunk_size, chunk_size)
             x_c = x_ref[head, ts, :]
-            phi = features(x_c, rows_b, cols_b, w_b, power) * td_ref[head, ts][:, None]
+            phi = features(x_c, selectors, w_b, power) * td_ref[head, ts][:, None]
             decay = cd_ref[head, c]
             state = decay * state + dot(phi.T.astype(x_c.dtype), val_ref[head, ts, vs].astype(x_c.dtype))
             norm = decay * norm + jnp.sum(phi * tw_ref[head, ts][:, None], axis=0)
@@ -115,21 +119,21 @@ def state_pass(x, values, token_decay, token_weights, chunk_decay, rows, cols, w
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=(bh, num_features // block, dv // value_block), interpret=interpret,
         compiler_params=_compiler_params(num_warps, num_stages), name=name,
-    )(x, values, token_decay, token_weights, chunk_decay, rows, cols, weights, state0, normalizer0)
+    )(x, values, token_decay, token_weights, chunk_decay, pair_rows, pair_cols, weights, state0, normalizer0)
 
 
-def chunk_outputs(q, k, v, gamma, numerators, normalizers, rows, cols, weights, *, power, normalize,
+def chunk_outputs(q, k, v, gamma, numerators, normalizers, pair_rows, pair_cols, weights, *, power, normalize,
                   chunk_size, feature_block, interpret=False, num_warps=4, num_stages=2):
     """Outputs of every chunk. q (pre-scaled), k: (BH, Np, dk); v: (BH, Np, dv); gamma: (BH, Np) float32 chunk-local
     cumulative log-decay; numerators, normalizers: the states before every chunk, from ``state_pass``.
     Returns y: (BH, Np, dv) in v's dtype, and the softmax normalizer (BH, Np) float32 (for the backward)."""
-    bh, padded_len, _ = q.shape
+    bh, padded_len, dk = q.shape
     dv = v.shape[-1]
     num_features = numerators.shape[2]
     num_chunks = padded_len // chunk_size
     block = feature_block
 
-    def kernel(q_ref, k_ref, v_ref, g_ref, s_ref, z_ref, rows_ref, cols_ref, w_ref, y_ref, den_ref):
+    def kernel(q_ref, k_ref, v_ref, g_ref, s_ref, z_ref, pr_ref, pc_ref, w_ref, y_ref, den_ref):
         head, c = pl.program_id(0), pl.program_id(1)
         ts = pl.ds(c * chunk_size, chunk_size)
         q_c, v_c = q_ref[head, ts, :], v_ref[head, ts, :]
@@ -144,7 +148,8 @@ def chunk_outputs(q, k, v, gamma, numerators, normalizers, rows, cols, weights, 
         def add_block(fblock, carry):
             numerator, denominator = carry
             fs = pl.ds(fblock * block, block)
-            phi = features(q_c, rows_ref[:, fs], cols_ref[:, fs], w_ref[:, fs], power) * inflow
+            selectors = block_selectors(pr_ref[:, fs], pc_ref[:, fs], dk, q_c.dtype, power)
+            phi = features(q_c, selectors, w_ref[:, fs], power) * inflow
             numerator = numerator + dot(phi.astype(v_c.dtype), s_ref[head, c, fs, :].astype(v_c.dtype))
             denominator = denominator + jnp.sum(phi * z_ref[head, c, fs][None, :], axis=1)
             return numerator, denominator
@@ -160,7 +165,7 @@ def chunk_outputs(q, k, v, gamma, numerators, normalizers, rows, cols, weights, 
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=(bh, num_chunks),
         interpret=interpret, compiler_params=_compiler_params(num_warps, num_stages), name="twomamba_chunk_outputs",
-    )(q, k, v, gamma, numerators, normalizers, rows, cols, weights)
+    )(q, k, v, gamma, numerators, normalizers, pair_rows, pair_cols, weights)
 
 
 def chunk_grads(q, k, v, gamma, key_decay, numerators, normalizers, d_states, d_normalizers, d_out, d_den,
@@ -170,8 +175,11 @@ def chunk_grads(q, k, v, gamma, key_decay, numerators, normalizers, d_states, d_
 
     numerators, normalizers: the states before every chunk (``state_pass``); d_states, d_normalizers: the
     cotangents of the states after every chunk (``state_pass(..., reverse=True)``); d_out (BH, Np, dv), d_den (BH, Np):
-    cotangents of the unnormalized numerator and the normalizer. Returns dq, dk (BH, Np, dk), dv (BH, Np, dv) and
-    d_gamma (BH, Np), float32; the cotangent of the chunk's last gamma includes the state's decay exp(gamma_last).
+    cotangents of the unnormalized numerator and the normalizer; rows, cols: the one-hot selectors (dk, F) in q's
+    dtype (``tiles.one_hot`` of the pair indices, made outside: built in here, where each is used four times, two
+    of them transposed, they made forward + backward 17-26% slower on the H200). Returns dq, dk (BH, Np, dk),
+    dv (BH, Np, dv) and d_gamma (BH, Np), float32; the cotangent of the chunk's last gamma includes the state's
+    decay exp(gamma_last).
     """
     bh, padded_len, dk = q.shape
     dv = v.shape[-1]
@@ -206,18 +214,19 @@ def chunk_grads(q, k, v, gamma, key_decay, numerators, normalizers, d_states, d_
         def add_block(fblock, carry):
             dq, dk, dv_c, d_gamma, d_keys, d_alpha = carry
             fs = pl.ds(fblock * block, block)
-            rows_b, cols_b, w_b = rows_ref[:, fs], cols_ref[:, fs], w_ref[:, fs]
+            selectors = None if power == 1 else (rows_ref[:, fs], cols_ref[:, fs])
+            w_b = w_ref[:, fs]
             state, norm = s_ref[head, c, fs, :].astype(jnp.float32), z_ref[head, c, fs]
             grad, grad_z = gs_ref[head, c, fs, :].astype(jnp.float32), gz_ref[head, c, fs]
-            q_phi, q_factors = features_and_factors(q_c, rows_b, cols_b, w_b, power)
-            k_phi, k_factors = features_and_factors(k_c, rows_b, cols_b, w_b, power)
+            q_phi, q_factors = features_and_factors(q_c, selectors, w_b, power)
+            k_phi, k_factors = features_and_factors(k_c, selectors, w_b, power)
             q_feat = q_phi * inflow  # phi(q) exp(g)
             k_feat = k_phi * key_decay_c[:, None]  # phi(k) exp(g_L - g)
             dv_c = dv_c + dot(k_feat.astype(dtype), grad.astype(dtype))
             d_q_feat = dot(d_out_c.astype(dtype), state.astype(dtype), trans_b=True) + d_den_c[:, None] * norm
             d_k_feat = dot(v_c, grad.astype(dtype), trans_b=True) + grad_z[None, :]
-            dq = dq + features_vjp(d_q_feat * inflow, q_factors, rows_b, cols_b, w_b, power, dtype)
-            dk = dk + features_vjp(d_k_feat * key_decay_c[:, None], k_factors, rows_b, cols_b, w_b, power, dtype)
+            dq = dq + features_vjp(d_q_feat * inflow, q_factors, selectors, w_b, power, dtype)
+            dk = dk + features_vjp(d_k_feat * key_decay_c[:, None], k_factors, selectors, w_b, power, dtype)
             through_keys = jnp.sum(d_k_feat * k_feat, axis=1)
             d_gamma = d_gamma + jnp.sum(d_q_feat * q_feat, axis=1) - through_keys
             # The last gamma scales every key weight and, through alpha = exp(g_L), the carried state.
@@ -247,5 +256,4 @@ def chunk_grads(q, k, v, gamma, key_decay, numerators, normalizers, d_states, d_
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=(bh, num_chunks), interpret=interpret,
         compiler_params=_compiler_params(num_warps, num_stages), name="twomamba_chunk_grads",
-    )(q, k, v, gamma, key_decay, numerators, normalizers, d_states, d_normalizers, d_out, d_den, rows, cols,
-      weights)
+    )(q, k, v, gamma, key_decay, numerators, normalizers, d_states, d_normalizers, d_out, d_den, rows, cols, weights)

@@ -9,19 +9,25 @@ cumulative sum (g = cumsum(a)).
 from __future__ import annotations
 
 import functools
+import types
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from twomamba_jax.kernels.layout import heads_first, heads_last, unsupported_dims, unsupported_dtypes
+from twomamba_jax.kernels.parallel import mosaic_gpu, mosaic_gpu_backward
 from twomamba_jax.kernels.parallel import tpu as tpu_kernels
 from twomamba_jax.kernels.parallel import triton as triton_kernels
-from twomamba_jax.ops.numerics import NORMALIZER_EPS
+from twomamba_jax.ops.numerics import NORMALIZER_EPS, zero_log_decay
 
-BACKENDS = {"triton": triton_kernels, "tpu": tpu_kernels}
-# Tokens per tile, per backend: 64 on the GPU (registers; measured on the H200), 128 on the TPU (the MXU width).
-DEFAULT_BLOCK = {"triton": 64, "tpu": 128}
+mosaic_gpu_kernels = types.SimpleNamespace(
+    forward=mosaic_gpu.forward, backward_dq=mosaic_gpu_backward.backward_dq,
+    backward_dkv=mosaic_gpu_backward.backward_dkv, ROWS_PER_PROGRAM=mosaic_gpu.ROWS_PER_PROGRAM)
+BACKENDS = {"triton": triton_kernels, "mosaic_gpu": mosaic_gpu_kernels, "tpu": tpu_kernels}
+# Tokens per tile, per backend: 64 on the GPU (registers; measured on the H200; wgmma's M), 128 on the TPU (the MXU
+# width).
+DEFAULT_BLOCK = {"triton": 64, "mosaic_gpu": mosaic_gpu.BLOCK, "tpu": 128}
 
 
 def unsupported_reason(q, k, v, *, power) -> str | None:
@@ -29,6 +35,16 @@ def unsupported_reason(q, k, v, *, power) -> str | None:
     if power not in (1, 2, "exp"):
         return f"power={power!r} (the flash-style kernels take 1, 2 and 'exp')"
     return unsupported_dims(q, v) or unsupported_dtypes(q, k, v)
+
+
+def mosaic_gpu_unsupported_reason(q, k, v) -> str | None:
+    """Why the Hopper (Mosaic GPU) forward cannot take these inputs (the Triton kernels then run), or None."""
+    for name, dim in (("dk", q.shape[-1]), ("dv", v.shape[-1])):
+        if dim % 64:
+            return f"{name}={dim} (the wgmma kernels take multiples of 64)"
+    if q.dtype != jnp.bfloat16:
+        return f"dtype {q.dtype} (the wgmma kernels take bfloat16)"
+    return None
 
 
 class _Config(NamedTuple):
@@ -43,8 +59,9 @@ class _Config(NamedTuple):
 def _layout(q, k, v, log_decay, config: _Config):
     """Kernel layouts: heads first, N padded to whole blocks, block-local cumsums of the log-decay and totals."""
     length = q.shape[1]
-    num_blocks = -(-length // config.block)
-    padded = num_blocks * config.block
+    unit = getattr(BACKENDS[config.backend], "ROWS_PER_PROGRAM", config.block)  # whole programs of query rows
+    padded = -(-length // unit) * unit
+    num_blocks = padded // config.block
     blocks = heads_first(log_decay.astype(jnp.float32), padded).reshape(-1, num_blocks, config.block)
     g_local = jnp.cumsum(blocks, axis=-1)
     options = dict(power=config.power, normalize=config.normalize, block=config.block, num_heads=q.shape[2],
@@ -111,8 +128,10 @@ def parallel_attention_pallas(q, k, v, log_decay=None, *, power, normalize, scal
     q: (B, N, H, dk); k: (B, N, Hk, dk) and v: (B, N, Hk, dv) with Hk dividing H (grouped keys: query head h uses
     key head h // (H / Hk)); log_decay: (B, N, H) or None. Any N (padded to whole blocks of ``block_size``
     tokens, default ``DEFAULT_BLOCK``; a power of two for Triton, a multiple of 8 for the TPU). backend:
-    "triton" (GPU) or "tpu" (Mosaic); ``interpret=True`` runs either in Pallas interpret mode. The caller checks
-    ``unsupported_reason`` first. Returns y: (B, N, H, dv) in q's dtype.
+    "triton" (GPU), "mosaic_gpu" (Hopper: the wgmma kernels of ``mosaic_gpu.py`` and ``mosaic_gpu_backward.py``,
+    block 64, bfloat16, head dims multiples of 64: ``mosaic_gpu_unsupported_reason``) or "tpu" (Mosaic TPU);
+    ``interpret=True`` runs any of them in Pallas interpret mode. The caller checks ``unsupported_reason`` first.
+    Returns y: (B, N, H, dv) in q's dtype.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {tuple(BACKENDS)}; got {backend!r}")
@@ -121,7 +140,7 @@ def parallel_attention_pallas(q, k, v, log_decay=None, *, power, normalize, scal
         raise ValueError(f"k, v: expected a head count dividing q's {heads} (and equal for k and v); got "
                          f"{kv_heads} and {v.shape[2]}")
     if log_decay is None:
-        log_decay = jnp.zeros(q.shape[:3], jnp.float32)
+        log_decay = zero_log_decay(q)
     block_size = DEFAULT_BLOCK[backend] if block_size is None else block_size
     config = _Config(power, normalize, float(scale), block_size, backend, interpret)
     return _attention(q, k, v, log_decay, config)

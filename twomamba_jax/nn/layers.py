@@ -11,22 +11,35 @@ from flax import nnx
 from twomamba_jax.nn import initializers as inits
 
 
+def check_norm_eps(name: str, eps) -> None:
+    """A norm epsilon: a positive finite number, or None (the input dtype's machine epsilon)."""
+    if eps is None:
+        return
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 < eps < float("inf")):
+        raise ValueError(f"{name}: expected a positive number, or None for the compute dtype's machine epsilon; "
+                         f"got {eps!r}")
+
+
 class RMSNorm(nnx.Module):
-    """``x / rms(x) * scale`` over the trailing ``len(shape)`` axes, computed in float32.
+    """``x / sqrt(mean(x^2) + eps) * scale`` over the trailing ``len(shape)`` axes, computed in float32.
 
     shape: the normalized trailing shape, e.g. (M,) or (H, d) (one RMS over all heads); axes: its logical names.
+    eps: a positive number, or None for the machine epsilon of the input's dtype (``jnp.finfo(x.dtype).eps``:
+    1.19e-7 for float32, 2^-7 for bfloat16), as ``torch.nn.RMSNorm(eps=None)`` does.
     """
 
-    def __init__(self, shape: int | Sequence[int], *, axes: Sequence[str | None] = ("embed",), eps: float = 1e-5,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, shape: int | Sequence[int], *, axes: Sequence[str | None] = ("embed",),
+                 eps: float | None = 1e-5, param_dtype=jnp.float32, rngs: nnx.Rngs):
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        check_norm_eps("eps", eps)
         self.eps = eps
         self.scale = inits.make_param(rngs, inits.ones, shape, axes, param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         axes = tuple(range(-self.scale.ndim, 0))
+        eps = jnp.finfo(x.dtype).eps if self.eps is None else self.eps
         x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axes, keepdims=True) + self.eps)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axes, keepdims=True) + eps)
         return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 

@@ -15,7 +15,7 @@ from flax import nnx
 
 from twomamba_jax import ops
 from twomamba_jax.nn import initializers as inits
-from twomamba_jax.nn.layers import CausalConv, RMSNorm, check_model_input
+from twomamba_jax.nn.layers import CausalConv, RMSNorm, check_model_input, check_norm_eps
 from twomamba_jax.nn.partitioning import per_head
 from twomamba_jax.ops.validation import check_power
 
@@ -38,7 +38,8 @@ class MixerConfig:
     z_gate: multiply by ``silu(x @ W_z + b_z)``.
     dt_on_values: ``v <- v * dt`` with ``dt = softplus(x @ W_dt)``.
     qk_activation: None, "relu" or "silu" on q and k (never v).
-    norm_eps: epsilon of the output RMSNorm.
+    norm_eps: epsilon of the output RMSNorm; None (the default) is the machine epsilon of the compute dtype, as the
+      paper's ``torch.nn.RMSNorm(H * d)`` with no eps (1.19e-7 in float32, 2^-7 in bfloat16).
     chunk_size, impl: passed to ``twomamba_jax.ops.decayed_attention``.
     """
 
@@ -51,7 +52,7 @@ class MixerConfig:
     z_gate: bool = False
     dt_on_values: bool = False
     qk_activation: str | None = None
-    norm_eps: float = 1e-5
+    norm_eps: float | None = None
     chunk_size: int = ops.DEFAULT_CHUNK_SIZE
     impl: str = "auto"
 
@@ -74,6 +75,7 @@ class MixerConfig:
             )
         if self.power == "exp" and self.norm == "output":
             raise ValueError("norm: power='exp' needs norm='softmax'; unnormalized exp(s) weights overflow")
+        check_norm_eps("norm_eps", self.norm_eps)
         if self.impl not in ops.IMPLS:
             raise ValueError(f"impl: expected one of {ops.IMPLS}; got {self.impl!r}")
         ops.validation.check_positive_int("chunk_size", self.chunk_size)

@@ -7,12 +7,14 @@ import logging
 import math
 
 import jax
+import jax.numpy as jnp
 
 from twomamba_jax.ops.chunked import chunked_attention
 from twomamba_jax.ops.recurrent import recurrent_step
 from twomamba_jax.ops.reference import reference_attention
 from twomamba_jax.ops.state import AttentionState, check_cache_room, check_state
-from twomamba_jax.ops.validation import check_normalize, check_positive_int, check_power, check_qkv, check_scale
+from twomamba_jax.ops.validation import (check_non_negative_weights, check_normalize, check_positive_int, check_power,
+                                         check_qkv, check_scale)
 
 IMPLS = ("auto", "reference", "chunked", "associative", "pallas", "pallas_chunked", "pallas_parallel")
 _logger = logging.getLogger(__name__)
@@ -30,8 +32,9 @@ DENSE_MAX_ELEMENTS = 2**27  # B * H * N^2 above this (512 MiB per float32 tile) 
 # Tuning table, per backend and power: up to this many tokens "pallas" takes the flash-style kernel, beyond it the
 # chunked one. Measured on the H200 (benchmarks/RESULTS.md, B=4, H=16, d=64, bf16, fwd + bwd): power 2 is faster
 # flash-style at 2k / 4k / 8k tokens (1.5 / 4.6 / 16.4 ms against 6.9 / 13.0 / 25.4) and chunked at 32k (25.9 ms
-# against ~4 x 16.4); power 1 is faster chunked at every length (0.67 against 1.34 ms at 2k). CPU runs the GPU
-# kernels, so shares the entry.
+# against ~4 x 16.4); power 1 is faster chunked at every length (0.67 against 1.34 ms at 2k). The Hopper (Mosaic
+# GPU) flash-style kernels only move power 2's crossover further out (1.14 ms at 2k); re-measure it at 8k-32k.
+# CPU runs the GPU kernels, so shares the entry.
 PARALLEL_MAX_LEN = {"gpu": {1: 0, 2: 8192}, "cpu": {1: 0, 2: 8192}}
 
 
@@ -95,7 +98,28 @@ def _kernel(family: str, q, k, v, *, power, requested, **limits):
     if reason is not None:
         _log_fallback(reason, fallback, requested, "Pallas" if family == "chunked" else "flash-style")
         return None
-    return functools.partial(attention, backend=_KERNEL_BACKENDS.get(backend, "triton"), interpret=backend == "cpu")
+    kernel_backend = _KERNEL_BACKENDS.get(backend, "triton")
+    if family == "parallel" and backend == "gpu" and _has_wgmma():
+        from twomamba_jax.kernels.parallel import mosaic_gpu_unsupported_reason
+
+        if mosaic_gpu_unsupported_reason(q, k, v) is None:  # else the Triton kernels, which take any head dim
+            kernel_backend = "mosaic_gpu"
+    return functools.partial(attention, backend=kernel_backend, interpret=backend == "cpu")
+
+
+@functools.cache
+def _has_wgmma() -> bool:
+    """Whether the default GPU is a Hopper (compute capability 9.x), whose wgmma the Mosaic GPU kernels use."""
+    return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
+
+
+def _ungroup(k, v, heads: int):
+    """Grouped keys and values (Hk < H heads) repeated to one per query head: query head h uses key head
+    h // (H / Hk), so the copies of a key head are adjacent."""
+    group = heads // k.shape[-2]
+    if group == 1:
+        return k, v
+    return jnp.repeat(k, group, axis=-2), jnp.repeat(v, group, axis=-2)
 
 
 def _keep_dtypes(new_state, old_state):
@@ -124,12 +148,13 @@ def decayed_attention(
 
     Args:
       q: (B, N, H, dk) queries.
-      k: (B, N, H, dk) keys.
-      v: (B, N, H, dv) values; dv may differ from dk (Mamba-2: dk = d_state, dv = head dim).
+      k: (B, N, Hk, dk) keys; Hk divides H (grouped keys: query head h uses key head h // (H / Hk)).
+      v: (B, N, Hk, dv) values; dv may differ from dk (Mamba-2: dk = d_state, dv = head dim).
       log_decay: (B, N, H) per-token log-decay ``a_t <= 0``; ``g = cumsum(a)``. None means no decay.
       power: 1 (f(s) = s), 2 (f(s) = s^2, 2Mamba) or "exp" (f(s) = exp(s), 2Mamba-E).
       normalize: "softmax" divides by ``sum_j w_ij`` (the weights must be >= 0: power 1 needs non-negative
-        q, k, e.g. a ReLU); None leaves the sum unnormalized (the module's output RMSNorm follows).
+        q, k, e.g. a ReLU, or the sum can cross zero; concrete inputs with negative entries are refused, traced
+        ones cannot be checked); None leaves the sum unnormalized (the module's output RMSNorm follows).
       scale: ``s_ij = scale * q_i . k_j``; default ``1 / sqrt(dk)``.
       chunk_size: tokens per chunk for "chunked" and "associative"; N need not be a multiple of it.
       impl: "reference" (dense O(N^2)), "chunked" (lax.scan over chunks), "associative" (associative_scan
@@ -157,6 +182,7 @@ def decayed_attention(
     check_qkv(q, k, v, log_decay, token_axis=True)
     check_power(power)
     check_normalize(normalize)
+    check_non_negative_weights(q, k, power=power, normalize=normalize)
     check_scale(scale)
     check_positive_int("chunk_size", chunk_size)
     batch, length, heads, dk = q.shape
@@ -182,6 +208,7 @@ def decayed_attention(
         if kernel is not None:
             return kernel(q, k, v, log_decay, power=power, normalize=normalize, scale=scale)
         impl = "reference" if power == "exp" else "pallas_chunked"
+    k, v = _ungroup(k, v, heads)  # only the flash-style kernels read grouped keys in place
     kernel = None
     if impl == "pallas_chunked":
         kernel = _kernel("chunked", q, k, v, power=power, chunk_size=chunk_size, requested=requested)
@@ -212,7 +239,7 @@ def decayed_attention_step(
     """One decoding step of ``decayed_attention``.
 
     Args:
-      q_t, k_t: (B, H, dk); v_t: (B, H, dv); log_decay_t: (B, H) or None.
+      q_t: (B, H, dk); k_t: (B, Hk, dk) and v_t: (B, Hk, dv) with Hk dividing H; log_decay_t: (B, H) or None.
       state: from ``init_state`` or ``decayed_attention(..., return_state=True)``.
 
     Returns:
@@ -221,8 +248,10 @@ def decayed_attention_step(
     check_qkv(q_t, k_t, v_t, log_decay_t, token_axis=False)
     check_power(power)
     check_normalize(normalize)
+    check_non_negative_weights(q_t, k_t, power=power, normalize=normalize)
     check_scale(scale)
     batch, heads, dk = q_t.shape
+    k_t, v_t = _ungroup(k_t, v_t, heads)
     check_state(state, batch_size=batch, num_heads=heads, key_dim=dk, value_dim=v_t.shape[-1],
                 power=power, normalize=normalize, name="state")
     if power == "exp":

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from twomamba_jax.ops.features import feature_map
-from twomamba_jax.ops.numerics import compute_dtype, masked_decay, normalized
+from twomamba_jax.ops.numerics import compute_dtype, masked_decay, normalized, zero_log_decay
 from twomamba_jax.ops.state import RecurrentState, init_state
 
 
@@ -92,7 +92,7 @@ def chunked_attention(
     dv = v.shape[-1]
     num_chunks = -(-length // chunk_size)
     if log_decay is None:
-        log_decay = jnp.zeros(q.shape[:3], dtype)
+        log_decay = zero_log_decay(q)
     qc = _to_chunks((q * scale).astype(dtype), num_chunks, chunk_size)
     kc = _to_chunks(k.astype(dtype), num_chunks, chunk_size)
     vc = _to_chunks(v.astype(dtype), num_chunks, chunk_size)

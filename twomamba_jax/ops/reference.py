@@ -10,14 +10,14 @@ import jax
 import jax.numpy as jnp
 
 from twomamba_jax.ops.features import feature_map
-from twomamba_jax.ops.numerics import compute_dtype, normalized, segment_sums, suffix_sums
+from twomamba_jax.ops.numerics import compute_dtype, normalized, segment_sums, suffix_sums, zero_log_decay
 from twomamba_jax.ops.state import KVCache, RecurrentState, init_state, poison_overflow, write_tokens
 
 
 def _log_decay_heads_first(log_decay, q, dtype):
     """(B, N, H) -> (B, H, N) in ``dtype``; zeros when there is no decay."""
     if log_decay is None:
-        return jnp.zeros((q.shape[0], q.shape[2], q.shape[1]), dtype)
+        log_decay = zero_log_decay(q)
     return log_decay.astype(dtype).transpose(0, 2, 1)
 
 

@@ -60,20 +60,41 @@ def check_non_positive(name: str, x) -> None:
 
 
 def check_qkv(q, k, v, log_decay, *, token_axis: bool) -> None:
-    """Shapes (B, N, H, dk) / (B, N, H, dk) / (B, N, H, dv) / (B, N, H); without the N axis for a single token."""
+    """Shapes (B, N, H, dk) / (B, N, Hk, dk) / (B, N, Hk, dv) / (B, N, H), Hk dividing H (grouped keys and
+    values); without the N axis for a single token. Every dimension must be at least 1."""
     lead = "(B, N, H" if token_axis else "(B, H"
     rank = 4 if token_axis else 3
     check_rank("q", q, rank, lead + ", dk)")
-    check_rank("k", k, rank, lead + ", dk)")
-    check_rank("v", v, rank, lead + ", dv)")
-    if token_axis and q.shape[1] == 0:
-        raise ValueError(f"q: expected at least one token (N >= 1); got shape {q.shape}")
-    if k.shape != q.shape:
-        raise ValueError(f"k: expected the shape of q {lead}, dk) = {q.shape}; got {k.shape}")
-    if v.shape[:-1] != q.shape[:-1]:
-        raise ValueError(f"v: expected leading dims {lead}) = {q.shape[:-1]} matching q; got {v.shape}")
+    check_rank("k", k, rank, lead[:-1] + "Hk, dk)")
+    check_rank("v", v, rank, lead[:-1] + "Hk, dv)")
+    # Empty inputs would be refused by some implementations and silently returned empty by others.
+    what = ["a batch of at least one row (B >= 1)", "at least one token (N >= 1)", "at least one head (H >= 1)",
+            "a head dim >= 1"]
+    if not token_axis:
+        del what[1]
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if 0 in x.shape:
+            raise ValueError(f"{name}: expected {what[x.shape.index(0)]}; got shape {x.shape}")
+    heads, kv_heads = q.shape[-2], k.shape[-2]
+    if k.shape[:-2] != q.shape[:-2] or k.shape[-1] != q.shape[-1] or heads % kv_heads:
+        raise ValueError(f"k: expected the shape of q {q.shape} or the same with a head count dividing "
+                         f"{heads} (grouped keys); got {k.shape}")
+    if v.shape[:-1] != k.shape[:-1]:
+        raise ValueError(f"v: expected leading dims {k.shape[:-1]} matching k; got {v.shape}")
     if log_decay is not None:
         check_rank("log_decay", log_decay, rank - 1, lead + ")")
         if log_decay.shape != q.shape[:-1]:
-            raise ValueError(f"log_decay: expected shape {lead}) = {q.shape[:-1]}; got {log_decay.shape}")
+            raise ValueError(f"log_decay: expected shape {lead}) = {q.shape[:-1]} (one per query head); got "
+                             f"{log_decay.shape}")
         check_non_positive("log_decay", log_decay)
+
+
+def check_non_negative_weights(q, k, *, power, normalize) -> None:
+    """power 1 normalized divides by sum_j q_i . k_j exp(...), which can cross zero unless q, k >= 0 (the
+    paper's layer applies a ReLU). Checked when the values are concrete; under jit the caller is trusted."""
+    if power != 1 or normalize != "softmax" or isinstance(q, jax.core.Tracer) or isinstance(k, jax.core.Tracer):
+        return
+    for name, x in (("q", q), ("k", k)):
+        if bool(np.any(np.asarray(x) < 0)):
+            raise ValueError(f"{name}: power=1 with normalize='softmax' needs entries >= 0 (e.g. after a ReLU), "
+                             "since the normalizer sum_j q_i.k_j can cross zero otherwise; got negative entries")

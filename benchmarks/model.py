@@ -1,0 +1,127 @@
+"""Whole-model training speed and compile time per mixer, in one run, as one table.
+
+    python benchmarks/model.py                                  # small LM (276M), 16x2048 and 4x8192, bf16
+    python benchmarks/model.py --mixers linear 2mamba --shapes 32x1024 --layers 6 --model-dim 512
+    python benchmarks/model.py --smoke                          # tiny model and shapes, e.g. on CPU
+
+Each mixer is built exactly as ``twomamba-train`` builds it (the trainer's ``setup``: float32 parameters and
+AdamW state, sharded over all local devices, bf16 compute, per-block remat) and fed random tokens. Columns:
+compile time of the train step and of the eval step (lower + compile, seconds), steady-state tokens/s (median
+of timed steps after warm-up steps; compile excluded), its ratio to the first mixer listed (softmax by default)
+and MFU (the trainer's FLOP count: 6 per matmul parameter plus the causal mixer core, over the device's dense
+bf16 peak).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from twomamba_jax.train import config as train_config
+from twomamba_jax.train.metrics import peak_flops, train_flops_per_token
+from twomamba_jax.train.trainer import setup
+
+MIXERS = ("softmax", "2mamba", "2mamba-e", "mamba2s")
+SHAPES = ("16x2048", "4x8192")
+
+
+def _config(mixer: str, batch: int, length: int, args) -> train_config.TrainConfig:
+    config = train_config.load_config("small")
+    model = dataclasses.replace(config.model, size=args.size, mixer=mixer, remat=not args.no_remat,
+                                num_layers=args.layers, model_dim=args.model_dim)
+    data = dataclasses.replace(config.data, source="mqar", seq_len=length, batch_size=batch,
+                               vocab_size=args.vocab_size)
+    return dataclasses.replace(config, model=model, data=data, precision=args.precision)
+
+
+def _random_batch(run, rng, batch: int, length: int, vocab: int) -> dict:
+    tokens = rng.integers(0, vocab, (batch, length + 1), dtype=np.int32)
+    local = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((batch, length), np.float32),
+             "segment_ids": np.ones((batch, length), np.int32)}
+    return run.global_batch(local)
+
+
+def measure(mixer: str, batch: int, length: int, args) -> dict:
+    run = setup(_config(mixer, batch, length, args))
+    rng = np.random.default_rng(0)
+    vocab = run.model_config.vocab_size
+    batches = [_random_batch(run, rng, batch, length, vocab) for _ in range(2)]
+    with jax.set_mesh(run.mesh):
+        state = run.init_state()
+        started = time.perf_counter()
+        train_step = run.train_step().trace(state, batches[0]).lower().compile()
+        compile_train = time.perf_counter() - started
+        started = time.perf_counter()
+        run.eval_step().trace(state["params"], batches[0]).lower().compile()
+        compile_eval = time.perf_counter() - started
+        for i in range(args.warmup):
+            state, metrics = train_step(state, batches[i % 2])
+        jax.block_until_ready(metrics)
+        times = []
+        for i in range(args.steps):
+            started = time.perf_counter()
+            state, metrics = train_step(state, batches[i % 2])
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - started)
+    m = run.model_config
+    seconds = statistics.median(times)
+    tokens_per_second = batch * length / seconds
+    flops = train_flops_per_token(run.num_params - m.vocab_size * m.model_dim, m.num_layers, m.num_heads,
+                                  m.head_dim, length)
+    peak = peak_flops(jax.devices()[0])
+    mfu = tokens_per_second * flops / (peak * jax.device_count()) if peak else None
+    return dict(params=run.num_params, compile_train=compile_train, compile_eval=compile_eval,
+                step_ms=seconds * 1e3, tokens_per_second=tokens_per_second, mfu=mfu,
+                loss=float(metrics["loss"]))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mixers", nargs="+", default=list(MIXERS), help="mixer presets; the first is the yardstick")
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), help="BxN pairs (rows x tokens per step)")
+    parser.add_argument("--size", default="small", help="tiny | small | medium")
+    parser.add_argument("--layers", type=int, default=None, help="override of the size's layer count")
+    parser.add_argument("--model-dim", type=int, default=None, help="override of the size's width")
+    parser.add_argument("--vocab-size", type=int, default=32000)
+    parser.add_argument("--precision", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--no-remat", action="store_true", help="keep activations instead of rematerializing")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per row")
+    parser.add_argument("--smoke", action="store_true", help="tiny model and shapes, to check the script")
+    args = parser.parse_args()
+    if args.smoke:
+        args.size, args.shapes, args.vocab_size, args.warmup, args.steps = "tiny", ["2x64"], 256, 1, 2
+    shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes]
+    device = jax.devices()[0]
+    print(f"{jax.device_count()} x {device.device_kind}, jax {jax.__version__}, size {args.size}"
+          f"{f', {args.layers} layers' if args.layers else ''}{f', M={args.model_dim}' if args.model_dim else ''}, "
+          f"{args.precision}, remat {not args.no_remat}; median of {args.steps} steps after {args.warmup}", flush=True)
+    rows = []
+    for batch, length in shapes:
+        yardstick = None
+        for mixer in args.mixers:
+            try:
+                result = measure(mixer, batch, length, args)
+            except Exception as error:  # report and go on: one broken mixer must not hide the others
+                rows.append(f"| {batch}x{length} | {mixer} | failed: {type(error).__name__}: {str(error)[:200]} |")
+                print(rows[-1], flush=True)
+                continue
+            yardstick = yardstick or result["tokens_per_second"]
+            mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a"
+            rows.append(f"| {batch}x{length} | {mixer} | {result['params'] / 1e6:.1f}M | "
+                        f"{result['compile_train']:.1f} | {result['compile_eval']:.1f} | {result['step_ms']:.1f} | "
+                        f"{result['tokens_per_second'] / 1e3:.1f}k | "
+                        f"{result['tokens_per_second'] / yardstick:.2f} | {mfu} |")
+            print(rows[-1], flush=True)
+    print("\n| B x N | mixer | params | compile train s | compile eval s | step ms | tokens/s | vs first | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

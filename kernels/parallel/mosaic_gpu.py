@@ -1,0 +1,285 @@
+"""Flash-style forward kernel for Hopper GPUs in Mosaic GPU (``plgpu.kernel``): warpgroup matmuls (wgmma) with
+float32 accumulators, TMA copies into shared memory and warp specialization, FlashAttention-3 style.
+
+One program per (query head, 128 query rows): two compute warpgroups own 64 rows each, a third warpgroup only
+issues TMA copies of the key / value tiles into a ring of ``stages`` shared-memory slots. Every warpgroup walks
+the key tiles from the diagonal back to the first (``walk`` steps, the second compute warpgroup's diagonal first),
+so the log-decay between the query rows and a key tile is a short running sum of block totals, never the
+difference of two long cumulative sums.
+
+Decay without a per-element exponential (powers 1 and 2). With g the block-local inclusive cumulative log-decay,
+T_J a block's total and ``kd_j = T_J - g_j`` (the decay from key j to its block's end), query i of block I and key
+j of an earlier block J have ``g_i - g_j = g_i + kd_j + r_IJ`` with ``r_IJ`` = the totals of the blocks between
+(<= 0). So off the diagonal the weight ``(q_i.k_j)^p exp(g_i - g_j)`` is ``(q'_i.k'_j)^p exp(r_IJ)`` with
+``q' = q exp(g / p)`` and ``k' = k exp(kd / p)`` (both factors <= 1, made once outside the kernel) and one scalar
+per tile. Diagonal tiles use the unscaled q and k with a masked ``exp2(min(g_i - g_j, 0))``: scaling there could
+underflow when a block's total decay is large.
+
+exp (2Mamba-E): the decay is added to the logits, ``s + g_i + (kd_j + r_IJ)``, all in base 2 (q, g, kd and the
+totals arrive pre-multiplied by log2(e)), with FA3-style online rescaling when normalized.
+
+Outputs match ``triton.forward``: y (BH, Np, dv) and the per-token statistic (the normalizer, or the natural-log
+normalizer for normalized exp), which the backward kernels (``mosaic_gpu_backward.py``, or the Triton ones) take.
+The helpers below (``operands``, ``stream``, ``matmul``, ``launch``) serve the backward kernels too.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from twomamba_jax.ops.numerics import NORMALIZER_EPS
+
+BLOCK = 64  # rows of one compute warpgroup, and tokens of one key tile (wgmma M = 64)
+ROWS_PER_PROGRAM = 2 * BLOCK  # two compute warpgroups
+LOG2E = math.log2(math.e)
+
+
+def smem_tile(shape, dtype):
+    """A shared-memory tile in 128-byte swizzled rows (64 bf16 or 32 float32 columns a tile): the layout wgmma
+    and TMA read without bank conflicts."""
+    columns = 128 // jnp.dtype(dtype).itemsize
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, columns)), plgpu.SwizzleTransform(128)))
+
+
+def forward(q, k, v, g_local, totals, *, power, normalize, block, num_heads, group, stages=2, interpret=False):
+    """The flash-style forward on Hopper.
+
+    q: (BH, Np, dk) pre-scaled; k: (BH / group, Np, dk); v: (BH / group, Np, dv); g_local: (BH, Np) float32
+    cumulative log-decays local to each 64-token block; totals: (BH, Np / 64) each block's log-decay. Np is a
+    multiple of 128, dk and dv multiples of 64, q/k/v bfloat16 (or float16); ``block`` must be ``BLOCK``.
+    ``interpret``: True (or ``plgpu.InterpretGPUParams``) runs the kernel in the Mosaic GPU interpreter. Returns y
+    (BH, Np, dv) in v's dtype and the statistic (BH, Np) float32 (see the module docstring).
+    """
+    if block != BLOCK or q.shape[1] % ROWS_PER_PROGRAM:
+        raise ValueError(f"block: the Mosaic GPU kernel tiles by {BLOCK} tokens over {ROWS_PER_PROGRAM}-row "
+                         f"programs; got block={block}, {q.shape[1]} rows")
+    if interpret is True:
+        interpret = plgpu.InterpretGPUParams()
+    bh, padded, dk = q.shape
+    dv = v.shape[-1]
+    dtype = q.dtype
+    q_main, k_main, key_decay, g_rows, totals, q_diag, k_diag = operands(q, k, g_local, totals, power=power,
+                                                                           num_heads=num_heads, group=group)
+
+    kernel = functools.partial(_kernel, power=power, normalize=normalize, num_heads=num_heads, group=group,
+                               stages=stages, dtype=dtype, dk=dk, dv=dv, folded=power != "exp")
+    compute = 2
+    scratch = dict(
+        q_smem=smem_tile((compute, BLOCK, dk), dtype),
+        k_smem=smem_tile((stages, BLOCK, dk), dtype),
+        v_smem=smem_tile((stages, BLOCK, dv), dtype),
+        kd_smem=plgpu.SMEM((stages, BLOCK), jnp.float32),
+        g_smem=plgpu.SMEM((compute, BLOCK), jnp.float32),
+        y_smem=smem_tile((compute, BLOCK, dv), v.dtype),
+        stat_smem=plgpu.SMEM((compute, BLOCK), jnp.float32),
+        q_bar=plgpu.Barrier(num_barriers=compute),
+        g_bar=plgpu.Barrier(num_barriers=compute),
+        k_bar=plgpu.Barrier(num_barriers=stages),
+        v_bar=plgpu.Barrier(num_barriers=stages),
+        kd_bar=plgpu.Barrier(num_barriers=stages),
+        consumed_bar=plgpu.Barrier(num_arrivals=compute, num_barriers=stages),
+    )
+    if interpret:  # the interpreter's wgmma reads both operands from shared memory
+        scratch.update(p_smem=smem_tile((compute, BLOCK, BLOCK), dtype))
+    if power != "exp":  # the unscaled q and k of the diagonal tiles
+        scratch.update(q_diag_smem=smem_tile((compute, BLOCK, dk), dtype),
+                       k_diag_smem=smem_tile((compute, BLOCK, dk), dtype),
+                       q_diag_bar=plgpu.Barrier(num_barriers=compute), k_diag_bar=plgpu.Barrier(num_barriers=compute))
+    out_type = (jax.ShapeDtypeStruct((bh, padded, dv), v.dtype), jax.ShapeDtypeStruct((bh, padded), jnp.float32))
+    return launch("twomamba_mosaic_forward", kernel, out_type, scratch, bh, padded, interpret)(
+        q_main, k_main, v, key_decay, g_rows, totals, q_diag, k_diag)
+
+
+def launch(name, kernel, out_type, scratch, bh, padded, interpret):
+    """A kernel over (query head, 128-row program), two compute warpgroups and one memory warpgroup."""
+    return plgpu.kernel(
+        kernel, out_type=out_type, scratch_types=scratch, grid=(bh, padded // ROWS_PER_PROGRAM),
+        grid_names=("heads", "rows"), num_threads=3, thread_name="wg", kernel_name=name,
+        compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret)
+
+
+def interpret_params(interpret):
+    return plgpu.InterpretGPUParams() if interpret is True else (interpret or None)
+
+
+def operands(q, k, g_local, totals, *, power, num_heads, group):
+    """What the kernels read besides v: (q_main, k_main, key_decay, g, totals, q_diag, k_diag).
+
+    Powers: q_main = q exp(g / p) and k_main = k exp(kd / p) (one copy per query head: the decay is the query
+    head's), q_diag, k_diag the unscaled q and k. exp: q_main = q log2(e), k_main = k, and q_diag, k_diag are the
+    same arrays (unused). key_decay (kd), g and the totals come in base 2 (multiplied by log2(e)).
+    """
+    dtype = q.dtype
+    key_decay = jnp.repeat(totals, BLOCK, axis=-1) - g_local  # to the end of the key's block, <= 0
+    if power == "exp":
+        q_main, k_main = (q.astype(jnp.float32) * LOG2E).astype(dtype), k
+        q_diag, k_diag = q_main, k_main
+    else:
+        kv_index = kv_head(jnp.arange(q.shape[0]), num_heads, group)
+        q_main = (q.astype(jnp.float32) * jnp.exp(g_local / power)[..., None]).astype(dtype)
+        k_main = (k[kv_index].astype(jnp.float32) * jnp.exp(key_decay / power)[..., None]).astype(dtype)
+        q_diag, k_diag = q, k
+    return q_main, k_main, key_decay * LOG2E, g_local * LOG2E, totals * LOG2E, q_diag, k_diag
+
+
+def kv_head(head, num_heads, group):
+    """Key / value head (of B H / group) of query head ``head`` (of B H): heads of a group are adjacent."""
+    return (head // num_heads) * (num_heads // group) + (head % num_heads) // group
+
+
+def stream(walk, stages, consumed_bar, issue):
+    """The memory warpgroup: for each step of the walk, once its ring slot is free, ``issue(step, slot)`` starts
+    the step's TMA copies; then it waits for the last slots to be consumed (so that every phase of every barrier
+    is observed, as the interpreter checks)."""
+    plgpu.set_max_registers(40, action="decrease")
+
+    @pl.loop(0, walk)
+    def _(step):
+        slot = lax.rem(step, jnp.int32(stages))
+
+        @pl.when(step >= stages)
+        def _():
+            plgpu.barrier_wait(consumed_bar.at[slot])
+
+        issue(step, slot)
+
+    @pl.loop(jnp.maximum(walk - stages, 0), walk)
+    def _(step):
+        plgpu.barrier_wait(consumed_bar.at[lax.rem(step, jnp.int32(stages))])
+
+
+def matmul(a, b, shape, staging=None):
+    """wgmma ``a @ b`` into a fresh float32 accumulator of ``shape`` (added to running sums in registers rather
+    than accumulated in place with ``pl.run_state``: the same numbers, and the interpreter runs it). ``a``: a
+    shared-memory ref, or a register array; ``staging``, where given, is a shared-memory tile that a register
+    ``a`` goes through (the interpreter's wgmma reads shared memory only; on the GPU it stays in registers)."""
+    if staging is not None:
+        staging[...] = a
+        plgpu.commit_smem()
+        a = staging
+
+    def run(acc_ref):
+        plgpu.wgmma(acc_ref, a, b)
+        return acc_ref[...]
+    return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+
+
+def _kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_ref, y_ref, stat_ref, *, q_smem, k_smem,
+            v_smem, kd_smem, g_smem, y_smem, stat_smem, q_bar, g_bar, k_bar, v_bar, kd_bar, consumed_bar,
+            power, normalize, num_heads, group, stages, dtype, dk, dv, folded, q_diag_smem=None, k_diag_smem=None,
+            q_diag_bar=None, k_diag_bar=None, p_smem=None):
+    head, program = lax.axis_index("heads"), lax.axis_index("rows")
+    wg = lax.axis_index("wg")
+    kv = kv_head(head, num_heads, group)
+    # Key tiles 2p+1, 2p, ..., 0 in this order: the second compute warpgroup's diagonal tile first.
+    last_tile = 2 * program + 1
+    walk = last_tile + 1
+    k_rows = head if folded else kv  # folded keys carry the query head's decay: one copy per query head
+
+    def issue(step, slot):
+        cols = pl.ds((last_tile - step) * BLOCK, BLOCK)
+        plgpu.copy_gmem_to_smem(k_ref.at[k_rows, cols], k_smem.at[slot], k_bar.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[kv, cols], v_smem.at[slot], v_bar.at[slot])
+        plgpu.copy_gmem_to_smem(kd_ref.at[head, cols], kd_smem.at[slot], kd_bar.at[slot])
+
+    pl.when(wg == 2)(lambda: stream(walk, stages, consumed_bar, issue))
+
+    @pl.when(wg < 2)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        block = 2 * program + wg  # this warpgroup's query block
+        rows = pl.ds(block * BLOCK, BLOCK)
+        plgpu.copy_gmem_to_smem(q_ref.at[head, rows], q_smem.at[wg], q_bar.at[wg])
+        plgpu.copy_gmem_to_smem(g_ref.at[head, rows], g_smem.at[wg], g_bar.at[wg])
+        if folded:
+            plgpu.copy_gmem_to_smem(q_diag_ref.at[head, rows], q_diag_smem.at[wg], q_diag_bar.at[wg])
+            plgpu.copy_gmem_to_smem(k_diag_ref.at[kv, rows], k_diag_smem.at[wg], k_diag_bar.at[wg])
+            plgpu.barrier_wait(q_diag_bar.at[wg])
+            plgpu.barrier_wait(k_diag_bar.at[wg])
+        plgpu.barrier_wait(q_bar.at[wg])
+        plgpu.barrier_wait(g_bar.at[wg])
+        g_row = plgpu.load(g_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+        staging = None if p_smem is None else p_smem.at[wg]
+        tile = (BLOCK, BLOCK)
+
+        def wait_tile(slot):
+            for barrier in (k_bar, v_bar, kd_bar):
+                plgpu.barrier_wait(barrier.at[slot])
+
+        def visit(step, carry, diagonal):
+            """One key tile: (acc, row sum, row max, r) -> the same after it; r = the log2-decay of the blocks
+            between this tile and the query block (the diagonal's is -T_I, so that g_i + kd_j + r = g_i - g_j)."""
+            acc, den, row_max, r = carry
+            slot = lax.rem(step, jnp.int32(stages))
+            wait_tile(slot)
+            kd_col = plgpu.load(kd_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+            log_decay = rows_plus_cols(g_row, kd_col + r, tile)
+            if power == "exp":
+                logits = matmul(q_smem.at[wg], k_smem.at[slot].transpose((1, 0)), tile) + log_decay
+                if diagonal:
+                    logits = jnp.where(causal_mask(tile), logits, -jnp.inf)
+                if normalize:
+                    new_max = jnp.maximum(row_max, logits.max(axis=1))
+                    rescale = jnp.exp2(row_max - new_max)
+                    p = jnp.exp2(logits - lax.broadcast_in_dim(new_max, tile, [0]))
+                    acc = acc * lax.broadcast_in_dim(rescale, acc.shape, [0])
+                    den = den * rescale
+                    row_max = new_max
+                else:
+                    p = jnp.exp2(logits)
+            elif diagonal:
+                s = matmul(q_diag_smem.at[wg], k_diag_smem.at[wg].transpose((1, 0)), tile)
+                decay = jnp.exp2(jnp.where(causal_mask(tile), jnp.minimum(log_decay, 0.0), -jnp.inf))
+                p = (s if power == 1 else s * s) * decay
+            else:
+                s = matmul(q_smem.at[wg], k_smem.at[slot].transpose((1, 0)), tile)
+                p = (s if power == 1 else s * s) * jnp.exp2(r)
+            den = den + p.sum(axis=1)
+            acc = acc + matmul(p.astype(dtype), v_smem.at[slot], (BLOCK, dv), staging)
+            plgpu.barrier_arrive(consumed_bar.at[slot])
+            return acc, den, row_max, r + t_ref[head, last_tile - step]
+
+        acc = plgpu.layout_cast(jnp.zeros((BLOCK, dv), jnp.float32), plgpu.Layout.WGMMA)
+        den = plgpu.layout_cast(jnp.zeros((BLOCK,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        row_max = plgpu.layout_cast(jnp.full((BLOCK,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+
+        # The first compute warpgroup's queries precede tile 2p + 1: it only waits for it (barrier phases are
+        # counted per thread) and releases the slot.
+        @pl.when(wg == 0)
+        def _():
+            wait_tile(0)
+            plgpu.barrier_arrive(consumed_bar.at[0])
+
+        diagonal_step = 1 - wg
+        carry = visit(diagonal_step, (acc, den, row_max, -t_ref[head, block]), diagonal=True)
+        acc, den, row_max, _ = lax.fori_loop(diagonal_step + 1, walk, functools.partial(visit, diagonal=False),
+                                             carry)
+
+        stat = (row_max + jnp.log2(den)) / LOG2E if power == "exp" and normalize else den
+        if normalize:
+            acc = acc * lax.broadcast_in_dim(1.0 / jnp.maximum(den, NORMALIZER_EPS), acc.shape, [0])
+        y_smem.at[wg][...] = acc.astype(y_smem.dtype)
+        stat_smem.at[wg][...] = stat
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(y_smem.at[wg], y_ref.at[head, rows])
+        plgpu.copy_smem_to_gmem(stat_smem.at[wg], stat_ref.at[head, rows])
+        plgpu.wait_smem_to_gmem(0)
+
+
+def rows_plus_cols(row_vector, col_vector, shape):
+    """``row_vector[i] + col_vector[j]`` over a (rows, cols) tile in the wgmma layout."""
+    return lax.broadcast_in_dim(row_vector, shape, [0]) + lax.broadcast_in_dim(col_vector, shape, [1])
+
+
+def causal_mask(shape, transposed=False):
+    """Row index >= column index (query >= key) on a diagonal tile; ``transposed``: the tile is (keys, queries)."""
+    rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+    cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+    return cols >= rows if transposed else rows >= cols
