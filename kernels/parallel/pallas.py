@@ -38,10 +38,14 @@ def unsupported_reason(q, k, v, *, power) -> str | None:
 
 
 def mosaic_gpu_unsupported_reason(q, k, v) -> str | None:
-    """Why the Hopper (Mosaic GPU) forward cannot take these inputs (the Triton kernels then run), or None."""
+    """Why the Hopper (Mosaic GPU) kernels are not used for these inputs (the Triton kernels then run), or None.
+
+    Head dim 64 only for now: the kernels take multiples of 64 (and pass the interpreter at 128), but at 128 the
+    dq pass's shared-memory tiles (~256 KB) exceed the 227 KB a Hopper block can have, and 128 has not run on a
+    GPU yet."""
     for name, dim in (("dk", q.shape[-1]), ("dv", v.shape[-1])):
-        if dim % 64:
-            return f"{name}={dim} (the wgmma kernels take multiples of 64)"
+        if dim != 64:
+            return f"{name}={dim} (the wgmma kernels are dispatched for head dim 64)"
     if q.dtype != jnp.bfloat16:
         return f"dtype {q.dtype} (the wgmma kernels take bfloat16)"
     return None
@@ -129,7 +133,8 @@ def parallel_attention_pallas(q, k, v, log_decay=None, *, power, normalize, scal
     key head h // (H / Hk)); log_decay: (B, N, H) or None. Any N (padded to whole blocks of ``block_size``
     tokens, default ``DEFAULT_BLOCK``; a power of two for Triton, a multiple of 8 for the TPU). backend:
     "triton" (GPU), "mosaic_gpu" (Hopper: the wgmma kernels of ``mosaic_gpu.py`` and ``mosaic_gpu_backward.py``,
-    block 64, bfloat16, head dims multiples of 64: ``mosaic_gpu_unsupported_reason``) or "tpu" (Mosaic TPU);
+    block 64, bfloat16, head dims multiples of 64; dispatched where ``mosaic_gpu_unsupported_reason`` allows) or
+    "tpu" (Mosaic TPU);
     ``interpret=True`` runs any of them in Pallas interpret mode. The caller checks ``unsupported_reason`` first.
     Returns y: (B, N, H, dv) in q's dtype.
     """
