@@ -11,8 +11,9 @@ Two launches, as the chunked form splits (SPEC section 2):
 The backward is the same two shapes: ``state_pass(..., reverse=True)`` carries the state cotangent from the last
 chunk to the first, and ``chunk_grads`` turns it into dq, dk, dv and the log-decay cotangent, chunk by chunk.
 
-phi tiles are built on chip from q and k, and so are their one-hot selectors, from (1, BF) int32 rows of pair
-indices (see ``features.py``); neither is ever written out. The tile math is in ``tiles.py``, shared with the TPU
+phi tiles are built on chip from q and k and never written out; the forward kernels build their one-hot
+selectors on chip too, from (1, BF) int32 rows of pair indices, while ``chunk_grads`` reads selectors made
+outside (see ``features.py``). The tile math is in ``tiles.py``, shared with the TPU
 kernels. Decays, cumulative sums, states and accumulators are float32; matmul operands are the inputs' dtype, so
 with bfloat16 inputs the stored states are rounded to bfloat16 where a matmul reads them. Triton wants
 power-of-two blocks and no slicing of values, so everything is sliced from refs.

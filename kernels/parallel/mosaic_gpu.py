@@ -34,6 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from twomamba_jax.kernels.parallel.tiles import kv_head
 from twomamba_jax.ops.numerics import NORMALIZER_EPS
 
 BLOCK = 64  # rows of one compute warpgroup, and tokens of one key tile (wgmma M = 64)
@@ -60,8 +61,7 @@ def forward(q, k, v, g_local, totals, *, power, normalize, block, num_heads, gro
     if block != BLOCK or q.shape[1] % ROWS_PER_PROGRAM:
         raise ValueError(f"block: the Mosaic GPU kernel tiles by {BLOCK} tokens over {ROWS_PER_PROGRAM}-row "
                          f"programs; got block={block}, {q.shape[1]} rows")
-    if interpret is True:
-        interpret = plgpu.InterpretGPUParams()
+    interpret = interpret_params(interpret)
     bh, padded, dk = q.shape
     dv = v.shape[-1]
     dtype = q.dtype
@@ -70,28 +70,12 @@ def forward(q, k, v, g_local, totals, *, power, normalize, block, num_heads, gro
 
     kernel = functools.partial(_kernel, power=power, normalize=normalize, num_heads=num_heads, group=group,
                                stages=stages, dtype=dtype, dk=dk, dv=dv, folded=power != "exp")
-    compute = 2
-    scratch = dict(
-        q_smem=smem_tile((compute, BLOCK, dk), dtype),
-        k_smem=smem_tile((stages, BLOCK, dk), dtype),
-        v_smem=smem_tile((stages, BLOCK, dv), dtype),
-        kd_smem=plgpu.SMEM((stages, BLOCK), jnp.float32),
-        g_smem=plgpu.SMEM((compute, BLOCK), jnp.float32),
-        y_smem=smem_tile((compute, BLOCK, dv), v.dtype),
-        stat_smem=plgpu.SMEM((compute, BLOCK), jnp.float32),
-        q_bar=plgpu.Barrier(num_barriers=compute),
-        g_bar=plgpu.Barrier(num_barriers=compute),
-        k_bar=plgpu.Barrier(num_barriers=stages),
-        v_bar=plgpu.Barrier(num_barriers=stages),
-        kd_bar=plgpu.Barrier(num_barriers=stages),
-        consumed_bar=plgpu.Barrier(num_arrivals=compute, num_barriers=stages),
-    )
-    if interpret:  # the interpreter's wgmma reads both operands from shared memory
-        scratch.update(p_smem=smem_tile((compute, BLOCK, BLOCK), dtype))
+    own = {"q": ((BLOCK, dk), dtype), "g": ((BLOCK,), jnp.float32)}
     if power != "exp":  # the unscaled q and k of the diagonal tiles
-        scratch.update(q_diag_smem=smem_tile((compute, BLOCK, dk), dtype),
-                       k_diag_smem=smem_tile((compute, BLOCK, dk), dtype),
-                       q_diag_bar=plgpu.Barrier(num_barriers=compute), k_diag_bar=plgpu.Barrier(num_barriers=compute))
+        own.update(q_diag=((BLOCK, dk), dtype), k_diag=((BLOCK, dk), dtype))
+    ring = {"k": ((BLOCK, dk), dtype), "v": ((BLOCK, dv), dtype), "kd": ((BLOCK,), jnp.float32)}
+    scratch = scratch_types(ring, own, stages, dtype, interpret)
+    scratch.update(y_smem=smem_tile((2, BLOCK, dv), v.dtype), stat_smem=plgpu.SMEM((2, BLOCK), jnp.float32))
     out_type = (jax.ShapeDtypeStruct((bh, padded, dv), v.dtype), jax.ShapeDtypeStruct((bh, padded), jnp.float32))
     return launch("twomamba_mosaic_forward", kernel, out_type, scratch, bh, padded, interpret)(
         q_main, k_main, v, key_decay, g_rows, totals, q_diag, k_diag)
@@ -106,7 +90,24 @@ def launch(name, kernel, out_type, scratch, bh, padded, interpret):
 
 
 def interpret_params(interpret):
+    """``interpret`` as ``plgpu.kernel`` takes it: True means the Mosaic GPU interpreter's default parameters."""
     return plgpu.InterpretGPUParams() if interpret is True else (interpret or None)
+
+
+def scratch_types(ring, own, stages, dtype, interpret):
+    """Shared memory and barriers of a kernel: ``ring`` (name -> (shape, dtype)) gets ``stages`` slots filled by
+    the memory warpgroup, ``own`` one buffer per compute warpgroup, each as ``NAME_smem`` with a barrier
+    ``NAME_bar``; plus the slots' ``consumed_bar`` and, in the interpreter, the ``staging_smem`` tiles that register
+    operands of wgmma go through (see ``matmul``)."""
+    scratch = {"consumed_bar": plgpu.Barrier(num_arrivals=2, num_barriers=stages)}
+    for shapes, count in ((ring, stages), (own, 2)):
+        for name, (shape, kind) in shapes.items():
+            scratch[f"{name}_smem"] = (smem_tile((count, *shape), kind) if len(shape) == 2
+                                       else plgpu.SMEM((count, *shape), kind))
+            scratch[f"{name}_bar"] = plgpu.Barrier(num_barriers=count)
+    if interpret:
+        scratch["staging_smem"] = smem_tile((2, BLOCK, BLOCK), dtype)
+    return scratch
 
 
 def operands(q, k, g_local, totals, *, power, num_heads, group):
@@ -127,11 +128,6 @@ def operands(q, k, g_local, totals, *, power, num_heads, group):
         k_main = (k[kv_index].astype(jnp.float32) * jnp.exp(key_decay / power)[..., None]).astype(dtype)
         q_diag, k_diag = q, k
     return q_main, k_main, key_decay * LOG2E, g_local * LOG2E, totals * LOG2E, q_diag, k_diag
-
-
-def kv_head(head, num_heads, group):
-    """Key / value head (of B H / group) of query head ``head`` (of B H): heads of a group are adjacent."""
-    return (head // num_heads) * (num_heads // group) + (head % num_heads) // group
 
 
 def stream(walk, stages, consumed_bar, issue):
@@ -174,7 +170,7 @@ def matmul(a, b, shape, staging=None):
 def _kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_ref, y_ref, stat_ref, *, q_smem, k_smem,
             v_smem, kd_smem, g_smem, y_smem, stat_smem, q_bar, g_bar, k_bar, v_bar, kd_bar, consumed_bar,
             power, normalize, num_heads, group, stages, dtype, dk, dv, folded, q_diag_smem=None, k_diag_smem=None,
-            q_diag_bar=None, k_diag_bar=None, p_smem=None):
+            q_diag_bar=None, k_diag_bar=None, staging_smem=None):
     head, program = lax.axis_index("heads"), lax.axis_index("rows")
     wg = lax.axis_index("wg")
     kv = kv_head(head, num_heads, group)
@@ -206,7 +202,7 @@ def _kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_ref, y
         plgpu.barrier_wait(q_bar.at[wg])
         plgpu.barrier_wait(g_bar.at[wg])
         g_row = plgpu.load(g_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
-        staging = None if p_smem is None else p_smem.at[wg]
+        staging = None if staging_smem is None else staging_smem.at[wg]
         tile = (BLOCK, BLOCK)
 
         def wait_tile(slot):

@@ -27,20 +27,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from twomamba_jax.kernels.parallel.mosaic_gpu import (BLOCK, LOG2E, ROWS_PER_PROGRAM, causal_mask, interpret_params,
-                                                      kv_head, launch, matmul, operands, rows_plus_cols, smem_tile,
-                                                      stream)
+                                                      launch, matmul, operands, rows_plus_cols, scratch_types,
+                                                      smem_tile, stream)
+from twomamba_jax.kernels.parallel.tiles import kv_head
 
 _WGMMA = plgpu.Layout.WGMMA
-
-
-def _tiles(shapes, count):
-    """Shared-memory buffers (``count`` of each: ring slots, or one per compute warpgroup), each with a barrier."""
-    scratch = {}
-    for name, (shape, kind) in shapes.items():
-        scratch[f"{name}_smem"] = (smem_tile((count, *shape), kind) if len(shape) == 2
-                                   else plgpu.SMEM((count, *shape), kind))
-        scratch[f"{name}_bar"] = plgpu.Barrier(num_barriers=count)
-    return scratch
 
 
 def _backward(name, body, ring, own, outputs, q, k, v, g_local, totals, d_out, stat, delta, *, power, normalize,
@@ -56,13 +47,10 @@ def _backward(name, body, ring, own, outputs, q, k, v, g_local, totals, d_out, s
     interpret = interpret_params(interpret)
     if power == "exp":  # no diagonal-only operands: q and k are not folded
         own = {key: value for key, value in own.items() if not key.endswith("_diag")}
-    scratch = {**_tiles(ring, stages), **_tiles(own, 2),
-               "consumed_bar": plgpu.Barrier(num_arrivals=2, num_barriers=stages)}
+    scratch = scratch_types(ring, own, stages, q.dtype, interpret)
     for out, shape in outputs.items():
         scratch[f"{out}_out_smem"] = (smem_tile((2, BLOCK, *shape), jnp.float32) if shape
                                       else plgpu.SMEM((2, BLOCK), jnp.float32))
-    if interpret:  # register operands of wgmma go through shared memory in the interpreter
-        scratch["staging_smem"] = smem_tile((2, BLOCK, BLOCK), q.dtype)
     out_type = tuple(jax.ShapeDtypeStruct((bh, padded, *shape), jnp.float32) for shape in outputs.values())
     kernel = functools.partial(body, power=power, num_heads=num_heads, group=group, stages=stages, dk=dk,
                                dv=v.shape[-1], num_blocks=padded // BLOCK)
@@ -205,8 +193,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_ref
         dq, dq_diag, d_rows, _ = lax.fori_loop(diagonal_step + 1, walk, functools.partial(visit, diagonal=False),
                                                carry)
         if folded:  # dq = p exp(g_i / p) (dS' k') + the diagonal's dS k
-            scale = power * jnp.exp2(g_row / power)
-            dq = dq * lax.broadcast_in_dim(scale, dq.shape, [0]) + dq_diag * power
+            dq = _unfold(dq, dq_diag, g_row, power)
         _store(wg, [(dq, smem["dq_out_smem"], dq_ref.at[head, rows]),
                     (d_rows, smem["rows_out_smem"], rows_ref.at[head, rows])])
 
@@ -285,13 +272,20 @@ def _dkv_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_re
         dk_acc, dk_diag, dv_acc, d_cols, _ = lax.fori_loop(wg + 1, walk, functools.partial(visit, diagonal=False),
                                                            carry)
         if folded:  # dk = p exp(kd_j / p) (dS'^T q') + the diagonal's dS^T q
-            scale = power * jnp.exp2(kd_row / power)
-            dk_acc = dk_acc * lax.broadcast_in_dim(scale, dk_acc.shape, [0]) + dk_diag * power
+            dk_acc = _unfold(dk_acc, dk_diag, kd_row, power)
         else:  # q_main is q log2(e)
             dk_acc = dk_acc / LOG2E
         _store(wg, [(dk_acc, smem["dk_out_smem"], dk_ref.at[head, cols]),
                     (dv_acc, smem["dv_out_smem"], dv_ref.at[head, cols]),
                     (d_cols, smem["cols_out_smem"], cols_ref.at[head, cols])])
+
+
+def _unfold(folded, diagonal, log2_decay, power):
+    """A gradient from its off-diagonal part, accumulated against the folded operand, and its diagonal part:
+    ``p exp(decay / p)`` row by row (``log2_decay`` in base 2, one per row) times the first, plus p times the
+    second (the factor p of d(s^p)/ds left out of both)."""
+    scale = power * jnp.exp2(log2_decay / power)
+    return folded * lax.broadcast_in_dim(scale, folded.shape, [0]) + diagonal * power
 
 
 def _store(wg, outputs):
