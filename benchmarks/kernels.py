@@ -7,7 +7,8 @@ For each mixer core (2Mamba: power 2, softmax norm, decay; Mamba-2S core: power 
 softmax norm, decay) and shape it times every path (the flash-style and the chunked Pallas kernels, the jnp chunked
 form, the dense XLA form) and cuDNN softmax attention
 as the yardstick (every row also as a ratio to cuDNN's forward and forward + backward times of the same run), with
-jax's own Mosaic GPU FlashAttention-3 beside it (what Mosaic GPU reaches on this machine): median ms of the forward and of forward + backward over rotating inputs, TFLOP/s-equivalent (the
+jax's own Mosaic GPU FlashAttention-3 beside it (what Mosaic GPU reaches on this machine): ms of the forward and of
+forward + backward (median of samples of 10 back-to-back calls on rotating inputs), TFLOP/s-equivalent (the
 FLOPs of causal softmax attention at that shape: 2 B H N^2 d forward, 3.5x that for forward + backward), and the
 relative Frobenius error of the output and of dq (for a fixed random output cotangent) against the jnp chunked form
 (the dense form for exp, where it fits) on the same inputs upcast to float32, at full matmul precision (both tested
@@ -32,20 +33,24 @@ SMOKE_SHAPES = [(1, 256)]
 CORES = {"2mamba": dict(power=2, normalize="softmax"), "power1": dict(power=1, normalize=None),
          "2mamba-e": dict(power="exp", normalize="softmax")}
 # "pallas_parallel_triton": the flash-style kernels forced onto the Triton lowering (on Hopper "pallas_parallel"
-# runs the Mosaic GPU forward).
+# runs the Mosaic GPU forward and backward).
 IMPLS = ("pallas_parallel", "pallas_parallel_triton", "pallas_chunked", "chunked", "reference")
 DENSE_MAX_BYTES = 24 * 2**30
 ROTATIONS = 3
 
 
-def _median_ms(fn, input_sets, repeats):
+def _median_ms(fn, input_sets, repeats, calls=10):
+    """Median over ``repeats`` samples of the mean time of ``calls`` back-to-back calls on rotating inputs: the
+    calls queue up asynchronously, so the host's dispatch time overlaps the device's work instead of adding to
+    it (a single timed call of a 0.1 ms kernel measures mostly dispatch)."""
     jax.block_until_ready(fn(*input_sets[0]))
     times = []
-    for i in range(repeats):
-        args = input_sets[i % len(input_sets)]
+    for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
+        for i in range(calls):
+            out = fn(*input_sets[i % len(input_sets)])
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - start) / calls)
     return statistics.median(times) * 1e3
 
 
@@ -118,15 +123,17 @@ def main():
                     q, k, v, a, impl=impl, chunk_size=args.chunk_size, **core), core)
 
         oracles, yardstick = {}, None
+        with_cotangent = [(*inputs, cotangent) for inputs in input_sets]
         for name, (forward, core) in paths.items():
-            loss = lambda q, k, v, a, forward=forward: jnp.sum(forward(q, k, v, a).astype(jnp.float32) * cotangent)
+            # The cotangent is an argument, not a constant XLA would fold into the backward at compile time.
+            loss = lambda q, k, v, a, c, forward=forward: jnp.sum(forward(q, k, v, a).astype(jnp.float32) * c)
             fwd = jax.jit(forward)
             # value_and_grad: the loss value keeps the forward from being dead code next to its own backward.
             fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
             try:
                 ms_fwd = _median_ms(fwd, input_sets, args.repeats)
                 ms_both = (float("nan") if forward is _attention_mgpu
-                           else _median_ms(fwd_bwd, input_sets, args.repeats))
+                           else _median_ms(fwd_bwd, with_cotangent, args.repeats))
             except Exception as error:  # report and go on: one broken path must not hide the others
                 print(f"| {batch}x{length} | {name} | - | - | - | failed: {type(error).__name__}: "
                       f"{str(error)[:200]} | |", flush=True)
@@ -146,7 +153,7 @@ def main():
                 if key is not None:
                     y_ref, dq_ref = oracles[key]
                     error_y = f"{_rel(fwd(*input_sets[0]), y_ref):.1e}"
-                    error_dq = f"{_rel(fwd_bwd(*input_sets[0])[1][0], dq_ref):.1e}"
+                    error_dq = f"{_rel(fwd_bwd(*with_cotangent[0])[1][0], dq_ref):.1e}"
             tflops = 3.5 * flops / (ms_both * 1e-3) / 1e12
             yardstick = yardstick or (ms_fwd, ms_both)
             print(f"| {batch}x{length} | {name} | {ms_fwd:.2f} | {ms_both:.2f} | {ms_fwd / yardstick[0]:.2f} | "

@@ -3,21 +3,27 @@
     python benchmarks/model.py                                  # small LM (276M), 16x2048 and 4x8192, bf16
     python benchmarks/model.py --mixers linear 2mamba --shapes 32x1024 --layers 6 --model-dim 512
     python benchmarks/model.py --smoke                          # tiny model and shapes, e.g. on CPU
+    python benchmarks/model.py --mixers softmax 2mamba --shapes 16x2048 --profile 25   # + where the time goes
 
 Each mixer is built exactly as ``twomamba-train`` builds it (the trainer's ``setup``: float32 parameters and
 AdamW state, sharded over all local devices, bf16 compute, per-block remat) and fed random tokens. Columns:
 compile time of the train step and of the eval step (lower + compile, seconds), steady-state tokens/s (median
 of timed steps after warm-up steps; compile excluded), its ratio to the first mixer listed (softmax by default)
 and MFU (the trainer's FLOP count: 6 per matmul parameter plus the causal mixer core, over the device's dense
-bf16 peak).
+bf16 peak). ``--profile K`` also traces a few steps per row and prints the K device operations (kernels, XLA
+fusions, copies) that took the most time per step, so a gap between two mixers can be pinned to operations.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
+import re
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -68,6 +74,7 @@ def measure(mixer: str, batch: int, length: int, args) -> dict:
             state, metrics = train_step(state, batches[i % 2])
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - started)
+        profile = _profile(train_step, state, batches[0], args.profile) if args.profile else None
     m = run.model_config
     seconds = statistics.median(times)
     tokens_per_second = batch * length / seconds
@@ -77,7 +84,31 @@ def measure(mixer: str, batch: int, length: int, args) -> dict:
     mfu = tokens_per_second * flops / (peak * jax.device_count()) if peak else None
     return dict(params=run.num_params, compile_train=compile_train, compile_eval=compile_eval,
                 step_ms=seconds * 1e3, tokens_per_second=tokens_per_second, mfu=mfu,
-                loss=float(metrics["loss"]))
+                loss=float(metrics["loss"]), profile=profile)
+
+
+def _profile(train_step, state, batch, top: int, steps: int = 3) -> list[tuple[str, float, int]]:
+    """The ``top`` operations of the first device by time per step over ``steps`` traced steps: (name, ms per
+    step, launches per step), names with their numeric suffixes folded (``fusion.12`` and ``fusion.7`` count
+    together)."""
+    with tempfile.TemporaryDirectory() as directory:
+        with jax.profiler.trace(directory):
+            for _ in range(steps):
+                state, metrics = train_step(state, batch)
+            jax.block_until_ready(metrics)
+        data = jax.profiler.ProfileData.from_file(str(next(Path(directory).rglob("*.xplane.pb"))))
+    totals, counts = collections.Counter(), collections.Counter()
+    for plane in data.planes:
+        if not plane.name.startswith("/device:") or not plane.name.endswith(":0"):  # the first device's work
+            continue
+        for line in plane.lines:
+            if "stream" not in line.name.lower() and line.name != "XLA Ops":  # GPU streams, TPU ops
+                continue
+            for event in line.events:
+                name = re.sub(r"[._]\d+$", "", event.name)
+                totals[name] += event.duration_ns / 1e6 / steps
+                counts[name] += 1
+    return [(name, ms, counts[name] // steps) for name, ms in totals.most_common(top)]
 
 
 def main():
@@ -92,6 +123,8 @@ def main():
     parser.add_argument("--no-remat", action="store_true", help="keep activations instead of rematerializing")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per row")
+    parser.add_argument("--profile", type=int, default=0, metavar="K",
+                        help="also print the K device operations that take the most time per step")
     parser.add_argument("--smoke", action="store_true", help="tiny model and shapes, to check the script")
     args = parser.parse_args()
     if args.smoke:
@@ -118,6 +151,13 @@ def main():
                         f"{result['tokens_per_second'] / 1e3:.1f}k | "
                         f"{result['tokens_per_second'] / yardstick:.2f} | {mfu} |")
             print(rows[-1], flush=True)
+            if result["profile"] == []:
+                print("  (no device operations traced: on CPU the profile is empty)")
+            elif result["profile"]:
+                total = sum(ms for _, ms, _ in result["profile"])
+                print(f"  top {args.profile} device operations, {total:.1f} ms per step of {result['step_ms']:.1f}:")
+                for name, ms, launches in result["profile"]:
+                    print(f"  {ms:8.2f} ms  x{launches:<4} {name[:110]}", flush=True)
     print("\n| B x N | mixer | params | compile train s | compile eval s | step ms | tokens/s | vs first | MFU |")
     print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))

@@ -3,8 +3,8 @@ v and the log-decay, and their GPU and TPU lowering.
 
 Tolerances: outputs float32 1e-5 relative, bfloat16 1e-2; float32 gradients 5e-5, since dq and dk are sums over
 every key (query) of ``dW = dy . v - dy . y`` terms that cancel (about 10-30x the rounding of the output; 3.2e-5
-seen for normalized power 2 without decay, d = 64), bfloat16 gradients 1e-2. N = 37 is not a multiple of the block (16 here), and keys are grouped (GQA: 4 query heads over 2
-key heads).
+seen for normalized power 2 without decay, d = 64), bfloat16 gradients 1e-2. N = 37 is not a multiple of the
+block (16 here), and keys are grouped (GQA: 4 query heads over 2 key heads) unless a case names 4 key heads.
 """
 
 import functools
@@ -31,14 +31,15 @@ CASES = [("triton", *case) for case in CASES]
 # both dtypes at d = 128.
 CASES += [("tpu", 32, jnp.float32, p, n, True) for p, n in VARIANTS]
 CASES += [("tpu", 128, dtype, p, "softmax", True) for dtype in (jnp.float32, jnp.bfloat16) for p in (2, "exp")]
-# The Hopper (Mosaic GPU) forward in the Mosaic GPU interpreter (bfloat16, head dims multiples of 64, 64-token
+CASES = [(*case, 2) for case in CASES]  # the last field: key heads (of 4 query heads)
+# The Hopper (Mosaic GPU) kernels in the Mosaic GPU interpreter (bfloat16, head dims multiples of 64, 64-token
 # tiles: N = 130 gives two programs of 128 query rows, diagonal and off-diagonal tiles and a ragged end), forward
-# and backward.
-# Six cases (the interpreter takes ~30 s each): every power, normalized and not, d 64 and 128, with and without
-# decay.
-CASES += [("mosaic_gpu", 64, jnp.bfloat16, p, n, True) for p, n in ((2, "softmax"), (2, None), ("exp", "softmax"),
-                                                                     (1, None))]
-CASES += [("mosaic_gpu", 128, jnp.bfloat16, 2, "softmax", True), ("mosaic_gpu", 64, jnp.bfloat16, 2, "softmax", False)]
+# and backward. Six cases (the interpreter takes ~30 s each): every power, normalized and not, grouped keys (dk
+# and dv summed in float32 after the kernel) and not (written by the kernel in bfloat16), d 64 and 128, with and
+# without decay.
+CASES += [("mosaic_gpu", 64, jnp.bfloat16, p, n, True, kv) for p, n, kv in (
+    (2, "softmax", 2), (2, None, 4), ("exp", "softmax", 2), ("exp", None, 4), (1, None, 2))]
+CASES += [("mosaic_gpu", 128, jnp.bfloat16, 2, "softmax", False, 2)]
 BLOCKS = {"triton": 16, "tpu": 16, "mosaic_gpu": 64}
 LENGTHS = {"triton": 37, "tpu": 37, "mosaic_gpu": 130}
 
@@ -55,9 +56,9 @@ def _inputs(rng, dim, dtype, power, normalize, decay, heads=4, kv_heads=2, lengt
     return cast(q), cast(k), cast(v), None if log_decay is None else jnp.asarray(log_decay, jnp.float32)
 
 
-@pytest.mark.parametrize("backend,dim,dtype,power,normalize,decay", CASES)
-def test_values_and_gradients_match_the_oracle(rng, backend, dim, dtype, power, normalize, decay):
-    q, k, v, a = _inputs(rng, dim, dtype, power, normalize, decay, length=LENGTHS[backend])
+@pytest.mark.parametrize("backend,dim,dtype,power,normalize,decay,kv_heads", CASES)
+def test_values_and_gradients_match_the_oracle(rng, backend, dim, dtype, power, normalize, decay, kv_heads):
+    q, k, v, a = _inputs(rng, dim, dtype, power, normalize, decay, kv_heads=kv_heads, length=LENGTHS[backend])
     group = q.shape[2] // k.shape[2]
     cotangent = jnp.asarray(rng.standard_normal(q.shape[:3] + (v.shape[-1],)))
     scale = 1 / np.sqrt(dim)
@@ -147,6 +148,30 @@ def test_tpu_kernels_lower_to_mosaic_on_cpu(power, normalize):
     assert text.count("tpu_custom_call") == 3  # forward (its output and statistic are the residuals), dq, dkv
     for kernel in ("forward", "dq", "dkv"):
         assert f"twomamba_parallel_{kernel}" in text, kernel
+
+
+def test_hopper_kernels_take_token_major_arrays_without_transposes():
+    """Lowered for an H200 on CPU, forward + backward of the Mosaic GPU path calls its three kernels and
+    transposes only per-token (B, N, H) vectors, never a (B, N, H, d) array: the kernels read the model's layout."""
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
+    queries, keys = jax.ShapeDtypeStruct((2, 256, 4, 64), jnp.bfloat16), jax.ShapeDtypeStruct((2, 256, 2, 64),
+                                                                                                jnp.bfloat16)
+
+    def loss(q, k, v, a):
+        return jnp.sum(parallel_attention_pallas(q, k, v, a, power=2, normalize="softmax", scale=0.125,
+                                                 backend="mosaic_gpu").astype(jnp.float32))
+
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
+        lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).trace(
+            queries, keys, keys, jax.ShapeDtypeStruct((2, 256, 4), jnp.float32)).lower(lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    for kernel in ("forward", "dq", "dkv"):
+        assert f"twomamba_mosaic_{kernel}" in text, kernel
+    transposes = [line for line in text.splitlines() if "stablehlo.transpose" in line]
+    assert transposes and all("tensor<2x256x4xf32>" in line for line in transposes), transposes
+    with pytest.raises(ValueError, match="block_size: the Mosaic GPU kernels tile by 64 tokens; got 128"):
+        parallel_attention_pallas(jnp.zeros((1, 8, 2, 64), jnp.bfloat16), *[jnp.zeros((1, 8, 2, 64), jnp.bfloat16)] * 2,
+                                  power=2, normalize=None, scale=0.1, block_size=128, backend="mosaic_gpu")
 
 
 @pytest.mark.parametrize("dim,dtype,expected", [(64, jnp.bfloat16, "mosaic_gpu"), (128, jnp.bfloat16, "triton"),

@@ -1,7 +1,9 @@
 """Flash-style forward kernel for Hopper GPUs in Mosaic GPU (``plgpu.kernel``): warpgroup matmuls (wgmma) with
 float32 accumulators, TMA copies into shared memory and warp specialization, FlashAttention-3 style.
 
-One program per (query head, 128 query rows): two compute warpgroups own 64 rows each, a third warpgroup only
+Operands stay token-major, (B, N, H, d) as the model holds them: TMA copies a (64, d) tile of one head straight
+out of them, so no (B, N, H, d) array is transposed before or after the kernels (only per-token vectors are). One
+program per (batch x query head, 128 query rows): two compute warpgroups own 64 rows each, a third warpgroup only
 issues TMA copies of the key / value tiles into a ring of ``stages`` shared-memory slots. Every warpgroup walks
 the key tiles from the diagonal back to the first (``walk`` steps, the second compute warpgroup's diagonal first),
 so the log-decay between the query rows and a key tile is a short running sum of block totals, never the
@@ -11,16 +13,17 @@ Decay without a per-element exponential (powers 1 and 2). With g the block-local
 T_J a block's total and ``kd_j = T_J - g_j`` (the decay from key j to its block's end), query i of block I and key
 j of an earlier block J have ``g_i - g_j = g_i + kd_j + r_IJ`` with ``r_IJ`` = the totals of the blocks between
 (<= 0). So off the diagonal the weight ``(q_i.k_j)^p exp(g_i - g_j)`` is ``(q'_i.k'_j)^p exp(r_IJ)`` with
-``q' = q exp(g / p)`` and ``k' = k exp(kd / p)`` (both factors <= 1, made once outside the kernel) and one scalar
-per tile. Diagonal tiles use the unscaled q and k with a masked ``exp2(min(g_i - g_j, 0))``: scaling there could
-underflow when a block's total decay is large.
+``q' = scale q exp(g / p)`` and ``k' = k exp(kd / p)`` (both factors <= 1, made once outside the kernel) and one
+scalar per tile. Diagonal tiles use the unscaled q and k (the kernel multiplies q.k by ``scale``) with a masked
+``exp2(min(g_i - g_j, 0))``: scaling there could underflow when a block's total decay is large.
 
-exp (2Mamba-E): the decay is added to the logits, ``s + g_i + (kd_j + r_IJ)``, all in base 2 (q, g, kd and the
-totals arrive pre-multiplied by log2(e)), with FA3-style online rescaling when normalized.
+exp (2Mamba-E): the decay is added to the logits, ``scale log2(e) q.k + g_i + (kd_j + r_IJ)``, all in base 2 (g,
+kd and the totals arrive pre-multiplied by log2(e)), with FA3-style online rescaling when normalized; q and k go
+in as they are.
 
-Outputs match ``triton.forward``: y (BH, Np, dv) and the per-token statistic (the normalizer, or the natural-log
-normalizer for normalized exp), which the backward kernels (``mosaic_gpu_backward.py``, or the Triton ones) take.
-The helpers below (``operands``, ``stream``, ``matmul``, ``launch``) serve the backward kernels too.
+Outputs: y (B, Np, H, dv) and the per-token statistic (B H, Np) (the normalizer, or the natural-log normalizer for
+normalized exp), which the backward kernels (``mosaic_gpu_backward.py``) take. The helpers below (``operands``,
+``stream``, ``matmul``, ``matmul_into``, ``launch``) serve the backward kernels too.
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from twomamba_jax.kernels.parallel.tiles import kv_head
 from twomamba_jax.ops.numerics import NORMALIZER_EPS
 
 BLOCK = 64  # rows of one compute warpgroup, and tokens of one key tile (wgmma M = 64)
@@ -49,40 +51,40 @@ def smem_tile(shape, dtype):
     return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, columns)), plgpu.SwizzleTransform(128)))
 
 
-def forward(q, k, v, g_local, totals, *, power, normalize, block, num_heads, group, stages=2, interpret=False):
-    """The flash-style forward on Hopper.
+def forward(q, k, v, g_local, totals, *, power, normalize, scale, stages=2, interpret=False):
+    """The flash-style forward on Hopper, on token-major operands (as the model holds them: no transposes).
 
-    q: (BH, Np, dk) pre-scaled; k: (BH / group, Np, dk); v: (BH / group, Np, dv); g_local: (BH, Np) float32
-    cumulative log-decays local to each 64-token block; totals: (BH, Np / 64) each block's log-decay. Np is a
-    multiple of 128, dk and dv multiples of 64, q/k/v bfloat16 (or float16); ``block`` must be ``BLOCK``.
-    ``interpret``: True (or ``plgpu.InterpretGPUParams``) runs the kernel in the Mosaic GPU interpreter. Returns y
-    (BH, Np, dv) in v's dtype and the statistic (BH, Np) float32 (see the module docstring).
+    q: (B, Np, H, dk); k: (B, Np, Hk, dk) and v: (B, Np, Hk, dv) with Hk dividing H (query head h reads key head
+    h // (H / Hk)); g_local: (B H, Np) float32 cumulative log-decays local to each 64-token block; totals:
+    (B H, Np / 64) each block's log-decay. Np a multiple of 128, dk and dv multiples of 64, q/k/v bfloat16 (or
+    float16); ``scale`` multiplies q.k. ``interpret``: True (or ``plgpu.InterpretGPUParams``) runs the kernel in
+    the Mosaic GPU interpreter. Returns y (B, Np, H, dv) in v's dtype and the statistic (B H, Np) float32 (see the
+    module docstring).
     """
-    if block != BLOCK or q.shape[1] % ROWS_PER_PROGRAM:
-        raise ValueError(f"block: the Mosaic GPU kernel tiles by {BLOCK} tokens over {ROWS_PER_PROGRAM}-row "
-                         f"programs; got block={block}, {q.shape[1]} rows")
+    batch, padded, heads, dk = q.shape
+    if padded % ROWS_PER_PROGRAM:
+        raise ValueError(f"q: the Mosaic GPU kernel takes whole {ROWS_PER_PROGRAM}-row programs; got {q.shape}")
     interpret = interpret_params(interpret)
-    bh, padded, dk = q.shape
     dv = v.shape[-1]
     dtype = q.dtype
-    q_main, k_main, key_decay, g_rows, totals, q_diag, k_diag = operands(q, k, g_local, totals, power=power,
-                                                                           num_heads=num_heads, group=group)
+    q_main, k_main, key_decay, g_rows, totals = operands(q, k, g_local, totals, power=power, scale=scale)
 
-    kernel = functools.partial(_kernel, power=power, normalize=normalize, num_heads=num_heads, group=group,
-                               stages=stages, dtype=dtype, dk=dk, dv=dv, folded=power != "exp")
+    kernel = functools.partial(_kernel, power=power, normalize=normalize, scale=scale, num_heads=heads,
+                               group=heads // k.shape[2], stages=stages, dtype=dtype, dv=dv)
     own = {"q": ((BLOCK, dk), dtype), "g": ((BLOCK,), jnp.float32)}
     if power != "exp":  # the unscaled q and k of the diagonal tiles
         own.update(q_diag=((BLOCK, dk), dtype), k_diag=((BLOCK, dk), dtype))
     ring = {"k": ((BLOCK, dk), dtype), "v": ((BLOCK, dv), dtype), "kd": ((BLOCK,), jnp.float32)}
     scratch = scratch_types(ring, own, stages, dtype, interpret)
     scratch.update(y_smem=smem_tile((2, BLOCK, dv), v.dtype), stat_smem=plgpu.SMEM((2, BLOCK), jnp.float32))
-    out_type = (jax.ShapeDtypeStruct((bh, padded, dv), v.dtype), jax.ShapeDtypeStruct((bh, padded), jnp.float32))
-    return launch("twomamba_mosaic_forward", kernel, out_type, scratch, bh, padded, interpret)(
-        q_main, k_main, v, key_decay, g_rows, totals, q_diag, k_diag)
+    out_type = (jax.ShapeDtypeStruct((batch, padded, heads, dv), v.dtype),
+                jax.ShapeDtypeStruct((batch * heads, padded), jnp.float32))
+    return launch("twomamba_mosaic_forward", kernel, out_type, scratch, batch * heads, padded, interpret)(
+        q_main, k_main, v, key_decay, g_rows, totals, q, k)
 
 
 def launch(name, kernel, out_type, scratch, bh, padded, interpret):
-    """A kernel over (query head, 128-row program), two compute warpgroups and one memory warpgroup."""
+    """A kernel over (batch x query head, 128-row program), two compute warpgroups and one memory warpgroup."""
     return plgpu.kernel(
         kernel, out_type=out_type, scratch_types=scratch, grid=(bh, padded // ROWS_PER_PROGRAM),
         grid_names=("heads", "rows"), num_threads=3, thread_name="wg", kernel_name=name,
@@ -98,7 +100,7 @@ def scratch_types(ring, own, stages, dtype, interpret):
     """Shared memory and barriers of a kernel: ``ring`` (name -> (shape, dtype)) gets ``stages`` slots filled by
     the memory warpgroup, ``own`` one buffer per compute warpgroup, each as ``NAME_smem`` with a barrier
     ``NAME_bar``; plus the slots' ``consumed_bar`` and, in the interpreter, the ``staging_smem`` tiles that register
-    operands of wgmma go through (see ``matmul``)."""
+    operands of wgmma go through (see ``matmul_into``)."""
     scratch = {"consumed_bar": plgpu.Barrier(num_arrivals=2, num_barriers=stages)}
     for shapes, count in ((ring, stages), (own, 2)):
         for name, (shape, kind) in shapes.items():
@@ -110,24 +112,29 @@ def scratch_types(ring, own, stages, dtype, interpret):
     return scratch
 
 
-def operands(q, k, g_local, totals, *, power, num_heads, group):
-    """What the kernels read besides v: (q_main, k_main, key_decay, g, totals, q_diag, k_diag).
+def operands(q, k, g_local, totals, *, power, scale):
+    """What the kernels read besides v and the unscaled q and k: (q_main, k_main, key_decay, g, totals).
 
-    Powers: q_main = q exp(g / p) and k_main = k exp(kd / p) (one copy per query head: the decay is the query
-    head's), q_diag, k_diag the unscaled q and k. exp: q_main = q log2(e), k_main = k, and q_diag, k_diag are the
-    same arrays (unused). key_decay (kd), g and the totals come in base 2 (multiplied by log2(e)).
+    Powers: q_main = scale q exp(g / p) and k_main = k exp(kd / p), token-major, one k_main head per query head
+    (the decay is the query head's). exp: q and k themselves (the kernels scale the logits). key_decay (kd), g and
+    the totals (heads first) come in base 2 (multiplied by log2(e)).
     """
-    dtype = q.dtype
     key_decay = jnp.repeat(totals, BLOCK, axis=-1) - g_local  # to the end of the key's block, <= 0
-    if power == "exp":
-        q_main, k_main = (q.astype(jnp.float32) * LOG2E).astype(dtype), k
-        q_diag, k_diag = q_main, k_main
-    else:
-        kv_index = kv_head(jnp.arange(q.shape[0]), num_heads, group)
-        q_main = (q.astype(jnp.float32) * jnp.exp(g_local / power)[..., None]).astype(dtype)
-        k_main = (k[kv_index].astype(jnp.float32) * jnp.exp(key_decay / power)[..., None]).astype(dtype)
-        q_diag, k_diag = q, k
-    return q_main, k_main, key_decay * LOG2E, g_local * LOG2E, totals * LOG2E, q_diag, k_diag
+    q_main, k_main = q, k
+    if power != "exp":
+        batch, padded, heads, _ = q.shape
+        per_token = lambda x: x.reshape(batch, heads, padded).transpose(0, 2, 1)[..., None]  # (B, Np, H, 1)
+        q_main = (q.astype(jnp.float32) * (scale * jnp.exp(per_token(g_local) / power))).astype(q.dtype)
+        k_main = jnp.repeat(k, heads // k.shape[2], axis=2).astype(jnp.float32)
+        k_main = (k_main * jnp.exp(per_token(key_decay) / power)).astype(k.dtype)
+    return q_main, k_main, key_decay * LOG2E, g_local * LOG2E, totals * LOG2E
+
+
+def head_indices(num_heads, group):
+    """(the program's head of B H, its batch, its query head, its key head) in a kernel over ("heads", ...)."""
+    head = lax.axis_index("heads")
+    query_head = lax.rem(head, jnp.int32(num_heads))
+    return head, lax.div(head, jnp.int32(num_heads)), query_head, lax.div(query_head, jnp.int32(group))
 
 
 def stream(walk, stages, consumed_bar, issue):
@@ -151,38 +158,43 @@ def stream(walk, stages, consumed_bar, issue):
         plgpu.barrier_wait(consumed_bar.at[lax.rem(step, jnp.int32(stages))])
 
 
-def matmul(a, b, shape, staging=None):
-    """wgmma ``a @ b`` into a fresh float32 accumulator of ``shape`` (added to running sums in registers rather
-    than accumulated in place with ``pl.run_state``: the same numbers, and the interpreter runs it). ``a``: a
-    shared-memory ref, or a register array; ``staging``, where given, is a shared-memory tile that a register
-    ``a`` goes through (the interpreter's wgmma reads shared memory only; on the GPU it stays in registers)."""
-    if staging is not None:
-        staging[...] = a
-        plgpu.commit_smem()
-        a = staging
-
+def matmul(a, b, shape):
+    """wgmma ``a @ b`` into a fresh float32 accumulator of ``shape``; ``a``, ``b`` shared-memory refs."""
     def run(acc_ref):
         plgpu.wgmma(acc_ref, a, b)
         return acc_ref[...]
     return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
 
 
+def matmul_into(acc, a, b, staging=None):
+    """``acc + a @ b`` by wgmma, ``a`` a register array (the tile's weights) and ``b`` a shared-memory ref.
+
+    On the GPU the product accumulates in place (``pl.run_state`` on ``acc``'s registers: no second accumulator
+    alive). ``staging`` is given in the interpreter only, whose wgmma reads shared memory and which has no
+    run_state: ``a`` goes through that tile and the product is added to ``acc`` (the same numbers)."""
+    if staging is not None:
+        staging[...] = a
+        plgpu.commit_smem()
+        return acc + matmul(staging, b, acc.shape)
+    return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, a, b))(plgpu.ACC.init(acc))
+
+
 def _kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_ref, y_ref, stat_ref, *, q_smem, k_smem,
             v_smem, kd_smem, g_smem, y_smem, stat_smem, q_bar, g_bar, k_bar, v_bar, kd_bar, consumed_bar,
-            power, normalize, num_heads, group, stages, dtype, dk, dv, folded, q_diag_smem=None, k_diag_smem=None,
+            power, normalize, scale, num_heads, group, stages, dtype, dv, q_diag_smem=None, k_diag_smem=None,
             q_diag_bar=None, k_diag_bar=None, staging_smem=None):
-    head, program = lax.axis_index("heads"), lax.axis_index("rows")
-    wg = lax.axis_index("wg")
-    kv = kv_head(head, num_heads, group)
+    head, batch, query_head, key_head = head_indices(num_heads, group)
+    program, wg = lax.axis_index("rows"), lax.axis_index("wg")
+    folded = power != "exp"
     # Key tiles 2p+1, 2p, ..., 0 in this order: the second compute warpgroup's diagonal tile first.
     last_tile = 2 * program + 1
     walk = last_tile + 1
-    k_rows = head if folded else kv  # folded keys carry the query head's decay: one copy per query head
+    k_head = query_head if folded else key_head  # folded keys carry the query head's decay: one per query head
 
     def issue(step, slot):
         cols = pl.ds((last_tile - step) * BLOCK, BLOCK)
-        plgpu.copy_gmem_to_smem(k_ref.at[k_rows, cols], k_smem.at[slot], k_bar.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[kv, cols], v_smem.at[slot], v_bar.at[slot])
+        plgpu.copy_gmem_to_smem(k_ref.at[batch, cols, k_head], k_smem.at[slot], k_bar.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[batch, cols, key_head], v_smem.at[slot], v_bar.at[slot])
         plgpu.copy_gmem_to_smem(kd_ref.at[head, cols], kd_smem.at[slot], kd_bar.at[slot])
 
     pl.when(wg == 2)(lambda: stream(walk, stages, consumed_bar, issue))
@@ -192,11 +204,11 @@ def _kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_ref, y
         plgpu.set_max_registers(232, action="increase")
         block = 2 * program + wg  # this warpgroup's query block
         rows = pl.ds(block * BLOCK, BLOCK)
-        plgpu.copy_gmem_to_smem(q_ref.at[head, rows], q_smem.at[wg], q_bar.at[wg])
+        plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, query_head], q_smem.at[wg], q_bar.at[wg])
         plgpu.copy_gmem_to_smem(g_ref.at[head, rows], g_smem.at[wg], g_bar.at[wg])
         if folded:
-            plgpu.copy_gmem_to_smem(q_diag_ref.at[head, rows], q_diag_smem.at[wg], q_diag_bar.at[wg])
-            plgpu.copy_gmem_to_smem(k_diag_ref.at[kv, rows], k_diag_smem.at[wg], k_diag_bar.at[wg])
+            plgpu.copy_gmem_to_smem(q_diag_ref.at[batch, rows, query_head], q_diag_smem.at[wg], q_diag_bar.at[wg])
+            plgpu.copy_gmem_to_smem(k_diag_ref.at[batch, rows, key_head], k_diag_smem.at[wg], k_diag_bar.at[wg])
             plgpu.barrier_wait(q_diag_bar.at[wg])
             plgpu.barrier_wait(k_diag_bar.at[wg])
         plgpu.barrier_wait(q_bar.at[wg])
@@ -218,7 +230,8 @@ def _kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_ref, y
             kd_col = plgpu.load(kd_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
             log_decay = rows_plus_cols(g_row, kd_col + r, tile)
             if power == "exp":
-                logits = matmul(q_smem.at[wg], k_smem.at[slot].transpose((1, 0)), tile) + log_decay
+                s = matmul(q_smem.at[wg], k_smem.at[slot].transpose((1, 0)), tile)
+                logits = s * (scale * LOG2E) + log_decay
                 if diagonal:
                     logits = jnp.where(causal_mask(tile), logits, -jnp.inf)
                 if normalize:
@@ -231,14 +244,14 @@ def _kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_ref, y
                 else:
                     p = jnp.exp2(logits)
             elif diagonal:
-                s = matmul(q_diag_smem.at[wg], k_diag_smem.at[wg].transpose((1, 0)), tile)
+                s = matmul(q_diag_smem.at[wg], k_diag_smem.at[wg].transpose((1, 0)), tile) * scale
                 decay = jnp.exp2(jnp.where(causal_mask(tile), jnp.minimum(log_decay, 0.0), -jnp.inf))
                 p = (s if power == 1 else s * s) * decay
             else:
                 s = matmul(q_smem.at[wg], k_smem.at[slot].transpose((1, 0)), tile)
                 p = (s if power == 1 else s * s) * jnp.exp2(r)
             den = den + p.sum(axis=1)
-            acc = acc + matmul(p.astype(dtype), v_smem.at[slot], (BLOCK, dv), staging)
+            acc = matmul_into(acc, p.astype(dtype), v_smem.at[slot], staging)
             plgpu.barrier_arrive(consumed_bar.at[slot])
             return acc, den, row_max, r + t_ref[head, last_tile - step]
 
@@ -264,7 +277,7 @@ def _kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_ref, y
         y_smem.at[wg][...] = acc.astype(y_smem.dtype)
         stat_smem.at[wg][...] = stat
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(y_smem.at[wg], y_ref.at[head, rows])
+        plgpu.copy_smem_to_gmem(y_smem.at[wg], y_ref.at[batch, rows, query_head])
         plgpu.copy_smem_to_gmem(stat_smem.at[wg], stat_ref.at[head, rows])
         plgpu.wait_smem_to_gmem(0)
 

@@ -2,18 +2,21 @@
 shared-memory slots filled by a memory warpgroup, two compute warpgroups of 64 rows each (as the forward in
 ``mosaic_gpu.py``, whose module docstring gives the decay bookkeeping).
 
-``backward_dq`` walks the key tiles from the diagonal back (as the forward); ``backward_dkv`` owns 64 keys per
-compute warpgroup and walks the query tiles from the diagonal forward. Per tile, with W the weights, dW their
+``backward`` runs two kernels on the same operands (made once): the dq pass walks the key tiles from the diagonal
+back (as the forward); the dk/dv pass owns 64 keys per compute warpgroup and walks the query tiles from the
+diagonal forward. Both read and write token-major (B, N, H, d) tiles; dq, dk, dv leave in the operands' dtypes
+(float32 only where grouped key heads are summed after). Per tile, with W the weights, dW their
 cotangent and T = dW * W the log-decay cotangent (its row sums and column sums give the per-token cotangent):
 
 - normalized powers divide by the normalizer: dy and delta arrive divided by it, so dW = dy'.v - delta' and
   dv = W^T dy' as for unnormalized ones;
-- off-diagonal power tiles use the folded q' = q exp(g/p), k' = k exp(kd/p): with c = exp(r),
+- off-diagonal power tiles use the folded q' = scale q exp(g/p), k' = k exp(kd/p): with c = exp(r),
   W = s'^p c and dq = p exp(g_i/p) (dW c s'^(p-1)) k', dk = p exp(kd_j/p) (dW c s'^(p-1))^T q', so the scale
-  factors are applied once per row at the end; diagonal tiles use the unscaled q, k with a masked decay;
-- exp: W = exp2(s + g_i + kd_j + r - L_i) with L the forward's log-normalizer (0 when unnormalized), ds = dW * W.
-
-Signatures and outputs match ``triton.backward_dq`` / ``triton.backward_dkv``.
+  factors are applied once per row at the end; diagonal tiles use the unscaled q, k (s = scale q.k) with a
+  masked decay;
+- exp: W = exp2(s + g_i + kd_j + r - L_i) with s = scale log2(e) q.k and L the forward's log-normalizer (0 when
+  unnormalized), ds = dW * W.
+Accumulators are updated in place by wgmma on the GPU (``matmul_into``).
 """
 
 from __future__ import annotations
@@ -26,66 +29,74 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from twomamba_jax.kernels.parallel.mosaic_gpu import (BLOCK, LOG2E, ROWS_PER_PROGRAM, causal_mask, interpret_params,
-                                                      launch, matmul, operands, rows_plus_cols, scratch_types,
-                                                      smem_tile, stream)
-from twomamba_jax.kernels.parallel.tiles import kv_head
+from twomamba_jax.kernels.parallel.mosaic_gpu import (BLOCK, LOG2E, ROWS_PER_PROGRAM, causal_mask, head_indices,
+                                                      interpret_params, launch, matmul, matmul_into, operands,
+                                                      rows_plus_cols, scratch_types, smem_tile, stream)
 
 _WGMMA = plgpu.Layout.WGMMA
 
 
-def _backward(name, body, ring, own, outputs, q, k, v, g_local, totals, d_out, stat, delta, *, power, normalize,
-              num_heads, group, interpret, stages):
-    """Launches ``body`` over (query head, 128-row program) with ``ring`` (name -> per-step tile) streamed by the
-    memory warpgroup, ``own`` tiles per compute warpgroup and ``outputs`` (name -> per-token shape) float32."""
-    bh, padded, dk = q.shape
+def backward(q, k, v, g_local, totals, d_out, stat, delta, *, power, normalize, scale, stages=2, interpret=False):
+    """Gradients of the flash-style attention on token-major operands: (dq, dk, dv, row sums, column sums).
+
+    q, k, v, g_local, totals as ``mosaic_gpu.forward`` takes them; d_out: (B, Np, H, dv) the output's cotangent;
+    stat: (B H, Np) the forward's statistic (for normalized powers clipped at eps); delta: (B H, Np) ``dy . y``
+    (0 where the normalizer was clipped, 0 when unnormalized). Returns dq (B, Np, H, dk) in q's dtype, dk, dv
+    (B, Np, Hk, d) in k's and v's dtypes, and the row and column sums of the log-decay cotangent (B H, Np) float32.
+    """
+    batch, padded, heads, dk = q.shape
     if padded % ROWS_PER_PROGRAM:
         raise ValueError(f"q: the Mosaic GPU kernels take whole {ROWS_PER_PROGRAM}-row programs; got {q.shape}")
+    kv_heads, dv, dtype = k.shape[2], v.shape[-1], q.dtype
+    group = heads // kv_heads
     if power != "exp" and normalize:  # dW = (dy.v - delta) / den: fold the division into dy and delta
-        d_out, delta = d_out / stat[..., None], delta / stat
+        per_token = stat.reshape(batch, heads, padded).transpose(0, 2, 1)[..., None]
+        d_out, delta = d_out.astype(jnp.float32) / per_token, delta / stat
     log_normalizer = stat * LOG2E if power == "exp" and normalize else jnp.zeros_like(stat)
     interpret = interpret_params(interpret)
+    main = operands(q, k, g_local, totals, power=power, scale=scale)  # shared by both passes
+    args = (*main[:2], v, *main[2:], q, k, d_out.astype(dtype), log_normalizer, delta)
+    options = dict(power=power, scale=scale, num_heads=heads, group=group, stages=stages, dk=dk, dv=dv,
+                   num_blocks=padded // BLOCK, interpret=interpret)
+    f32 = jnp.float32
+    dq, d_rows = _launch(
+        "twomamba_mosaic_dq", _dq_kernel, args,
+        {"dq": ((batch, padded, heads, dk), dtype), "rows": ((batch * heads, padded), f32)},
+        ring={"k": ((BLOCK, dk), dtype), "v": ((BLOCK, dv), dtype), "kd": ((BLOCK,), f32)},
+        own={"q": ((BLOCK, dk), dtype), "dy": ((BLOCK, dv), dtype), "g": ((BLOCK,), f32), "lse": ((BLOCK,), f32),
+             "delta": ((BLOCK,), f32), "q_diag": ((BLOCK, dk), dtype), "k_diag": ((BLOCK, dk), dtype)},
+        **options)
+    # Per query head: the key heads of a group are summed after, in float32.
+    dk_dtype, dv_dtype = (k.dtype, v.dtype) if group == 1 else (f32, f32)
+    dk_, dv_, d_cols = _launch(
+        "twomamba_mosaic_dkv", _dkv_kernel, args,
+        {"dk": ((batch, padded, heads, dk), dk_dtype), "dv": ((batch, padded, heads, dv), dv_dtype),
+         "cols": ((batch * heads, padded), f32)},
+        ring={"q": ((BLOCK, dk), dtype), "dy": ((BLOCK, dv), dtype), "g": ((BLOCK,), f32), "lse": ((BLOCK,), f32),
+              "delta": ((BLOCK,), f32)},
+        own={"k": ((BLOCK, dk), dtype), "v": ((BLOCK, dv), dtype), "kd": ((BLOCK,), f32),
+             "q_diag": ((BLOCK, dk), dtype), "k_diag": ((BLOCK, dk), dtype)},
+        **options)
+    if group > 1:
+        dk_ = dk_.reshape(batch, padded, kv_heads, group, dk).sum(3).astype(k.dtype)
+        dv_ = dv_.reshape(batch, padded, kv_heads, group, dv).sum(3).astype(v.dtype)
+    return dq, dk_, dv_, d_rows, d_cols
+
+
+def _launch(name, body, args, outputs, *, ring, own, power, interpret, stages, **options):
+    """``body`` over (B H, 128-row program) with ``ring`` (name -> per-step tile) streamed by the memory
+    warpgroup, ``own`` tiles per compute warpgroup and ``outputs`` (name -> (shape, dtype)), each staged through
+    a shared-memory tile ``NAME_out_smem``."""
     if power == "exp":  # no diagonal-only operands: q and k are not folded
         own = {key: value for key, value in own.items() if not key.endswith("_diag")}
-    scratch = scratch_types(ring, own, stages, q.dtype, interpret)
-    for out, shape in outputs.items():
-        scratch[f"{out}_out_smem"] = (smem_tile((2, BLOCK, *shape), jnp.float32) if shape
-                                      else plgpu.SMEM((2, BLOCK), jnp.float32))
-    out_type = tuple(jax.ShapeDtypeStruct((bh, padded, *shape), jnp.float32) for shape in outputs.values())
-    kernel = functools.partial(body, power=power, num_heads=num_heads, group=group, stages=stages, dk=dk,
-                               dv=v.shape[-1], num_blocks=padded // BLOCK)
-    main = operands(q, k, g_local, totals, power=power, num_heads=num_heads, group=group)
-    return launch(name, kernel, out_type, scratch, bh, padded, interpret)(
-        *main[:2], v, *main[2:], d_out.astype(q.dtype), log_normalizer, delta)
-
-
-def backward_dq(q, k, v, g_local, totals, d_out, stat, delta, *, power, normalize, block, num_heads, group,
-                interpret=False, stages=2):
-    """dq (of the pre-scaled q) (BH, Np, dk) and the row sums of the log-decay cotangent (BH, Np), float32;
-    arguments as ``triton.backward_dq`` (Np a multiple of 128, ``block`` = 64)."""
-    del block
-    dk, dv, dtype, f32 = q.shape[-1], v.shape[-1], q.dtype, jnp.float32
-    ring = {"k": ((BLOCK, dk), dtype), "v": ((BLOCK, dv), dtype), "kd": ((BLOCK,), f32)}
-    own = {"q": ((BLOCK, dk), dtype), "dy": ((BLOCK, dv), dtype), "g": ((BLOCK,), f32), "lse": ((BLOCK,), f32),
-           "delta": ((BLOCK,), f32), "q_diag": ((BLOCK, dk), dtype), "k_diag": ((BLOCK, dk), dtype)}
-    return _backward("twomamba_mosaic_dq", _dq_kernel, ring, own, {"dq": (dk,), "rows": ()}, q, k, v, g_local,
-                     totals, d_out, stat, delta, power=power, normalize=normalize, num_heads=num_heads, group=group,
-                     interpret=interpret, stages=stages)
-
-
-def backward_dkv(q, k, v, g_local, totals, d_out, stat, delta, *, power, normalize, block, num_heads, group,
-                 interpret=False, stages=2):
-    """dk, dv per query head ((BH, Np, dk), (BH, Np, dv)) and the column sums of the log-decay cotangent (BH, Np),
-    float32; arguments as ``backward_dq``."""
-    del block
-    dk, dv, dtype, f32 = q.shape[-1], v.shape[-1], q.dtype, jnp.float32
-    ring = {"q": ((BLOCK, dk), dtype), "dy": ((BLOCK, dv), dtype), "g": ((BLOCK,), f32), "lse": ((BLOCK,), f32),
-            "delta": ((BLOCK,), f32)}
-    own = {"k": ((BLOCK, dk), dtype), "v": ((BLOCK, dv), dtype), "kd": ((BLOCK,), f32),
-           "q_diag": ((BLOCK, dk), dtype), "k_diag": ((BLOCK, dk), dtype)}
-    return _backward("twomamba_mosaic_dkv", _dkv_kernel, ring, own, {"dk": (dk,), "dv": (dv,), "cols": ()}, q, k, v,
-                     g_local, totals, d_out, stat, delta, power=power, normalize=normalize, num_heads=num_heads,
-                     group=group, interpret=interpret, stages=stages)
+    scratch = scratch_types(ring, own, stages, args[0].dtype, interpret)
+    for out, (shape, dtype) in outputs.items():
+        scratch[f"{out}_out_smem"] = (smem_tile((2, BLOCK, shape[-1]), dtype) if len(shape) == 4
+                                      else plgpu.SMEM((2, BLOCK), dtype))
+    out_type = tuple(jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in outputs.values())
+    kernel = functools.partial(body, power=power, stages=stages, **options)
+    bh, padded = args[3].shape
+    return launch(name, kernel, out_type, scratch, bh, padded, interpret)(*args)
 
 
 def _load_own(wg, copies):
@@ -120,19 +131,21 @@ def _weights_and_grads(s, dp, log_decay, r, delta, lse, *, power, diagonal, tran
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_ref, dy_ref, lse_ref, delta_ref,
-               dq_ref, rows_ref, *, power, num_heads, group, stages, dk, dv, num_blocks, **smem):
+               dq_ref, rows_ref, *, power, scale, num_heads, group, stages, dk, dv, num_blocks, **smem):
     del dv, num_blocks  # the dk/dv pass's
-    head, program, wg = lax.axis_index("heads"), lax.axis_index("rows"), lax.axis_index("wg")
-    kv = kv_head(head, num_heads, group)
+    head, batch, query_head, key_head = head_indices(num_heads, group)
+    program, wg = lax.axis_index("rows"), lax.axis_index("wg")
     folded = power != "exp"
     last_tile = 2 * program + 1
     walk = last_tile + 1
-    ring = [("k", k_ref, head if folded else kv), ("v", v_ref, kv), ("kd", kd_ref, head)]
+    # Folded keys carry the query head's decay: one per query head.
+    ring = [("k", lambda cols: k_ref.at[batch, cols, query_head if folded else key_head]),
+            ("v", lambda cols: v_ref.at[batch, cols, key_head]), ("kd", lambda cols: kd_ref.at[head, cols])]
 
     def issue(step, slot):
         cols = pl.ds((last_tile - step) * BLOCK, BLOCK)
-        for name, src, index in ring:
-            plgpu.copy_gmem_to_smem(src.at[index, cols], smem[f"{name}_smem"].at[slot], smem[f"{name}_bar"].at[slot])
+        for name, src in ring:
+            plgpu.copy_gmem_to_smem(src(cols), smem[f"{name}_smem"].at[slot], smem[f"{name}_bar"].at[slot])
 
     pl.when(wg == 2)(lambda: stream(walk, stages, smem["consumed_bar"], issue))
 
@@ -141,11 +154,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_ref
         plgpu.set_max_registers(232, action="increase")
         block = 2 * program + wg
         rows = pl.ds(block * BLOCK, BLOCK)
-        own = [(src.at[head, rows], smem[f"{name}_smem"], smem[f"{name}_bar"])
-               for name, src in (("q", q_ref), ("dy", dy_ref), ("g", g_ref), ("lse", lse_ref), ("delta", delta_ref))]
+        own = [(src, smem[f"{name}_smem"], smem[f"{name}_bar"])
+               for name, src in (("q", q_ref.at[batch, rows, query_head]), ("dy", dy_ref.at[batch, rows, query_head]),
+                                 ("g", g_ref.at[head, rows]), ("lse", lse_ref.at[head, rows]),
+                                 ("delta", delta_ref.at[head, rows]))]
         if folded:
-            own += [(q_diag_ref.at[head, rows], smem["q_diag_smem"], smem["q_diag_bar"]),
-                    (k_diag_ref.at[kv, rows], smem["k_diag_smem"], smem["k_diag_bar"])]
+            own += [(q_diag_ref.at[batch, rows, query_head], smem["q_diag_smem"], smem["q_diag_bar"]),
+                    (k_diag_ref.at[batch, rows, key_head], smem["k_diag_smem"], smem["k_diag_bar"])]
         _load_own(wg, own)
         row = functools.partial(plgpu.load, layout=_WGMMA.reduce(1))
         g_row, lse, delta = row(smem["g_smem"].at[wg]), row(smem["lse_smem"].at[wg]), row(smem["delta_smem"].at[wg])
@@ -153,7 +168,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_ref
         tile = (BLOCK, BLOCK)
 
         def wait_tile(slot):
-            for name, _, _ in ring:
+            for name, _ in ring:
                 plgpu.barrier_wait(smem[f"{name}_bar"].at[slot])
 
         def visit(step, carry, diagonal):
@@ -163,18 +178,18 @@ def _dq_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_ref
             kd_col = plgpu.load(smem["kd_smem"].at[slot], layout=_WGMMA.reduce(0))
             k_tile = smem["k_smem"].at[slot]
             if diagonal and folded:
-                s = matmul(smem["q_diag_smem"].at[wg], smem["k_diag_smem"].at[wg].transpose((1, 0)), tile)
+                s = matmul(smem["q_diag_smem"].at[wg], smem["k_diag_smem"].at[wg].transpose((1, 0)), tile) * scale
             else:
-                s = matmul(smem["q_smem"].at[wg], k_tile.transpose((1, 0)), tile)
+                s = _logits(matmul(smem["q_smem"].at[wg], k_tile.transpose((1, 0)), tile), power, scale)
             dp = matmul(smem["dy_smem"].at[wg], smem["v_smem"].at[slot].transpose((1, 0)), tile)
             _, d_s, through_decay = _weights_and_grads(
                 s, dp, rows_plus_cols(g_row, kd_col + r, tile), r, delta, lse, power=power, diagonal=diagonal,
                 transposed=False)
             d_s = d_s.astype(k_tile.dtype)
             if diagonal and folded:
-                dq_diag = dq_diag + matmul(d_s, smem["k_diag_smem"].at[wg], (BLOCK, dk), staging)
+                dq_diag = matmul_into(dq_diag, d_s, smem["k_diag_smem"].at[wg], staging)
             else:
-                dq = dq + matmul(d_s, k_tile, (BLOCK, dk), staging)
+                dq = matmul_into(dq, d_s, k_tile, staging)
             d_rows = d_rows + through_decay.sum(axis=1)
             plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
             return dq, dq_diag, d_rows, r + t_ref[head, last_tile - step]
@@ -192,25 +207,28 @@ def _dq_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_ref
         carry = visit(diagonal_step, carry, diagonal=True)
         dq, dq_diag, d_rows, _ = lax.fori_loop(diagonal_step + 1, walk, functools.partial(visit, diagonal=False),
                                                carry)
-        if folded:  # dq = p exp(g_i / p) (dS' k') + the diagonal's dS k
+        if folded:  # dq = p exp(g_i / p) (dS' k') + the diagonal's dS k, for the scaled q
             dq = _unfold(dq, dq_diag, g_row, power)
-        _store(wg, [(dq, smem["dq_out_smem"], dq_ref.at[head, rows]),
+        _store(wg, [(dq * scale, smem["dq_out_smem"], dq_ref.at[batch, rows, query_head]),
                     (d_rows, smem["rows_out_smem"], rows_ref.at[head, rows])])
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_ref, dy_ref, lse_ref, delta_ref,
-                dk_ref, dv_ref, cols_ref, *, power, num_heads, group, stages, dk, dv, num_blocks, **smem):
-    head, program, wg = lax.axis_index("heads"), lax.axis_index("rows"), lax.axis_index("wg")
-    kv = kv_head(head, num_heads, group)
+                dk_ref, dv_ref, cols_ref, *, power, scale, num_heads, group, stages, dk, dv, num_blocks, **smem):
+    head, batch, query_head, key_head = head_indices(num_heads, group)
+    program, wg = lax.axis_index("rows"), lax.axis_index("wg")
     folded = power != "exp"
     first_tile = 2 * program
     walk = num_blocks - first_tile
-    ring = [("q", q_ref), ("dy", dy_ref), ("g", g_ref), ("lse", lse_ref), ("delta", delta_ref)]
+    ring = [(name, lambda rows, src=src: src.at[batch, rows, query_head])
+            for name, src in (("q", q_ref), ("dy", dy_ref))]
+    ring += [(name, lambda rows, src=src: src.at[head, rows])
+             for name, src in (("g", g_ref), ("lse", lse_ref), ("delta", delta_ref))]
 
     def issue(step, slot):
         rows = pl.ds((first_tile + step) * BLOCK, BLOCK)
         for name, src in ring:
-            plgpu.copy_gmem_to_smem(src.at[head, rows], smem[f"{name}_smem"].at[slot], smem[f"{name}_bar"].at[slot])
+            plgpu.copy_gmem_to_smem(src(rows), smem[f"{name}_smem"].at[slot], smem[f"{name}_bar"].at[slot])
 
     pl.when(wg == 2)(lambda: stream(walk, stages, smem["consumed_bar"], issue))
 
@@ -219,12 +237,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_re
         plgpu.set_max_registers(232, action="increase")
         block = first_tile + wg  # this warpgroup's key block
         cols = pl.ds(block * BLOCK, BLOCK)
-        own = [(k_ref.at[head if folded else kv, cols], smem["k_smem"], smem["k_bar"]),
-               (v_ref.at[kv, cols], smem["v_smem"], smem["v_bar"]),
+        own = [(k_ref.at[batch, cols, query_head if folded else key_head], smem["k_smem"], smem["k_bar"]),
+               (v_ref.at[batch, cols, key_head], smem["v_smem"], smem["v_bar"]),
                (kd_ref.at[head, cols], smem["kd_smem"], smem["kd_bar"])]
         if folded:
-            own += [(q_diag_ref.at[head, cols], smem["q_diag_smem"], smem["q_diag_bar"]),
-                    (k_diag_ref.at[kv, cols], smem["k_diag_smem"], smem["k_diag_bar"])]
+            own += [(q_diag_ref.at[batch, cols, query_head], smem["q_diag_smem"], smem["q_diag_bar"]),
+                    (k_diag_ref.at[batch, cols, key_head], smem["k_diag_smem"], smem["k_diag_bar"])]
         _load_own(wg, own)
         kd_row = plgpu.load(smem["kd_smem"].at[wg], layout=_WGMMA.reduce(1))
         staging = smem["staging_smem"].at[wg] if "staging_smem" in smem else None
@@ -242,19 +260,19 @@ def _dkv_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_re
             q_tile, dy_tile = smem["q_smem"].at[slot], smem["dy_smem"].at[slot]
             g_col, lse, delta = (col(smem[f"{name}_smem"].at[slot]) for name in ("g", "lse", "delta"))
             if diagonal and folded:
-                s = matmul(smem["k_diag_smem"].at[wg], smem["q_diag_smem"].at[wg].transpose((1, 0)), tile)
+                s = matmul(smem["k_diag_smem"].at[wg], smem["q_diag_smem"].at[wg].transpose((1, 0)), tile) * scale
             else:
-                s = matmul(smem["k_smem"].at[wg], q_tile.transpose((1, 0)), tile)
+                s = _logits(matmul(smem["k_smem"].at[wg], q_tile.transpose((1, 0)), tile), power, scale)
             dp = matmul(smem["v_smem"].at[wg], dy_tile.transpose((1, 0)), tile)
             w, d_s, through_decay = _weights_and_grads(
                 s, dp, rows_plus_cols(kd_row + r, g_col, tile), r, delta, lse, power=power, diagonal=diagonal,
                 transposed=True)
-            dv_acc = dv_acc + matmul(w.astype(dy_tile.dtype), dy_tile, (BLOCK, dv), staging)
+            dv_acc = matmul_into(dv_acc, w.astype(dy_tile.dtype), dy_tile, staging)
             d_s = d_s.astype(q_tile.dtype)
             if diagonal and folded:
-                dk_diag = dk_diag + matmul(d_s, smem["q_diag_smem"].at[wg], (BLOCK, dk), staging)
+                dk_diag = matmul_into(dk_diag, d_s, smem["q_diag_smem"].at[wg], staging)
             else:
-                dk_acc = dk_acc + matmul(d_s, q_tile, (BLOCK, dk), staging)
+                dk_acc = matmul_into(dk_acc, d_s, q_tile, staging)
             d_cols = d_cols + through_decay.sum(axis=1)
             plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
             return dk_acc, dk_diag, dv_acc, d_cols, r + t_ref[head, first_tile + step]
@@ -271,12 +289,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_re
         carry = visit(wg, carry, diagonal=True)
         dk_acc, dk_diag, dv_acc, d_cols, _ = lax.fori_loop(wg + 1, walk, functools.partial(visit, diagonal=False),
                                                            carry)
-        if folded:  # dk = p exp(kd_j / p) (dS'^T q') + the diagonal's dS^T q
-            dk_acc = _unfold(dk_acc, dk_diag, kd_row, power)
-        else:  # q_main is q log2(e)
-            dk_acc = dk_acc / LOG2E
-        _store(wg, [(dk_acc, smem["dk_out_smem"], dk_ref.at[head, cols]),
-                    (dv_acc, smem["dv_out_smem"], dv_ref.at[head, cols]),
+        if folded:  # dk = p exp(kd_j / p) (dS'^T q') + the diagonal's dS^T (scale q); q' carries the scale
+            dk_acc = _unfold(dk_acc, dk_diag * scale, kd_row, power)
+        else:  # the logits are scale q.k
+            dk_acc = dk_acc * scale
+        _store(wg, [(dk_acc, smem["dk_out_smem"], dk_ref.at[batch, cols, query_head]),
+                    (dv_acc, smem["dv_out_smem"], dv_ref.at[batch, cols, query_head]),
                     (d_cols, smem["cols_out_smem"], cols_ref.at[head, cols])])
 
 
@@ -284,14 +302,20 @@ def _unfold(folded, diagonal, log2_decay, power):
     """A gradient from its off-diagonal part, accumulated against the folded operand, and its diagonal part:
     ``p exp(decay / p)`` row by row (``log2_decay`` in base 2, one per row) times the first, plus p times the
     second (the factor p of d(s^p)/ds left out of both)."""
-    scale = power * jnp.exp2(log2_decay / power)
-    return folded * lax.broadcast_in_dim(scale, folded.shape, [0]) + diagonal * power
+    factor = power * jnp.exp2(log2_decay / power)
+    return folded * lax.broadcast_in_dim(factor, folded.shape, [0]) + diagonal * power
+
+
+def _logits(s, power, scale):
+    """An off-diagonal tile's scores: base-2 logits ``scale log2(e) q.k`` for exp; as they are for folded powers
+    (q' carries the scale)."""
+    return s * (scale * LOG2E) if power == "exp" else s
 
 
 def _store(wg, outputs):
-    """Registers -> this warpgroup's shared-memory tiles -> global memory (TMA)."""
+    """Registers -> this warpgroup's shared-memory tiles (in their dtypes) -> global memory (TMA)."""
     for value, smem, _ in outputs:
-        smem.at[wg][...] = value
+        smem.at[wg][...] = value.astype(smem.dtype)
     plgpu.commit_smem()
     for _, smem, dst in outputs:
         plgpu.copy_smem_to_gmem(smem.at[wg], dst)

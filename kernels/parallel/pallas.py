@@ -9,7 +9,6 @@ cumulative sum (g = cumsum(a)).
 from __future__ import annotations
 
 import functools
-import types
 from typing import NamedTuple
 
 import jax
@@ -21,10 +20,9 @@ from twomamba_jax.kernels.parallel import tpu as tpu_kernels
 from twomamba_jax.kernels.parallel import triton as triton_kernels
 from twomamba_jax.ops.numerics import NORMALIZER_EPS, zero_log_decay
 
-mosaic_gpu_kernels = types.SimpleNamespace(
-    forward=mosaic_gpu.forward, backward_dq=mosaic_gpu_backward.backward_dq,
-    backward_dkv=mosaic_gpu_backward.backward_dkv, ROWS_PER_PROGRAM=mosaic_gpu.ROWS_PER_PROGRAM)
-BACKENDS = {"triton": triton_kernels, "mosaic_gpu": mosaic_gpu_kernels, "tpu": tpu_kernels}
+_HEADS_FIRST = {"triton": triton_kernels, "tpu": tpu_kernels}  # kernels on (B H, Np, d) operands
+
+BACKENDS = ("triton", "mosaic_gpu", "tpu")
 # Tokens per tile, per backend: 64 on the GPU (registers; measured on the H200; wgmma's M), 128 on the TPU (the MXU
 # width).
 DEFAULT_BLOCK = {"triton": 64, "mosaic_gpu": mosaic_gpu.BLOCK, "tpu": 128}
@@ -41,8 +39,8 @@ def mosaic_gpu_unsupported_reason(q, k, v) -> str | None:
     """Why the Hopper (Mosaic GPU) kernels are not used for these inputs (the Triton kernels then run), or None.
 
     Head dim 64 only for now: the kernels take multiples of 64 (and pass the interpreter at 128), but at 128 the
-    dq pass's shared-memory tiles (~256 KB) exceed the 227 KB a Hopper block can have, and 128 has not run on a
-    GPU yet."""
+    dk/dv pass's shared-memory tiles (~256 KB, ~320 KB with grouped keys) exceed the 227 KB a Hopper block can
+    have and the dq pass's (~226 KB) barely fit, and 128 has not run on a GPU yet."""
     for name, dim in (("dk", q.shape[-1]), ("dv", v.shape[-1])):
         if dim != 64:
             return f"{name}={dim} (the wgmma kernels are dispatched for head dim 64)"
@@ -60,19 +58,20 @@ class _Config(NamedTuple):
     interpret: bool
 
 
-def _layout(q, k, v, log_decay, config: _Config):
-    """Kernel layouts: heads first, N padded to whole blocks, block-local cumsums of the log-decay and totals."""
-    length = q.shape[1]
-    unit = getattr(BACKENDS[config.backend], "ROWS_PER_PROGRAM", config.block)  # whole programs of query rows
-    padded = -(-length // unit) * unit
-    num_blocks = padded // config.block
-    blocks = heads_first(log_decay.astype(jnp.float32), padded).reshape(-1, num_blocks, config.block)
+def _decay(log_decay, padded, block):
+    """Block-local inclusive cumulative log-decays (B H, Np) and each block's total (B H, Np / block), float32."""
+    blocks = heads_first(log_decay.astype(jnp.float32), padded).reshape(-1, padded // block, block)
     g_local = jnp.cumsum(blocks, axis=-1)
-    options = dict(power=config.power, normalize=config.normalize, block=config.block, num_heads=q.shape[2],
-                   group=q.shape[2] // k.shape[2], interpret=config.interpret)
-    prepared = (heads_first((q.astype(jnp.float32) * config.scale).astype(q.dtype), padded), heads_first(k, padded),
-                heads_first(v, padded), g_local.reshape(-1, padded), g_local[..., -1])
-    return prepared, options
+    return g_local.reshape(-1, padded), g_local[..., -1]
+
+
+def _padded_length(length, config):
+    unit = mosaic_gpu.ROWS_PER_PROGRAM if config.backend == "mosaic_gpu" else config.block  # whole programs
+    return -(-length // unit) * unit
+
+
+def _pad_tokens(x, padded):
+    return jnp.pad(x, [(0, 0), (0, padded - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -81,10 +80,25 @@ def _attention(q, k, v, log_decay, config):
 
 
 def _forward(q, k, v, log_decay, config):
-    batch, length = q.shape[:2]
-    prepared, options = _layout(q, k, v, log_decay, config)
-    y, stat = BACKENDS[config.backend].forward(*prepared, **options)
+    """y (B, N, H, dv) and the per-token statistic (B H, Np)."""
+    batch, length, heads, _ = q.shape
+    padded = _padded_length(length, config)
+    g_local, totals = _decay(log_decay, padded, config.block)
+    options = dict(power=config.power, normalize=config.normalize, interpret=config.interpret)
+    if config.backend == "mosaic_gpu":  # token-major operands, as they come
+        y, stat = mosaic_gpu.forward(*(_pad_tokens(x, padded) for x in (q, k, v)), g_local, totals,
+                                     scale=config.scale, **options)
+        return y[:, :length], stat
+    kernels = _HEADS_FIRST[config.backend]
+    y, stat = kernels.forward(*_heads_first(q, k, v, config.scale, padded), g_local, totals, block=config.block,
+                              num_heads=heads, group=heads // k.shape[2], **options)
     return heads_last(y, batch, length), stat
+
+
+def _heads_first(q, k, v, scale, padded):
+    """q (scaled), k, v as the Triton and TPU kernels take them: (B H, Np, d)."""
+    return heads_first((q.astype(jnp.float32) * scale).astype(q.dtype), padded), heads_first(k, padded), \
+        heads_first(v, padded)
 
 
 def _attention_fwd(q, k, v, log_decay, config):
@@ -95,31 +109,38 @@ def _attention_fwd(q, k, v, log_decay, config):
 def _attention_bwd(config, residuals, d_y):
     q, k, v, log_decay, y, stat = residuals
     batch, length, heads, _ = q.shape
-    kernels = BACKENDS[config.backend]
-    prepared, options = _layout(q, k, v, log_decay, config)
-    padded = prepared[0].shape[1]
-    d_out = heads_first(d_y.astype(jnp.float32), padded)
+    padded = stat.shape[1]
+    g_local, totals = _decay(log_decay, padded, config.block)
     if config.normalize:
-        delta = jnp.sum(d_out * heads_first(y.astype(jnp.float32), padded), axis=-1)
+        delta = heads_first(jnp.sum(d_y.astype(jnp.float32) * y.astype(jnp.float32), axis=-1), padded)
         if config.power != "exp":  # y = numerator / max(normalizer, eps): no gradient through a clipped normalizer
             delta = jnp.where(stat > NORMALIZER_EPS, delta, 0.0)
             stat = jnp.maximum(stat, NORMALIZER_EPS)
     else:
         delta = jnp.zeros_like(stat)
-    dq, d_rows = kernels.backward_dq(*prepared, d_out, stat, delta, **options)
-    dk, dv, d_cols = kernels.backward_dkv(*prepared, d_out, stat, delta, **options)
-    group = options["group"]
-    # Per query head -> per key head: the heads of a group are adjacent.
-    dk = dk.reshape(-1, group, *dk.shape[1:]).sum(1)
-    dv = dv.reshape(-1, group, *dv.shape[1:]).sum(1)
+    options = dict(power=config.power, normalize=config.normalize, interpret=config.interpret)
+    if config.backend == "mosaic_gpu":
+        dq, dk, dv, d_rows, d_cols = mosaic_gpu_backward.backward(
+            *(_pad_tokens(x, padded) for x in (q, k, v)), g_local, totals, _pad_tokens(d_y, padded), stat, delta,
+            scale=config.scale, **options)
+        dq, dk, dv = (x[:, :length] for x in (dq, dk, dv))
+    else:
+        kernels = _HEADS_FIRST[config.backend]
+        group = heads // k.shape[2]
+        args = (*_heads_first(q, k, v, config.scale, padded), g_local, totals,
+                heads_first(d_y.astype(jnp.float32), padded), stat, delta)
+        options.update(block=config.block, num_heads=heads, group=group)
+        dq, d_rows = kernels.backward_dq(*args, **options)
+        dk, dv, d_cols = kernels.backward_dkv(*args, **options)
+        # Per query head -> per key head: the heads of a group are adjacent.
+        dk = dk.reshape(-1, group, *dk.shape[1:]).sum(1)
+        dv = dv.reshape(-1, group, *dv.shape[1:]).sum(1)
+        dq, dk, dv = heads_last(dq * config.scale, batch, length), heads_last(dk, batch, length), \
+            heads_last(dv, batch, length)
     d_gamma = d_rows - d_cols  # g_i enters row i with +, column i with -
     d_log_decay = jnp.flip(jnp.cumsum(jnp.flip(d_gamma, -1), -1), -1)  # g = cumsum(a): da_s = sum_{t>=s} dg_t
-    return (
-        (heads_last(dq, batch, length) * config.scale).astype(q.dtype),
-        heads_last(dk, batch, length).astype(k.dtype),
-        heads_last(dv, batch, length).astype(v.dtype),
-        heads_last(d_log_decay, batch, length).astype(log_decay.dtype),
-    )
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
+            heads_last(d_log_decay, batch, length).astype(log_decay.dtype))
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -132,9 +153,10 @@ def parallel_attention_pallas(q, k, v, log_decay=None, *, power, normalize, scal
     q: (B, N, H, dk); k: (B, N, Hk, dk) and v: (B, N, Hk, dv) with Hk dividing H (grouped keys: query head h uses
     key head h // (H / Hk)); log_decay: (B, N, H) or None. Any N (padded to whole blocks of ``block_size``
     tokens, default ``DEFAULT_BLOCK``; a power of two for Triton, a multiple of 8 for the TPU). backend:
-    "triton" (GPU), "mosaic_gpu" (Hopper: the wgmma kernels of ``mosaic_gpu.py`` and ``mosaic_gpu_backward.py``,
-    block 64, bfloat16, head dims multiples of 64; dispatched where ``mosaic_gpu_unsupported_reason`` allows) or
-    "tpu" (Mosaic TPU);
+    "triton" (GPU), "mosaic_gpu" (Hopper: the wgmma kernels of ``mosaic_gpu.py`` and ``mosaic_gpu_backward.py``
+    on token-major operands, block 64, bfloat16, head dims multiples of 64; dispatched where
+    ``mosaic_gpu_unsupported_reason`` allows) or "tpu" (Mosaic TPU); the Triton and TPU kernels take heads-first
+    copies (B H, N, d);
     ``interpret=True`` runs any of them in Pallas interpret mode. The caller checks ``unsupported_reason`` first.
     Returns y: (B, N, H, dv) in q's dtype.
     """
@@ -147,5 +169,7 @@ def parallel_attention_pallas(q, k, v, log_decay=None, *, power, normalize, scal
     if log_decay is None:
         log_decay = zero_log_decay(q)
     block_size = DEFAULT_BLOCK[backend] if block_size is None else block_size
+    if backend == "mosaic_gpu" and block_size != mosaic_gpu.BLOCK:
+        raise ValueError(f"block_size: the Mosaic GPU kernels tile by {mosaic_gpu.BLOCK} tokens; got {block_size}")
     config = _Config(power, normalize, float(scale), block_size, backend, interpret)
     return _attention(q, k, v, log_decay, config)

@@ -33,7 +33,8 @@ DENSE_MAX_ELEMENTS = 2**27  # B * H * N^2 above this (512 MiB per float32 tile) 
 # chunked one. Measured on the H200 (benchmarks/RESULTS.md, B=4, H=16, d=64, bf16, fwd + bwd): power 2 is faster
 # flash-style at 2k / 4k / 8k tokens (1.5 / 4.6 / 16.4 ms against 6.9 / 13.0 / 25.4) and chunked at 32k (25.9 ms
 # against ~4 x 16.4); power 1 is faster chunked at every length (0.67 against 1.34 ms at 2k). The Hopper (Mosaic
-# GPU) flash-style kernels only move power 2's crossover further out (1.14 ms at 2k); re-measure it at 8k-32k.
+# GPU) flash-style kernels only move power 2's crossover further out (0.60 / 6.0 ms at 2k / 8k, which scaled as
+# B N^2 meets the chunked kernel's 25.9 ms near B=1 N=32k); not re-measured at 16k-32k yet, so the entry stays.
 # CPU runs the GPU kernels, so shares the entry.
 PARALLEL_MAX_LEN = {"gpu": {1: 0, 2: 8192}, "cpu": {1: 0, 2: 8192}}
 
