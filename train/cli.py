@@ -1,4 +1,5 @@
-"""Command lines: ``twomamba-train`` (also ``python -m twomamba_jax.train``) and ``twomamba-plot``."""
+"""Command lines: ``twomamba-train`` (also ``python -m twomamba_jax.train``), ``twomamba-plot`` and
+``twomamba-generate``."""
 
 from __future__ import annotations
 
@@ -42,9 +43,9 @@ def parse_train_args(argv: list[str]):
     return config, workdir
 
 
-def _error(error: Exception) -> int:
-    """A bad config or data: one line saying which key or file (the traceback would only bury it)."""
-    print("twomamba-train: error: " + " ".join(str(error).split()), file=sys.stderr)
+def _error(error: Exception, prog: str = "twomamba-train") -> int:
+    """A bad config, data or argument: one line saying which (the traceback would only bury it)."""
+    print(f"{prog}: error: " + " ".join(str(error).split()), file=sys.stderr)
     return 2
 
 
@@ -80,3 +81,80 @@ def plot_main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     print(f"wrote {path}")
     return 0
+
+
+def generate_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="twomamba-generate", description="Continue a prompt with the newest checkpoint of a training run, "
+        "streaming the text as it is produced (greedy unless --temperature is above 0).")
+    parser.add_argument("workdir", metavar="WORKDIR", help="the work directory of a twomamba-train run")
+    parser.add_argument("--prompt", required=True,
+                        help="the text to continue (a model of a synthetic task: token ids separated by spaces)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sample")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens")
+    parser.add_argument("--top-p", type=float, default=None, help="sample among the most likely tokens whose "
+                        "probability reaches P")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    import numpy as np
+
+    from twomamba_jax.generate import generate
+    from twomamba_jax.train.workdir import load
+
+    try:
+        trained = load(args.workdir)
+        prompt = _prompt_ids(args.prompt, trained.tokenizer)
+        stream = _TextStream(trained.tokenizer, prompt)
+        generate(trained.model, prompt[None], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                 on_tokens=lambda token: stream.add(int(np.asarray(token)[0])))
+    except ValueError as error:
+        return _error(error, "twomamba-generate")
+    stream.finish()
+    return 0
+
+
+def _prompt_ids(prompt: str, tokenizer):
+    import numpy as np
+
+    if tokenizer is not None:
+        ids = tokenizer.encode(prompt)
+    else:
+        try:
+            ids = np.asarray([int(word) for word in prompt.split()], np.int32)
+        except ValueError:
+            raise ValueError(f"--prompt: this run's model was trained on a synthetic task, so it takes token ids "
+                             f"separated by spaces; got {prompt!r}") from None
+    if not len(ids):
+        raise ValueError("--prompt: expected at least one token; got an empty prompt")
+    return ids
+
+
+class _TextStream:
+    """Prints the prompt, then each piece of text as soon as it is final (ids for a synthetic task)."""
+
+    def __init__(self, tokenizer, prompt):
+        self._tokenizer, self._ids, self._printed = tokenizer, list(prompt), ""
+        self._show(final=False)
+
+    def add(self, token: int) -> None:
+        self._ids.append(token)
+        self._show(final=False)
+
+    def finish(self) -> None:
+        self._show(final=True)
+        print(flush=True)
+
+    def _show(self, final: bool) -> None:
+        if self._tokenizer is None:
+            text = " ".join(str(i) for i in self._ids)
+        else:
+            text = self._tokenizer.decode(self._ids)
+            if not final:  # an unfinished multi-byte character decodes as U+FFFD until its last byte comes
+                text = text.rstrip("\ufffd")
+        if text.startswith(self._printed):  # else wait: a later token changed how earlier pieces join
+            print(text[len(self._printed):], end="", flush=True)
+            self._printed = text
+        elif final:
+            print("\n" + text, end="", flush=True)
