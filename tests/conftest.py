@@ -1,6 +1,7 @@
 """Test setup: float64 is enabled so the dense reference can serve as an oracle, and the CPU shows 8 devices
 (before JAX starts) so sharded training runs on meshes of up to 8."""
 
+import io
 import os
 import zlib
 
@@ -17,3 +18,25 @@ jax.config.update("jax_enable_x64", True)
 def rng(request):
     """A fresh generator per test, seeded from the test's name so failures reproduce."""
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(scope="session")
+def text_run(tmp_path_factory):
+    """The work directory of a tiny 2mamba run trained for 2 steps on a small text file (byte tokens, 16-token
+    rows), with its summary: for the tests that read a trained run back (generation, evaluation)."""
+    from twomamba_jax.train.config import (CheckpointConfig, DataConfig, EvalConfig, ModelConfig, OptimConfig,
+                                           TrainConfig)
+    from twomamba_jax.train.trainer import train
+
+    root = tmp_path_factory.mktemp("text_run")
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n\n".join(f"note {i}: the quick brown fox jumps over the lazy dog" for i in range(40)))
+    config = TrainConfig(
+        steps=2, log_every=1,
+        model=ModelConfig(size="tiny", mixer="2mamba", model_dim=32, num_layers=1, num_heads=2, head_dim=16,
+                          mlp_dim=64),
+        data=DataConfig(source=f"text:{corpus}", seq_len=16, batch_size=8, eval_fraction=0.25),
+        optim=OptimConfig(warmup_steps=1), checkpoint=CheckpointConfig(every=2, keep=1),
+        eval=EvalConfig(every=2, batches=2))
+    summary = train(config, root / "run", stream=io.StringIO())
+    return root / "run", summary

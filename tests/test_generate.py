@@ -9,9 +9,6 @@ from flax import nnx
 from twomamba_jax import generate as generation
 from twomamba_jax import nn, presets
 from twomamba_jax.train.cli import generate_main
-from twomamba_jax.train.config import (CheckpointConfig, DataConfig, EvalConfig, ModelConfig, OptimConfig,
-                                       TrainConfig)
-from twomamba_jax.train.trainer import train
 
 VOCAB = 40
 # Two logits closer than this in float32 may swap between the cached and the full forward: a tie, not an error.
@@ -76,30 +73,21 @@ def test_bad_arguments_are_named(options, message):
         generation.generate(_model("2mamba"), np.zeros((1, 0), np.int32), max_new_tokens=1)
 
 
-def test_command_line_continues_a_prompt_from_a_trained_run(tmp_path, capsys):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(f"note {i}: the quick brown fox jumps over the lazy dog" for i in range(40)))
-    config = TrainConfig(
-        steps=2, log_every=1,
-        model=ModelConfig(size="tiny", mixer="2mamba", model_dim=32, num_layers=1, num_heads=2, head_dim=16,
-                          mlp_dim=64),
-        data=DataConfig(source=f"text:{corpus}", seq_len=16, batch_size=8),
-        optim=OptimConfig(warmup_steps=1), checkpoint=CheckpointConfig(every=2, keep=1), eval=EvalConfig(every=0))
-    assert generate_main([str(tmp_path / "run"), "--prompt", "the"]) == 2
-    assert capsys.readouterr().err.strip() == (f"twomamba-generate: error: workdir: {str(tmp_path / 'run')!r} has no "
+def test_command_line_continues_a_prompt_from_a_trained_run(text_run, tmp_path, capsys):
+    workdir = str(text_run[0])
+    assert generate_main([str(tmp_path), "--prompt", "the"]) == 2
+    assert capsys.readouterr().err.strip() == (f"twomamba-generate: error: workdir: {str(tmp_path)!r} has no "
                                                "config.json (expected a twomamba-train work directory)")
-    train(config, tmp_path / "run")
-    capsys.readouterr()
-    assert generate_main([str(tmp_path / "run"), "--prompt", "the quick", "--max-new-tokens", "5"]) == 0
+    assert generate_main([workdir, "--prompt", "the quick", "--max-new-tokens", "5"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("the quick") and out.endswith("\n")
 
     # The same continuation as the API gives on the restored parameters: the checkpoint is what generates.
     from twomamba_jax.train.workdir import load
 
-    trained = load(tmp_path / "run")
+    trained = load(workdir)
     assert trained.step == 2
     ids = generation.generate(trained.model, trained.tokenizer.encode("the quick")[None], max_new_tokens=5)
     assert out[:-1] == trained.tokenizer.decode(np.asarray(ids)[0])
-    assert generate_main([str(tmp_path / "run"), "--prompt", ""]) == 2
+    assert generate_main([workdir, "--prompt", ""]) == 2
     assert "--prompt: expected at least one token" in capsys.readouterr().err

@@ -56,7 +56,7 @@ def _init_distributed(mesh_config) -> None:
                                    process_id=None if mesh_config.process_id < 0 else mesh_config.process_id)
 
 
-def _masked_sums(logits, batch):
+def masked_sums(logits, batch):
     """(sum of the masked token losses, mask count, masked exact matches)."""
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
     nll = -jnp.take_along_axis(log_probs, batch["targets"][..., None], axis=-1)[..., 0]
@@ -102,7 +102,7 @@ class Setup:
         graphdef, optimizer, schedule = self.graphdef, self.optimizer, self.schedule
 
         def loss_sum(params, batch):
-            loss, count, correct = _masked_sums(nnx.merge(graphdef, params)(batch["inputs"]), batch)
+            loss, count, correct = masked_sums(nnx.merge(graphdef, params)(batch["inputs"]), batch)
             return loss, (count, correct)
 
         def step(state, batch):
@@ -135,7 +135,7 @@ class Setup:
     def eval_step(self):
         """The jitted eval: (params, batch) -> (loss sum, count, exact matches)."""
         graphdef = self.graphdef
-        return jax.jit(lambda params, batch: _masked_sums(nnx.merge(graphdef, params)(batch["inputs"]), batch))
+        return jax.jit(lambda params, batch: masked_sums(nnx.merge(graphdef, params)(batch["inputs"]), batch))
 
 
 def setup(config: TrainConfig, devices=None) -> Setup:

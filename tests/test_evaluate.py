@@ -1,0 +1,43 @@
+"""Evaluation of a trained run: ``ppl`` at the training length is the trainer's own eval loss on the same batches,
+other lengths give their own rows, results land as JSON and PNG in the work directory, and mistakes (an unknown
+task, a bad length, a directory with no checkpoint) are one line each."""
+
+import json
+import shutil
+
+import numpy as np
+
+from twomamba_jax.train import evaluate
+from twomamba_jax.train.cli import eval_main
+
+
+def test_ppl_at_the_training_length_is_the_trainers_eval_loss(text_run):
+    workdir, summary = text_run
+    lines = []
+    path = evaluate.run(workdir, "ppl", lengths=[16, 32], progress=lines.append)
+    result = json.loads(path.read_text())
+    assert path == workdir / "eval_ppl.json" and result["step"] == 2 and result["train_length"] == 16
+    at_16, at_32 = result["results"]
+    assert (at_16["length"], at_32["length"]) == (16, 32)
+    assert abs(at_16["loss"] - summary["eval"]["loss"]) <= 1e-5 * summary["eval"]["loss"]
+    assert at_32["tokens"] > 0 and np.isfinite(at_32["loss"]) and at_32["loss"] != at_16["loss"]
+    assert abs(at_16["perplexity"] - np.exp(at_16["loss"])) <= 1e-6 * at_16["perplexity"]
+    assert path.with_suffix(".png").stat().st_size > 0
+    assert [line.split(":")[1].split("(")[0].strip() for line in lines[1:3]] == ["length 16", "length 32"]
+
+
+def test_command_line_runs_and_names_its_mistakes(text_run, tmp_path, capsys):
+    workdir = str(text_run[0])
+    assert eval_main([workdir, "--task", "ppl"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    shutil.copy(text_run[0] / "config.json", tmp_path / "config.json")  # a run that has not checkpointed yet
+    for args, message in [
+        ([workdir, "--task", "nope"], "--task: expected one of ppl; got 'nope'"),
+        ([workdir, "--task", "ppl", "--lengths", "0,16"], "--lengths: expected positive integers; got [0, 16]"),
+        ([workdir, "--task", "ppl", "--lengths", "16,x"], "--lengths: expected comma-separated integers; got '16,x'"),
+        ([workdir, "--task", "ppl", "--batches", "0"], "--batches: expected a positive integer; got 0"),
+        ([str(tmp_path), "--task", "ppl"], f"workdir: {str(tmp_path)!r} holds no checkpoint yet"),
+    ]:
+        assert eval_main(args) == 2, args
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and err.startswith(f"twomamba-eval: error: {message}"), err
