@@ -1,12 +1,18 @@
 """Evaluation of a trained run: ``ppl`` at the training length is the trainer's own eval loss on the same batches,
-other lengths give their own rows, results land as JSON and PNG in the work directory, and mistakes (an unknown
-task, a bad length, a directory with no checkpoint) are one line each."""
+other lengths give their own rows; ``decode`` measures the decoding cache, whose bytes equal the analytic size for
+every preset; results land as JSON and PNG in the work directory, and mistakes (an unknown task, a bad length, a
+directory with no checkpoint) are one line each."""
 
 import json
 import shutil
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
+from flax import nnx
 
+from twomamba_jax import nn, presets
 from twomamba_jax.train import evaluate
 from twomamba_jax.train.cli import eval_main
 
@@ -32,7 +38,7 @@ def test_command_line_runs_and_names_its_mistakes(text_run, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     shutil.copy(text_run[0] / "config.json", tmp_path / "config.json")  # a run that has not checkpointed yet
     for args, message in [
-        ([workdir, "--task", "nope"], "--task: expected one of ppl; got 'nope'"),
+        ([workdir, "--task", "nope"], "--task: expected one of ppl, decode; got 'nope'"),
         ([workdir, "--task", "ppl", "--lengths", "0,16"], "--lengths: expected positive integers; got [0, 16]"),
         ([workdir, "--task", "ppl", "--lengths", "16,x"], "--lengths: expected comma-separated integers; got '16,x'"),
         ([workdir, "--task", "ppl", "--batches", "0"], "--batches: expected a positive integer; got 0"),
@@ -41,3 +47,25 @@ def test_command_line_runs_and_names_its_mistakes(text_run, tmp_path, capsys):
         assert eval_main(args) == 2, args
         err = capsys.readouterr().err
         assert len(err.splitlines()) == 1 and err.startswith(f"twomamba-eval: error: {message}"), err
+
+
+@pytest.mark.parametrize("mixer", sorted(presets.MIXER_PRESETS))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_decode_state_bytes_are_the_analytic_size(mixer, dtype):
+    config = presets.model_config("tiny", mixer=mixer, vocab_size=40, model_dim=64, num_layers=2, num_heads=2,
+                                  head_dim=32, mlp_dim=64, dtype=dtype)
+    model = nnx.eval_shape(lambda: nn.LanguageModel(config, rngs=nnx.Rngs(0)))
+    for batch, max_len in ((1, 16), (3, 40)):
+        cache = jax.eval_shape(lambda: model.init_cache(batch, max_len=max_len))
+        measured = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(cache))
+        assert measured == evaluate.decode_state_bytes(config, batch, max_len), (batch, max_len)
+
+
+def test_decode_task_measures_a_constant_state_for_2mamba(text_run):
+    workdir, _ = text_run
+    path = evaluate.run(workdir, "decode", lengths=[8, 24], steps=3, progress=lambda line: None)
+    rows = json.loads(path.read_text())["results"]
+    assert [row["context"] for row in rows] == [8, 24]
+    assert rows[0]["state_bytes"] == rows[1]["state_bytes"] == rows[0]["analytic_bytes"] > 0
+    assert all(row["tokens_per_second"] > 0 for row in rows)
+    assert path.with_suffix(".png").stat().st_size > 0

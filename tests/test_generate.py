@@ -53,10 +53,11 @@ def test_nucleus_keeps_the_smallest_set_reaching_top_p():
 
 def test_the_decode_step_compiles_once():
     model = _model("softmax")  # a KV cache: fixed-size slots, so one compiled step serves every position
-    generation._steps.cache_clear()
+    generation.compiled_steps.cache_clear()
     generation.generate(model, np.zeros((1, 3), np.int32), max_new_tokens=7)
-    prefill, step = generation._steps(nnx.split(model)[0], 0.0, None, None)
-    assert generation._steps.cache_info().hits == 1 and generation._steps.cache_info().currsize == 1
+    prefill, step = generation.compiled_steps(nnx.split(model)[0], 0.0, None, None)
+    info = generation.compiled_steps.cache_info()
+    assert info.hits == 1 and info.currsize == 1
     assert prefill._cache_size() == 1 and step._cache_size() == 1
 
 

@@ -165,11 +165,13 @@ def eval_main(argv: list[str] | None = None) -> int:
         prog="twomamba-eval", description="Evaluate the newest checkpoint of a training run; the results go to "
         "eval_TASK.json and eval_TASK.png in its work directory.")
     parser.add_argument("workdir", metavar="WORKDIR", help="the work directory of a twomamba-train run")
-    parser.add_argument("--task", required=True, help="ppl: eval loss and perplexity by context length")
+    parser.add_argument("--task", required=True, help="ppl: eval loss and perplexity by context length; decode: "
+                        "the decoding state's bytes and decode tokens/s by context length")
     parser.add_argument("--lengths", default=None,
                         help="context lengths, comma-separated, e.g. 512,1024,4096 (default: the training length)")
-    parser.add_argument("--batches", type=int, default=None, help="eval batches per length (default: the run's)")
-    parser.add_argument("--batch-size", type=int, default=None, help="rows per batch (default: the run's)")
+    parser.add_argument("--batches", type=int, default=None, help="ppl: eval batches per length (default: the run's)")
+    parser.add_argument("--batch-size", type=int, default=None, help="ppl: rows per batch (default: the run's)")
+    parser.add_argument("--steps", type=int, default=32, help="decode: timed decode steps per context length")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from twomamba_jax.train.evaluate import run
@@ -182,7 +184,7 @@ def eval_main(argv: list[str] | None = None) -> int:
             except ValueError:
                 raise ValueError(f"--lengths: expected comma-separated integers; got {args.lengths!r}") from None
         run(args.workdir, args.task, lengths=lengths, batches=args.batches, batch_size=args.batch_size,
-            progress=lambda line: print(line, flush=True))
+            steps=args.steps, progress=lambda line: print(line, flush=True))
     except ValueError as error:
         return _error(error, "twomamba-eval")
     return 0

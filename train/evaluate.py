@@ -5,6 +5,10 @@ Tasks:
   ``data.eval_fraction``; the synthetic tasks' eval rows) at several context lengths, beyond the training length
   too, so length extrapolation shows as a curve. At the training length with the run's batch size and
   ``eval.batches`` it reads the batches the trainer evaluated on, so it gives the trainer's eval loss.
+- ``decode``: after a prompt of each context length, the decoding cache's bytes (measured, and the analytic size
+  from the config alone, ``decode_state_bytes``) and the decode speed in tokens/s on the device in use: a
+  constant-size state for powers 1 and 2 and Mamba-2 against a KV cache that grows with the context for softmax
+  and 2Mamba-E (the paper's figure 7).
 """
 
 from __future__ import annotations
@@ -18,11 +22,14 @@ import jax
 import numpy as np
 from flax import nnx
 
+from twomamba_jax import nn
+from twomamba_jax.generate import compiled_steps
+from twomamba_jax.ops.features import feature_size
 from twomamba_jax.train.data import make_dataset
 from twomamba_jax.train.trainer import masked_sums
 from twomamba_jax.train.workdir import Trained, load
 
-TASKS = ("ppl",)
+TASKS = ("ppl", "decode")
 
 
 def perplexity(trained: Trained, lengths: list[int], *, batches: int, batch_size: int, progress=print) -> list[dict]:
@@ -51,15 +58,75 @@ def perplexity(trained: Trained, lengths: list[int], *, batches: int, batch_size
     return rows
 
 
+def decode_state_bytes(config: nn.ModelConfig, batch_size: int, max_len: int) -> int:
+    """Bytes of a ``LanguageModel``'s decoding cache for ``batch_size`` sequences of up to ``max_len`` tokens,
+    from the config alone. Per layer, with H heads of dim d, states in float32 and caches in the compute dtype:
+
+    - powers 1 and 2: H F d numbers (F = d, or d(d+1)/2 features for power 2) and H F more for the softmax
+      normalizer, plus the conv history, (w - 1) 3 H d (the fused q, k, v channels);
+    - exp (2Mamba-E): 2 max_len H d cached keys and values and max_len H float32 log-decays, a fill counter, and
+      the conv history;
+    - Mamba-2: H d_state head_dim (its SSM state, H = d_ssm / head_dim) and (w - 1)(d_ssm + 2 groups d_state);
+    - softmax: 2 max_len Hkv d and a fill counter.
+    """
+    mixer, heads, dim = config.mixer, config.num_heads, config.head_dim
+    item, state = np.dtype(config.dtype).itemsize, 4
+    counter = 0  # the KV caches' fill count: one int32 per layer, not per sequence
+    if isinstance(mixer, nn.AttentionConfig):
+        per_sequence, counter = 2 * max_len * (mixer.num_kv_heads or heads) * dim * item, 4
+    elif isinstance(mixer, nn.Mamba2Config):
+        d_ssm = mixer.d_ssm or mixer.expand * config.model_dim
+        per_sequence = (d_ssm // mixer.head_dim) * mixer.d_state * mixer.head_dim * state
+        per_sequence += (mixer.conv_window - 1) * (d_ssm + 2 * mixer.num_groups * mixer.d_state) * item
+    else:
+        if mixer.power == "exp":
+            per_sequence, counter = 2 * max_len * heads * dim * item + max_len * heads * state, 4
+        else:
+            features = feature_size(dim, mixer.power)
+            per_sequence = heads * features * dim * state + (heads * features * state if mixer.norm == "softmax"
+                                                             else 0)
+        per_sequence += max(mixer.conv_window - 1, 0) * 3 * heads * dim * item
+    return config.num_layers * (batch_size * per_sequence + counter)
+
+
+def decode(trained: Trained, lengths: list[int], *, steps: int, progress=print) -> list[dict]:
+    """One row per context length: {"context", "state_bytes" (measured), "analytic_bytes", "tokens_per_second"}
+    for one sequence: a random prompt of that many tokens, then ``steps`` timed greedy decode steps."""
+    model, config = trained.model, trained.model.config
+    graphdef, params = nnx.split(model)
+    prefill, step = compiled_steps(graphdef, 0.0, None, None)
+    rng, key = np.random.default_rng(0), jax.random.key(0)
+    rows = []
+    for number, length in enumerate(lengths, start=1):
+        cache = model.init_cache(1, max_len=length + steps + 1)
+        measured = sum(leaf.nbytes for leaf in jax.tree.leaves(cache))
+        prompt = rng.integers(0, config.vocab_size, (1, length), dtype=np.int32)
+        token, cache = prefill(params, prompt, cache, key)
+        token, cache = step(params, token, cache, key)  # compiles for this cache size
+        jax.block_until_ready(token)
+        started = time.perf_counter()
+        for _ in range(steps):
+            token, cache = step(params, token, cache, key)
+        jax.block_until_ready(token)
+        seconds = time.perf_counter() - started
+        row = {"context": length, "state_bytes": int(measured),
+               "analytic_bytes": decode_state_bytes(config, 1, length + steps + 1),
+               "tokens_per_second": steps / seconds}
+        rows.append(row)
+        progress(f"decode: context {length} ({number}/{len(lengths)}): state {measured / 2**20:.3f} MiB "
+                 f"(analytic {row['analytic_bytes'] / 2**20:.3f}), {row['tokens_per_second']:.1f} tokens/s")
+    return rows
+
+
 def run(workdir: str | Path, task: str, *, lengths: list[int] | None = None, batches: int | None = None,
-        batch_size: int | None = None, progress=print) -> Path:
+        batch_size: int | None = None, steps: int = 32, progress=print) -> Path:
     """Runs ``task`` on the newest checkpoint of ``workdir``; writes ``eval_TASK.json`` and ``eval_TASK.png``
     there and returns the JSON's path. Defaults: the training length, the run's batch size and eval batches."""
     if task not in TASKS:
         raise ValueError(f"--task: expected one of {', '.join(TASKS)}; got {task!r}")
     if lengths is not None and (not lengths or any(not isinstance(n, int) or n <= 0 for n in lengths)):
         raise ValueError(f"--lengths: expected positive integers; got {lengths}")
-    for name, value in (("--batches", batches), ("--batch-size", batch_size)):
+    for name, value in (("--batches", batches), ("--batch-size", batch_size), ("--steps", steps)):
         if value is not None and (not isinstance(value, int) or value <= 0):
             raise ValueError(f"{name}: expected a positive integer; got {value!r}")
     trained = load(workdir)
@@ -67,8 +134,11 @@ def run(workdir: str | Path, task: str, *, lengths: list[int] | None = None, bat
     lengths = lengths or [config.data.seq_len]
     progress(f"{task}: step {trained.step} of {workdir} ({config.model.size} {config.model.mixer}, "
              f"{config.data.source}, trained at {config.data.seq_len} tokens)")
-    rows = perplexity(trained, lengths, batches=batches or config.eval.batches,
-                      batch_size=batch_size or config.data.batch_size, progress=progress)
+    if task == "ppl":
+        rows = perplexity(trained, lengths, batches=batches or config.eval.batches,
+                          batch_size=batch_size or config.data.batch_size, progress=progress)
+    else:
+        rows = decode(trained, lengths, steps=steps, progress=progress)
     result = {"task": task, "step": trained.step, "mixer": config.model.mixer, "source": config.data.source,
               "train_length": config.data.seq_len, "results": rows}
     path = Path(workdir) / f"eval_{task}.json"
@@ -84,13 +154,25 @@ def _plot(result: dict, output: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["results"]
-    fig, axis = plt.subplots(figsize=(6.5, 4.2))
-    axis.plot([r["length"] for r in rows], [r["loss"] for r in rows], "o-", label=result["mixer"])
-    axis.axvline(result["train_length"], color="gray", linestyle=":", label="training length")
-    axis.set(xscale="log", xlabel="context length (tokens)", ylabel="eval loss",
-             title=f"{result['mixer']} at step {result['step']}: loss by context length")
-    axis.legend(fontsize=8)
+    rows, mixer = result["results"], result["mixer"]
+    title = f"{mixer} at step {result['step']}"
+    if result["task"] == "ppl":
+        fig, axis = plt.subplots(figsize=(6.5, 4.2))
+        axis.plot([r["length"] for r in rows], [r["loss"] for r in rows], "o-", label=mixer)
+        axis.axvline(result["train_length"], color="gray", linestyle=":", label="training length")
+        axis.set(xscale="log", xlabel="context length (tokens)", ylabel="eval loss",
+                 title=f"{title}: loss by context length")
+        axis.legend(fontsize=8)
+    else:
+        fig, (memory, speed) = plt.subplots(1, 2, figsize=(11, 4.2))
+        contexts = [r["context"] for r in rows]
+        memory.plot(contexts, [r["state_bytes"] / 2**20 for r in rows], "o-", label=f"{mixer} (measured)")
+        memory.plot(contexts, [r["analytic_bytes"] / 2**20 for r in rows], "k:", label="analytic")
+        memory.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="decoding state (MiB)",
+                   title=f"{title}: decoding state")
+        memory.legend(fontsize=8)
+        speed.plot(contexts, [r["tokens_per_second"] for r in rows], "o-", label=mixer)
+        speed.set(xscale="log", xlabel="context (tokens)", ylabel="tokens/s (batch 1)", title="decode speed")
     fig.tight_layout()
     fig.savefig(output, dpi=120)
     plt.close(fig)

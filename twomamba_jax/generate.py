@@ -32,7 +32,7 @@ def generate(model, prompt, *, max_new_tokens: int, temperature: float = 0.0, to
     prompt = _check(prompt, max_new_tokens, temperature, top_k, top_p)
     batch, length = prompt.shape
     graphdef, state = nnx.split(model)
-    prefill, step = _steps(graphdef, float(temperature), top_k, top_p)
+    prefill, step = compiled_steps(graphdef, float(temperature), top_k, top_p)
     key = jax.random.key(seed)
     cache = model.init_cache(batch, max_len=length + max_new_tokens)
     token, cache = prefill(state, prompt, cache, jax.random.fold_in(key, 0))
@@ -90,7 +90,7 @@ def _nucleus(logits, top_p: float):
 
 
 @functools.cache
-def _steps(graphdef, temperature: float, top_k: int | None, top_p: float | None):
+def compiled_steps(graphdef, temperature: float, top_k: int | None, top_p: float | None):
     """(prefill, step), jitted: (state, tokens (B, T), cache, key) -> (next token (B,), cache); kept per model
     structure and sampler, so later calls reuse the compiled steps."""
     pick = _sampler(temperature, top_k, top_p)
