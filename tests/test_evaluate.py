@@ -38,7 +38,7 @@ def test_command_line_runs_and_names_its_mistakes(text_run, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     shutil.copy(text_run[0] / "config.json", tmp_path / "config.json")  # a run that has not checkpointed yet
     for args, message in [
-        ([workdir, "--task", "nope"], "--task: expected one of ppl, decode; got 'nope'"),
+        ([workdir, "--task", "nope"], "--task: expected one of ppl, decode, niah; got 'nope'"),
         ([workdir, "--task", "ppl", "--lengths", "0,16"], "--lengths: expected positive integers; got [0, 16]"),
         ([workdir, "--task", "ppl", "--lengths", "16,x"], "--lengths: expected comma-separated integers; got '16,x'"),
         ([workdir, "--task", "ppl", "--batches", "0"], "--batches: expected a positive integer; got 0"),

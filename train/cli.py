@@ -115,6 +115,17 @@ def generate_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _numbers(name: str, text: str | None, kind) -> list | None:
+    """A comma-separated list of ``kind`` (None stays None)."""
+    if text is None:
+        return None
+    try:
+        return [kind(item) for item in text.split(",")]
+    except ValueError:
+        noun = "integers" if kind is int else "numbers"
+        raise ValueError(f"{name}: expected comma-separated {noun}; got {text!r}") from None
+
+
 def _prompt_ids(prompt: str, tokenizer):
     import numpy as np
 
@@ -166,25 +177,25 @@ def eval_main(argv: list[str] | None = None) -> int:
         "eval_TASK.json and eval_TASK.png in its work directory.")
     parser.add_argument("workdir", metavar="WORKDIR", help="the work directory of a twomamba-train run")
     parser.add_argument("--task", required=True, help="ppl: eval loss and perplexity by context length; decode: "
-                        "the decoding state's bytes and decode tokens/s by context length")
+                        "the decoding state's bytes and decode tokens/s by context length; niah: pass-key "
+                        "retrieval by context length and needle depth")
     parser.add_argument("--lengths", default=None,
                         help="context lengths, comma-separated, e.g. 512,1024,4096 (default: the training length)")
     parser.add_argument("--batches", type=int, default=None, help="ppl: eval batches per length (default: the run's)")
     parser.add_argument("--batch-size", type=int, default=None, help="ppl: rows per batch (default: the run's)")
     parser.add_argument("--steps", type=int, default=32, help="decode: timed decode steps per context length")
+    parser.add_argument("--depths", default=None, help="niah: needle depths, comma-separated fractions "
+                        "(default: 0,0.25,0.5,0.75,1)")
+    parser.add_argument("--trials", type=int, default=4, help="niah: prompts per length and depth")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from twomamba_jax.train.evaluate import run
 
     try:
-        lengths = None
-        if args.lengths is not None:
-            try:
-                lengths = [int(length) for length in args.lengths.split(",")]
-            except ValueError:
-                raise ValueError(f"--lengths: expected comma-separated integers; got {args.lengths!r}") from None
+        lengths = _numbers("--lengths", args.lengths, int)
         run(args.workdir, args.task, lengths=lengths, batches=args.batches, batch_size=args.batch_size,
-            steps=args.steps, progress=lambda line: print(line, flush=True))
+            steps=args.steps, depths=_numbers("--depths", args.depths, float), trials=args.trials,
+            progress=lambda line: print(line, flush=True))
     except ValueError as error:
         return _error(error, "twomamba-eval")
     return 0

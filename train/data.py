@@ -164,12 +164,15 @@ def make_dataset(config, *, process_index: int = 0, process_count: int = 1) -> D
                              f"{source!r} is a synthetic task (its vocabulary is data.vocab_size)")
         return SyntheticDataset(source, seed=config.seed, vocab_size=config.vocab_size,
                                 num_kv_pairs=config.num_kv_pairs, **common)
-    kind, _, name = source.partition(":")
+    return TextDataset(*text_documents(config), make_tokenizer(config.tokenizer), **common)
+
+
+def text_documents(config) -> tuple[Callable, Callable]:
+    """(train documents per epoch, eval documents) of a text ``DataConfig.source`` (``text:`` or ``tfds:``)."""
+    kind, _, name = config.source.partition(":")
     if kind == "text" and name:
-        documents = text.text_files(name, seed=config.seed, eval_fraction=config.eval_fraction)
-    elif kind == "tfds" and name:
-        documents = text.tfds_dataset(name, seed=config.seed, eval_split=config.eval_split)
-    else:
-        raise ValueError(f"data.source: expected {sorted(synthetic.TASKS)}, 'tfds:NAME' or 'text:PATH_OR_GLOB'; "
-                         f"got {source!r}")
-    return TextDataset(*documents, make_tokenizer(config.tokenizer), **common)
+        return text.text_files(name, seed=config.seed, eval_fraction=config.eval_fraction)
+    if kind == "tfds" and name:
+        return text.tfds_dataset(name, seed=config.seed, eval_split=config.eval_split)
+    raise ValueError(f"data.source: expected {sorted(synthetic.TASKS)}, 'tfds:NAME' or 'text:PATH_OR_GLOB'; "
+                     f"got {config.source!r}")

@@ -9,6 +9,9 @@ Tasks:
   from the config alone, ``decode_state_bytes``) and the decode speed in tokens/s on the device in use: a
   constant-size state for powers 1 and 2 and Mamba-2 against a KV cache that grows with the context for softmax
   and 2Mamba-E (the paper's figure 7).
+- ``niah``: needle-in-a-haystack pass-key retrieval (``niah.py``) over a grid of context lengths x needle depths,
+  ``trials`` prompts per cell from the held-out documents of the run's text source, answered greedily; exact-match
+  accuracy per cell, plotted as a heatmap.
 """
 
 from __future__ import annotations
@@ -25,11 +28,14 @@ from flax import nnx
 from twomamba_jax import nn
 from twomamba_jax.generate import compiled_steps
 from twomamba_jax.ops.features import feature_size
-from twomamba_jax.train.data import make_dataset
+from twomamba_jax.generate import generate
+from twomamba_jax.train.data import make_dataset, text_documents
+from twomamba_jax.train.niah import build_prompt, is_correct
 from twomamba_jax.train.trainer import masked_sums
 from twomamba_jax.train.workdir import Trained, load
 
-TASKS = ("ppl", "decode")
+TASKS = ("ppl", "decode", "niah")
+ANSWER_TOKENS = 8  # generated per NIAH prompt: the key's digits and a little more (byte tokens: one per digit)
 
 
 def perplexity(trained: Trained, lengths: list[int], *, batches: int, batch_size: int, progress=print) -> list[dict]:
@@ -118,15 +124,51 @@ def decode(trained: Trained, lengths: list[int], *, steps: int, progress=print) 
     return rows
 
 
+def needle_in_a_haystack(trained: Trained, lengths: list[int], *, depths: list[float], trials: int,
+                         progress=print) -> list[dict]:
+    """One row per (length, depth): {"length", "depth", "accuracy", "answers"}, over ``trials`` prompts each
+    (seeded by their cell and trial, so reruns give the same prompts)."""
+    tokenizer = trained.tokenizer
+    if tokenizer is None:
+        raise ValueError(f"--task niah: needs a model trained on text (data.source text:... or tfds:...); this run "
+                         f"trained on {trained.config.data.source!r}")
+    haystack, needed = [], max(lengths)
+    for document in text_documents(trained.config.data)[1]():
+        haystack += [*tokenizer.encode(document), tokenizer.eos_id]
+        if len(haystack) >= 2 * needed:
+            break
+    haystack = np.asarray(haystack, np.int32)
+    rows = []
+    for number, length in enumerate(lengths, start=1):
+        started = time.perf_counter()
+        prompts = [build_prompt(haystack, tokenizer, length=length, depth=depth, seed=(length, d, t))
+                   for d, depth in enumerate(depths) for t in range(trials)]
+        tokens = generate(trained.model, np.stack([p.tokens for p in prompts]), max_new_tokens=ANSWER_TOKENS)
+        answers = [tokenizer.decode(row) for row in np.asarray(tokens)[:, length:]]
+        for d, depth in enumerate(depths):
+            cell = range(d * trials, (d + 1) * trials)
+            correct = [is_correct(answers[i], prompts[i].key) for i in cell]
+            rows.append({"length": length, "depth": depth, "accuracy": sum(correct) / trials,
+                         "answers": [[prompts[i].key, answers[i]] for i in cell]})
+        accuracies = " ".join(f"{row['accuracy']:.2f}" for row in rows[-len(depths):])
+        progress(f"niah: length {length} ({number}/{len(lengths)}): accuracy by depth {accuracies}, "
+                 f"{time.perf_counter() - started:.1f}s")
+    return rows
+
+
 def run(workdir: str | Path, task: str, *, lengths: list[int] | None = None, batches: int | None = None,
-        batch_size: int | None = None, steps: int = 32, progress=print) -> Path:
+        batch_size: int | None = None, steps: int = 32, depths: list[float] | None = None, trials: int = 4,
+        progress=print) -> Path:
     """Runs ``task`` on the newest checkpoint of ``workdir``; writes ``eval_TASK.json`` and ``eval_TASK.png``
     there and returns the JSON's path. Defaults: the training length, the run's batch size and eval batches."""
     if task not in TASKS:
         raise ValueError(f"--task: expected one of {', '.join(TASKS)}; got {task!r}")
     if lengths is not None and (not lengths or any(not isinstance(n, int) or n <= 0 for n in lengths)):
         raise ValueError(f"--lengths: expected positive integers; got {lengths}")
-    for name, value in (("--batches", batches), ("--batch-size", batch_size), ("--steps", steps)):
+    if depths is not None and (not depths or any(not 0.0 <= depth <= 1.0 for depth in depths)):
+        raise ValueError(f"--depths: expected fractions in [0, 1]; got {depths}")
+    for name, value in (("--batches", batches), ("--batch-size", batch_size), ("--steps", steps),
+                        ("--trials", trials)):
         if value is not None and (not isinstance(value, int) or value <= 0):
             raise ValueError(f"{name}: expected a positive integer; got {value!r}")
     trained = load(workdir)
@@ -137,8 +179,11 @@ def run(workdir: str | Path, task: str, *, lengths: list[int] | None = None, bat
     if task == "ppl":
         rows = perplexity(trained, lengths, batches=batches or config.eval.batches,
                           batch_size=batch_size or config.data.batch_size, progress=progress)
-    else:
+    elif task == "decode":
         rows = decode(trained, lengths, steps=steps, progress=progress)
+    else:
+        rows = needle_in_a_haystack(trained, lengths, depths=depths or [0.0, 0.25, 0.5, 0.75, 1.0], trials=trials,
+                                    progress=progress)
     result = {"task": task, "step": trained.step, "mixer": config.model.mixer, "source": config.data.source,
               "train_length": config.data.seq_len, "results": rows}
     path = Path(workdir) / f"eval_{task}.json"
@@ -163,6 +208,17 @@ def _plot(result: dict, output: Path) -> None:
         axis.set(xscale="log", xlabel="context length (tokens)", ylabel="eval loss",
                  title=f"{title}: loss by context length")
         axis.legend(fontsize=8)
+    elif result["task"] == "niah":
+        lengths, depths = sorted({r["length"] for r in rows}), sorted({r["depth"] for r in rows})
+        grid = np.array([[next(r["accuracy"] for r in rows if r["length"] == n and r["depth"] == d) for n in lengths]
+                         for d in depths])
+        fig, axis = plt.subplots(figsize=(1.2 * len(lengths) + 3, 0.6 * len(depths) + 2.5))
+        image = axis.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        axis.set(xticks=range(len(lengths)), xticklabels=lengths, yticks=range(len(depths)), yticklabels=depths,
+                 xlabel="context length (tokens)", ylabel="needle depth", title=f"{title}: pass-key retrieval")
+        for (i, j), value in np.ndenumerate(grid):
+            axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8)
+        fig.colorbar(image, ax=axis, label="exact-match accuracy")
     else:
         fig, (memory, speed) = plt.subplots(1, 2, figsize=(11, 4.2))
         contexts = [r["context"] for r in rows]
