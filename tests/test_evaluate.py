@@ -38,7 +38,7 @@ def test_command_line_runs_and_names_its_mistakes(text_run, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     shutil.copy(text_run[0] / "config.json", tmp_path / "config.json")  # a run that has not checkpointed yet
     for args, message in [
-        ([workdir, "--task", "nope"], "--task: expected one of ppl, decode, niah; got 'nope'"),
+        ([workdir, "--task", "nope"], "--task: expected one of ppl, decode, niah, mqar; got 'nope'"),
         ([workdir, "--task", "ppl", "--lengths", "0,16"], "--lengths: expected positive integers; got [0, 16]"),
         ([workdir, "--task", "ppl", "--lengths", "16,x"], "--lengths: expected comma-separated integers; got '16,x'"),
         ([workdir, "--task", "ppl", "--batches", "0"], "--batches: expected a positive integer; got 0"),
@@ -69,3 +69,24 @@ def test_decode_task_measures_a_constant_state_for_2mamba(text_run):
     assert rows[0]["state_bytes"] == rows[1]["state_bytes"] == rows[0]["analytic_bytes"] > 0
     assert all(row["tokens_per_second"] > 0 for row in rows)
     assert path.with_suffix(".png").stat().st_size > 0
+
+
+def test_mqar_grid_agrees_with_the_eval_accuracy(text_run):
+    from twomamba_jax.train.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
+    from twomamba_jax.train.trainer import model_config
+    from twomamba_jax.train.workdir import Trained, load
+
+    config = TrainConfig(model=ModelConfig(size="tiny", mixer="2mamba", model_dim=32, num_layers=1, num_heads=2,
+                                           head_dim=16, mlp_dim=64),
+                         data=DataConfig(source="mqar", seq_len=32, batch_size=4, vocab_size=64, num_kv_pairs=4),
+                         eval=EvalConfig(batches=1))
+    trained = Trained(config, nn.LanguageModel(model_config(config, 64), rngs=nnx.Rngs(0)), 0, None)
+    rows = evaluate.recall(trained, [32, 48], kv_pairs=[2, 4], batches=1, batch_size=4, progress=lambda line: None)
+    assert [(row["length"], row["kv_pairs"]) for row in rows] == [(32, 2), (32, 4), (48, 2), (48, 4)]
+    at_training = evaluate.perplexity(trained, [32], batches=1, batch_size=4, progress=lambda line: None)[0]
+    assert rows[1]["accuracy"] == at_training["accuracy"] and rows[1]["loss"] == at_training["loss"]
+    assert rows[1]["queries"] == 4 * ((32 + 1 - 2 * 4) // 2)  # every query of every row is scored
+    with pytest.raises(ValueError, match="--kv-pairs: 40 pairs need 1 <= pairs < vocab_size / 2 = 32"):
+        evaluate.recall(trained, [32], kv_pairs=[40], batches=1, batch_size=4)
+    with pytest.raises(ValueError, match="--task mqar: needs a model trained on data.source='mqar'"):
+        evaluate.recall(load(text_run[0]), [32], kv_pairs=[2], batches=1, batch_size=4)

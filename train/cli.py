@@ -178,7 +178,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("workdir", metavar="WORKDIR", help="the work directory of a twomamba-train run")
     parser.add_argument("--task", required=True, help="ppl: eval loss and perplexity by context length; decode: "
                         "the decoding state's bytes and decode tokens/s by context length; niah: pass-key "
-                        "retrieval by context length and needle depth")
+                        "retrieval by context length and needle depth; mqar: recall by length and key-value pairs")
     parser.add_argument("--lengths", default=None,
                         help="context lengths, comma-separated, e.g. 512,1024,4096 (default: the training length)")
     parser.add_argument("--batches", type=int, default=None, help="ppl: eval batches per length (default: the run's)")
@@ -187,6 +187,8 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depths", default=None, help="niah: needle depths, comma-separated fractions "
                         "(default: 0,0.25,0.5,0.75,1)")
     parser.add_argument("--trials", type=int, default=4, help="niah: prompts per length and depth")
+    parser.add_argument("--kv-pairs", default=None, help="mqar: key-value pair counts, comma-separated (default: "
+                        "the run's)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from twomamba_jax.train.evaluate import run
@@ -195,6 +197,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         lengths = _numbers("--lengths", args.lengths, int)
         run(args.workdir, args.task, lengths=lengths, batches=args.batches, batch_size=args.batch_size,
             steps=args.steps, depths=_numbers("--depths", args.depths, float), trials=args.trials,
+            kv_pairs=_numbers("--kv-pairs", args.kv_pairs, int),
             progress=lambda line: print(line, flush=True))
     except ValueError as error:
         return _error(error, "twomamba-eval")

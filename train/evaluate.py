@@ -12,6 +12,7 @@ Tasks:
 - ``niah``: needle-in-a-haystack pass-key retrieval (``niah.py``) over a grid of context lengths x needle depths,
   ``trials`` prompts per cell from the held-out documents of the run's text source, answered greedily; exact-match
   accuracy per cell, plotted as a heatmap.
+- ``mqar``: exact-match recall of a model trained on MQAR over a grid of lengths x key-value pairs.
 """
 
 from __future__ import annotations
@@ -34,34 +35,72 @@ from twomamba_jax.train.niah import build_prompt, is_correct
 from twomamba_jax.train.trainer import masked_sums
 from twomamba_jax.train.workdir import Trained, load
 
-TASKS = ("ppl", "decode", "niah")
+TASKS = ("ppl", "decode", "niah", "mqar")
 ANSWER_TOKENS = 8  # generated per NIAH prompt: the key's digits and a little more (byte tokens: one per digit)
 
 
 def perplexity(trained: Trained, lengths: list[int], *, batches: int, batch_size: int, progress=print) -> list[dict]:
     """One row per context length: {"length", "loss", "perplexity", "tokens"} (and "accuracy" for the synthetic
     tasks), over up to ``batches`` eval batches of ``batch_size`` rows."""
-    graphdef, params = nnx.split(trained.model)
-    sums = jax.jit(lambda params, batch: masked_sums(nnx.merge(graphdef, params)(batch["inputs"]), batch))
+    evaluate = _evaluator(trained.model)
     rows = []
     for number, length in enumerate(lengths, start=1):
         started = time.perf_counter()
-        data = dataclasses.replace(trained.config.data, seq_len=length, batch_size=batch_size)
-        dataset = make_dataset(data)
-        loss = count = correct = 0.0
-        for batch in dataset.eval_batches(batches):
-            batch_sums = jax.device_get(sums(params, batch))
-            loss, count, correct = loss + float(batch_sums[0]), count + float(batch_sums[1]), correct + float(
-                batch_sums[2])
-        count = max(count, 1.0)
-        row = {"length": length, "loss": loss / count, "perplexity": float(np.exp(min(loss / count, 50.0))),
-               "tokens": int(count)}
+        dataset = make_dataset(dataclasses.replace(trained.config.data, seq_len=length, batch_size=batch_size))
+        loss, count, correct = evaluate(dataset.eval_batches(batches))
+        row = {"length": length, "loss": loss, "perplexity": float(np.exp(min(loss, 50.0))), "tokens": count}
         if dataset.has_accuracy:
-            row["accuracy"] = correct / count
+            row["accuracy"] = correct
         rows.append(row)
         progress(f"ppl: length {length} ({number}/{len(lengths)}): loss {row['loss']:.4f}, perplexity "
                  f"{row['perplexity']:.3f} over {row['tokens']} tokens, {time.perf_counter() - started:.1f}s")
     return rows
+
+
+def recall(trained: Trained, lengths: list[int], *, kv_pairs: list[int], batches: int, batch_size: int,
+           progress=print) -> list[dict]:
+    """MQAR exact-match recall over a grid (Zoology-style): one row per (length, key-value pairs): {"length",
+    "kv_pairs", "accuracy", "loss", "queries"} on the task's eval rows. For a model trained on ``mqar``."""
+    data = trained.config.data
+    if data.source != "mqar":
+        raise ValueError(f"--task mqar: needs a model trained on data.source='mqar'; this run trained on "
+                         f"{data.source!r}")
+    for length in lengths:
+        for pairs in kv_pairs:
+            if not 1 <= pairs < data.vocab_size // 2 or length + 1 < 2 * pairs + 2:
+                raise ValueError(f"--kv-pairs: {pairs} pairs need 1 <= pairs < vocab_size / 2 = "
+                                 f"{data.vocab_size // 2} and --lengths of at least {2 * pairs + 1}; got length "
+                                 f"{length}")
+    evaluate = _evaluator(trained.model)
+    rows = []
+    for length in lengths:
+        started = time.perf_counter()
+        for pairs in kv_pairs:
+            dataset = make_dataset(dataclasses.replace(data, seq_len=length, batch_size=batch_size,
+                                                       num_kv_pairs=pairs))
+            loss, queries, accuracy = evaluate(dataset.eval_batches(batches))
+            rows.append({"length": length, "kv_pairs": pairs, "accuracy": accuracy, "loss": loss,
+                         "queries": queries})
+        accuracies = " ".join(f"{row['accuracy']:.2f}" for row in rows[-len(kv_pairs):])
+        progress(f"mqar: length {length}: accuracy by key-value pairs {accuracies}, "
+                 f"{time.perf_counter() - started:.1f}s")
+    return rows
+
+
+def _evaluator(model):
+    """batches -> (mean loss, masked token count, exact-match rate) of ``model`` over them."""
+    graphdef, params = nnx.split(model)
+    sums = jax.jit(lambda params, batch: masked_sums(nnx.merge(graphdef, params)(batch["inputs"]), batch))
+
+    def evaluate(batches):
+        loss = count = correct = 0.0
+        for batch in batches:
+            batch_sums = jax.device_get(sums(params, batch))
+            loss, count, correct = (loss + float(batch_sums[0]), count + float(batch_sums[1]),
+                                    correct + float(batch_sums[2]))
+        count = max(count, 1.0)
+        return loss / count, int(count), correct / count
+    return evaluate
 
 
 def decode_state_bytes(config: nn.ModelConfig, batch_size: int, max_len: int) -> int:
@@ -158,7 +197,7 @@ def needle_in_a_haystack(trained: Trained, lengths: list[int], *, depths: list[f
 
 def run(workdir: str | Path, task: str, *, lengths: list[int] | None = None, batches: int | None = None,
         batch_size: int | None = None, steps: int = 32, depths: list[float] | None = None, trials: int = 4,
-        progress=print) -> Path:
+        kv_pairs: list[int] | None = None, progress=print) -> Path:
     """Runs ``task`` on the newest checkpoint of ``workdir``; writes ``eval_TASK.json`` and ``eval_TASK.png``
     there and returns the JSON's path. Defaults: the training length, the run's batch size and eval batches."""
     if task not in TASKS:
@@ -179,6 +218,10 @@ def run(workdir: str | Path, task: str, *, lengths: list[int] | None = None, bat
     if task == "ppl":
         rows = perplexity(trained, lengths, batches=batches or config.eval.batches,
                           batch_size=batch_size or config.data.batch_size, progress=progress)
+    elif task == "mqar":
+        rows = recall(trained, lengths, kv_pairs=kv_pairs or [config.data.num_kv_pairs],
+                      batches=batches or config.eval.batches, batch_size=batch_size or config.data.batch_size,
+                      progress=progress)
     elif task == "decode":
         rows = decode(trained, lengths, steps=steps, progress=progress)
     else:
@@ -207,6 +250,13 @@ def _plot(result: dict, output: Path) -> None:
         axis.axvline(result["train_length"], color="gray", linestyle=":", label="training length")
         axis.set(xscale="log", xlabel="context length (tokens)", ylabel="eval loss",
                  title=f"{title}: loss by context length")
+        axis.legend(fontsize=8)
+    elif result["task"] == "mqar":
+        fig, axis = plt.subplots(figsize=(6.5, 4.2))
+        for length in sorted({r["length"] for r in rows}):
+            points = [(r["kv_pairs"], r["accuracy"]) for r in rows if r["length"] == length]
+            axis.plot(*zip(*points), "o-", label=f"{length} tokens")
+        axis.set(xlabel="key-value pairs", ylabel="exact-match recall", ylim=(0, 1.02), title=f"{title}: MQAR")
         axis.legend(fontsize=8)
     elif result["task"] == "niah":
         lengths, depths = sorted({r["length"] for r in rows}), sorted({r["depth"] for r in rows})
