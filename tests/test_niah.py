@@ -54,3 +54,37 @@ def test_niah_task_runs_a_grid_on_a_trained_run(text_run):
         assert len(row["answers"]) == 2
         assert row["accuracy"] == np.mean([is_correct(answer, key) for key, answer in row["answers"]])
     assert path.with_suffix(".png").stat().st_size > 0
+
+
+def test_training_rows_mix_in_pass_key_prompts_with_answers(tmp_path):
+    import itertools
+    import re
+
+    from twomamba_jax.train.config import DataConfig
+    from twomamba_jax.train.data import make_dataset
+    from twomamba_jax.train.niah import ANSWER
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT.replace("\n", "\n\n"))
+    config = DataConfig(source=f"text:{corpus}", seq_len=127, batch_size=8, niah_fraction=0.5)
+    mixed = list(itertools.islice(make_dataset(config).batches(), 5))
+    plain = list(itertools.islice(make_dataset(DataConfig(**{**vars(config), "niah_fraction": 0.0})).batches(), 5))
+    tokenizer, prompts = ByteTokenizer(), 0
+    for batch, reference in zip(mixed, plain):
+        for row in range(8):
+            text = tokenizer.decode(np.append(batch["inputs"][row], batch["targets"][row, -1]))
+            if "The pass key is" not in text:  # a text row, untouched
+                assert (batch["inputs"][row] == reference["inputs"][row]).all()
+                continue
+            prompts += 1
+            key = re.search(r"The pass key is (\d+)\. Remember it\.", text).group(1)
+            assert text.endswith(QUESTION + ANSWER.format(key=key)) and text.count(key) == 2  # the needle, the answer
+            assert batch["loss_mask"][row].all() and (batch["segment_ids"][row] == 1).all()
+    assert 10 <= prompts <= 30  # of 40 rows at 0.5
+    resumed = next(make_dataset(config).batches(3))
+    assert all((resumed[name] == mixed[3][name]).all() for name in resumed)  # resuming sees the same rows
+    for changes, message in [(dict(niah_fraction=1.0), r"data.niah_fraction: expected a fraction in \[0, 1\)"),
+                             (dict(seq_len=40), "rows of data.seq_len=40 tokens cannot hold a pass-key prompt"),
+                             (dict(source="mqar"), "data.niah_fraction: pass-key rows are made of text")]:
+        with pytest.raises(ValueError, match=message):
+            make_dataset(DataConfig(**{**vars(config), **changes}))

@@ -44,6 +44,7 @@ class DataConfig:
     num_kv_pairs: int = _field(8, "mqar: key-value pairs per row")
     eval_split: str = _field("validation", "tfds: split to evaluate on (text files: the last eval_fraction)")
     eval_fraction: float = _field(0.05, "text files: fraction of documents held out for eval")
+    niah_fraction: float = _field(0.0, "text: fraction of training rows made pass-key retrieval prompts with answers")
 
 
 @dataclasses.dataclass

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
-from twomamba_jax.train import synthetic, text
+from twomamba_jax.train import niah, synthetic, text
 from twomamba_jax.train.tokenizers import make_tokenizer
 
 Batch = dict[str, np.ndarray]
@@ -109,10 +109,17 @@ class TextDataset(Dataset):
 
     has_accuracy = False
 
-    def __init__(self, train_documents: Callable, eval_documents: Callable, tokenizer, **common):
+    def __init__(self, train_documents: Callable, eval_documents: Callable, tokenizer, *, niah_fraction: float = 0.0,
+                 seed: int = 0, **common):
         super().__init__(**common)
         self.tokenizer, self.vocab_size = tokenizer, tokenizer.vocab_size
         self._train_documents, self._eval_documents = train_documents, eval_documents
+        if not 0.0 <= niah_fraction < 1.0:
+            raise ValueError(f"data.niah_fraction: expected a fraction in [0, 1); got {niah_fraction}")
+        if niah_fraction and self.seq_len + 1 < niah.min_length(tokenizer, with_answer=True):
+            raise ValueError(f"data.niah_fraction: rows of data.seq_len={self.seq_len} tokens cannot hold a pass-key "
+                             f"prompt and its answer ({niah.min_length(tokenizer, with_answer=True)} tokens)")
+        self._niah_fraction, self._seed = niah_fraction, seed
 
     def _rows(self, documents: Iterable[str]) -> Iterator[tuple]:
         tokens = (self.tokenizer.encode(doc) for doc in documents)
@@ -133,10 +140,24 @@ class TextDataset(Dataset):
         for index, row in enumerate(self._train_rows()):
             step, position = divmod(index, self.batch_size)
             if step >= start_step and self._mine(position):
-                mine.append(row)
+                mine.append(self._mixed(index, row))
             if position == self.batch_size - 1 and step >= start_step:
                 yield _batch(mine)
                 mine = []
+
+    def _mixed(self, index: int, row: tuple) -> tuple:
+        """Training row ``index``, or, with probability ``niah_fraction`` (drawn from the seed and the index, so a
+        resumed run sees the same rows), a pass-key prompt built from the row's own text and ending with its
+        answer (``niah.py``): one document, every token counted."""
+        if not self._niah_fraction:
+            return row
+        rng = np.random.default_rng([self._seed, 2, index])
+        if rng.random() >= self._niah_fraction:
+            return row
+        prompt = niah.build_prompt(row[0][row[1]], self.tokenizer, length=self.seq_len + 1, depth=rng.random(),
+                                   seed=int(rng.integers(2**31)), with_answer=True)
+        ones = np.ones(self.seq_len + 1, bool)
+        return prompt.tokens, ones, ones.astype(np.int32)
 
     def eval_batches(self, num_batches: int) -> list[Batch]:
         """A held-out set with fewer rows than asked gives fewer batches (at least one)."""
@@ -162,9 +183,13 @@ def make_dataset(config, *, process_index: int = 0, process_count: int = 1) -> D
         if config.tokenizer != "byte":  # the tasks emit token ids directly; a tokenizer would go unused
             raise ValueError(f"data.tokenizer: {config.tokenizer!r} applies to text sources only; data.source="
                              f"{source!r} is a synthetic task (its vocabulary is data.vocab_size)")
+        if config.niah_fraction:
+            raise ValueError(f"data.niah_fraction: pass-key rows are made of text; data.source={source!r} is a "
+                             "synthetic task (use data.source=needle for its own retrieval task)")
         return SyntheticDataset(source, seed=config.seed, vocab_size=config.vocab_size,
                                 num_kv_pairs=config.num_kv_pairs, **common)
-    return TextDataset(*text_documents(config), make_tokenizer(config.tokenizer), **common)
+    return TextDataset(*text_documents(config), make_tokenizer(config.tokenizer), niah_fraction=config.niah_fraction,
+                       seed=config.seed, **common)
 
 
 def text_documents(config) -> tuple[Callable, Callable]:
