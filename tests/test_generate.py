@@ -92,3 +92,7 @@ def test_command_line_continues_a_prompt_from_a_trained_run(text_run, tmp_path, 
     assert out[:-1] == trained.tokenizer.decode(np.asarray(ids)[0])
     assert generate_main([workdir, "--prompt", ""]) == 2
     assert "--prompt: expected at least one token" in capsys.readouterr().err
+    assert generate_main([workdir, "--prompt", "the", "--temperature", "-1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.strip() == (
+        "twomamba-generate: error: temperature: expected a finite number >= 0 (0: greedy); got -1.0")

@@ -43,8 +43,8 @@ def test_one_step_matches_unsharded_on_every_mesh(mixer):
     for mesh in MESHES:
         if mixer == "mamba2" and mesh[2] > 1:
             continue  # tensor parallelism of Mamba-2: its heads follow expand * M / head_dim (see below)
-        if mixer == "2mamba" and mesh not in ((2, 2, 2), (1, 1, 8)):
-            continue  # the slowest to compile on CPU: all three axes at once, and all-tensor (softmax takes all four)
+        if mixer == "2mamba" and mesh != (2, 2, 2):
+            continue  # the slowest to compile on CPU (~35 s a mesh): all three axes at once; softmax takes all four
         _, params, loss, _ = _one_step(_config(mixer, mesh))
         assert abs(loss - expected_loss) <= 1e-5 * abs(expected_loss), mesh
         for path, got, want in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(params),

@@ -143,11 +143,11 @@ def _prompt_ids(prompt: str, tokenizer):
 
 
 class _TextStream:
-    """Prints the prompt, then each piece of text as soon as it is final (ids for a synthetic task)."""
+    """Prints the prompt with the first new token (so a refused request prints nothing), then each piece of text
+    as soon as it is final (ids for a synthetic task)."""
 
     def __init__(self, tokenizer, prompt):
         self._tokenizer, self._ids, self._printed = tokenizer, list(prompt), ""
-        self._show(final=False)
 
     def add(self, token: int) -> None:
         self._ids.append(token)
