@@ -27,9 +27,8 @@ import numpy as np
 from flax import nnx
 
 from twomamba_jax import nn
-from twomamba_jax.generate import compiled_steps
+from twomamba_jax.generate import compiled_steps, generate
 from twomamba_jax.ops.features import feature_size
-from twomamba_jax.generate import generate
 from twomamba_jax.train.data import make_dataset, text_documents
 from twomamba_jax.train.niah import build_prompt, is_correct
 from twomamba_jax.train.trainer import masked_sums
