@@ -99,6 +99,21 @@ def _launch(name, body, args, outputs, *, ring, own, power, interpret, stages, *
     return launch(name, kernel, out_type, scratch, bh, padded, interpret)(*args)
 
 
+def _ring(ring, smem, tile_of_step):
+    """(issue, wait_tile) of a streamed ring: ``issue(step, slot)`` starts the TMA copy of every ``(name, src)``
+    of ``ring`` (``src(tokens)`` the global slice of tile ``tile_of_step(step)``) into ``NAME_smem`` slot
+    ``slot``, signalling ``NAME_bar``; ``wait_tile(slot)`` waits for all of them."""
+    def issue(step, slot):
+        tokens = pl.ds(tile_of_step(step) * BLOCK, BLOCK)
+        for name, src in ring:
+            plgpu.copy_gmem_to_smem(src(tokens), smem[f"{name}_smem"].at[slot], smem[f"{name}_bar"].at[slot])
+
+    def wait_tile(slot):
+        for name, _ in ring:
+            plgpu.barrier_wait(smem[f"{name}_bar"].at[slot])
+    return issue, wait_tile
+
+
 def _load_own(wg, copies):
     """This warpgroup's own tiles: start every copy, then wait for all of them."""
     for src, smem, bar in copies:
@@ -141,11 +156,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_ref
     # Folded keys carry the query head's decay: one per query head.
     ring = [("k", lambda cols: k_ref.at[batch, cols, query_head if folded else key_head]),
             ("v", lambda cols: v_ref.at[batch, cols, key_head]), ("kd", lambda cols: kd_ref.at[head, cols])]
-
-    def issue(step, slot):
-        cols = pl.ds((last_tile - step) * BLOCK, BLOCK)
-        for name, src in ring:
-            plgpu.copy_gmem_to_smem(src(cols), smem[f"{name}_smem"].at[slot], smem[f"{name}_bar"].at[slot])
+    issue, wait_tile = _ring(ring, smem, lambda step: last_tile - step)
 
     pl.when(wg == 2)(lambda: stream(walk, stages, smem["consumed_bar"], issue))
 
@@ -166,10 +177,6 @@ def _dq_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_ref
         g_row, lse, delta = row(smem["g_smem"].at[wg]), row(smem["lse_smem"].at[wg]), row(smem["delta_smem"].at[wg])
         staging = smem["staging_smem"].at[wg] if "staging_smem" in smem else None
         tile = (BLOCK, BLOCK)
-
-        def wait_tile(slot):
-            for name, _ in ring:
-                plgpu.barrier_wait(smem[f"{name}_bar"].at[slot])
 
         def visit(step, carry, diagonal):
             dq, dq_diag, d_rows, r = carry
@@ -224,11 +231,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_re
             for name, src in (("q", q_ref), ("dy", dy_ref))]
     ring += [(name, lambda rows, src=src: src.at[head, rows])
              for name, src in (("g", g_ref), ("lse", lse_ref), ("delta", delta_ref))]
-
-    def issue(step, slot):
-        rows = pl.ds((first_tile + step) * BLOCK, BLOCK)
-        for name, src in ring:
-            plgpu.copy_gmem_to_smem(src(rows), smem[f"{name}_smem"].at[slot], smem[f"{name}_bar"].at[slot])
+    issue, wait_tile = _ring(ring, smem, lambda step: first_tile + step)
 
     pl.when(wg == 2)(lambda: stream(walk, stages, smem["consumed_bar"], issue))
 
@@ -248,10 +251,6 @@ def _dkv_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_re
         staging = smem["staging_smem"].at[wg] if "staging_smem" in smem else None
         tile = (BLOCK, BLOCK)
         col = functools.partial(plgpu.load, layout=_WGMMA.reduce(0))
-
-        def wait_tile(slot):
-            for name, _ in ring:
-                plgpu.barrier_wait(smem[f"{name}_bar"].at[slot])
 
         def visit(step, carry, diagonal):
             dk_acc, dk_diag, dv_acc, d_cols, r = carry
