@@ -18,6 +18,7 @@ Tasks:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ from twomamba_jax.generate import compiled_steps, generate
 from twomamba_jax.ops.features import feature_size
 from twomamba_jax.train.data import make_dataset, text_documents
 from twomamba_jax.train.niah import build_prompt, is_correct
-from twomamba_jax.train.trainer import masked_sums
+from twomamba_jax.train.trainer import eval_totals, masked_sums
 from twomamba_jax.train.workdir import Trained, load
 
 TASKS = ("ppl", "decode", "niah", "mqar")
@@ -90,16 +91,7 @@ def _evaluator(model):
     """batches -> (mean loss, masked token count, exact-match rate) of ``model`` over them."""
     graphdef, params = nnx.split(model)
     sums = jax.jit(lambda params, batch: masked_sums(nnx.merge(graphdef, params)(batch["inputs"]), batch))
-
-    def evaluate(batches):
-        loss = count = correct = 0.0
-        for batch in batches:
-            batch_sums = jax.device_get(sums(params, batch))
-            loss, count, correct = (loss + float(batch_sums[0]), count + float(batch_sums[1]),
-                                    correct + float(batch_sums[2]))
-        count = max(count, 1.0)
-        return loss / count, int(count), correct / count
-    return evaluate
+    return functools.partial(eval_totals, sums, params)
 
 
 def decode_state_bytes(config: nn.ModelConfig, batch_size: int, max_len: int) -> int:

@@ -209,15 +209,22 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def evaluate(run: Setup, eval_step, params, batches) -> dict:
+def eval_totals(eval_step, params, batches) -> tuple[float, int, float]:
+    """(mean loss, masked token count, exact-match rate) of ``eval_step`` (``masked_sums`` under jit) over
+    ``batches``."""
     loss = count = correct = 0.0
-    for local in batches:
-        sums = jax.device_get(eval_step(params, run.global_batch(local)))
+    for batch in batches:
+        sums = jax.device_get(eval_step(params, batch))
         loss, count, correct = loss + float(sums[0]), count + float(sums[1]), correct + float(sums[2])
     count = max(count, 1.0)
-    metrics = {"loss": loss / count, "perplexity": float(np.exp(min(loss / count, 50.0)))}
+    return loss / count, int(count), correct / count
+
+
+def evaluate(run: Setup, eval_step, params, batches) -> dict:
+    loss, _, accuracy = eval_totals(eval_step, params, (run.global_batch(local) for local in batches))
+    metrics = {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0)))}
     if run.dataset.has_accuracy:
-        metrics["accuracy"] = correct / count
+        metrics["accuracy"] = accuracy
     return metrics
 
 
