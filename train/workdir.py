@@ -37,25 +37,30 @@ def load(workdir: str | Path) -> Trained:
         raise ValueError(f"workdir: {str(workdir)!r} has no config.json (expected a twomamba-train work directory)")
     config = from_dict(train_config.TrainConfig, json.loads(config_file.read_text()))
     checkpoints = workdir / "checkpoints"
-    steps = ocp.CheckpointManager(checkpoints.absolute()).all_steps() if checkpoints.is_dir() else []
-    if not steps:
-        raise ValueError(f"workdir: {str(workdir)!r} holds no checkpoint yet (train first: twomamba-train "
-                         f"--workdir {workdir})")
-    tokenizer = None if config.data.source in synthetic.TASKS else make_tokenizer(config.data.tokenizer)
-    vocab_size = config.data.vocab_size if tokenizer is None else tokenizer.vocab_size
-    model_cfg = dataclasses.replace(model_config(config, vocab_size), remat=False)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: nn.LanguageModel(model_cfg, rngs=nnx.Rngs(0))), nnx.Param)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          nnx.to_pure_dict(abstract))
-    step = max(steps)
+    if not checkpoints.is_dir():
+        raise _no_checkpoint(workdir)
     with ocp.CheckpointManager(checkpoints.absolute()) as manager:
+        step = manager.latest_step()
+        if step is None:
+            raise _no_checkpoint(workdir)
+        tokenizer = None if config.data.source in synthetic.TASKS else make_tokenizer(config.data.tokenizer)
+        vocab_size = config.data.vocab_size if tokenizer is None else tokenizer.vocab_size
+        model_cfg = dataclasses.replace(model_config(config, vocab_size), remat=False)
+        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: nn.LanguageModel(model_cfg, rngs=nnx.Rngs(0))),
+                                       nnx.Param)
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         # Only the parameters: the optimizer state (twice their size) stays on disk.
-        item = {"params": target}
+        item = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                                       nnx.to_pure_dict(abstract))}
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
     nnx.replace_by_pure_dict(abstract, restored["state"]["params"])
     return Trained(config=config, model=nnx.merge(graphdef, abstract), step=step, tokenizer=tokenizer)
+
+
+def _no_checkpoint(workdir: Path) -> ValueError:
+    return ValueError(f"workdir: {str(workdir)!r} holds no checkpoint yet (train first: twomamba-train "
+                      f"--workdir {workdir})")
 
 
 def from_dict(kind, values: dict):
