@@ -174,6 +174,19 @@ def test_hopper_kernels_take_token_major_arrays_without_transposes():
                                   power=2, normalize=None, scale=0.1, block_size=128, backend="mosaic_gpu")
 
 
+@pytest.mark.parametrize("power,normalize", [(2, "softmax"), ("exp", "softmax")])
+def test_hopper_forward_reuses_its_ring_slots(rng, power, normalize):
+    """N = 300: three 128-row programs, the last walking three 128-token key tiles through a ring of two slots (the
+    diagonal's unscaled keys and the folded ones after them share the slots), against the float64 oracle."""
+    q, k, v, a = _inputs(rng, 64, jnp.bfloat16, power, normalize, True, length=300)
+    y = parallel_attention_pallas(q, k, v, a, power=power, normalize=normalize, scale=0.125, backend="mosaic_gpu",
+                                  interpret=True)
+    k, v = (jnp.repeat(x.astype(jnp.float64), 2, axis=2) for x in (k, v))
+    expected = ops.decayed_attention(q.astype(jnp.float64), k, v, a.astype(jnp.float64), power=power,
+                                     normalize=normalize, scale=0.125, impl="reference")
+    assert rel_error(y, expected) < TOLERANCES[jnp.bfloat16]
+
+
 @pytest.mark.parametrize("dim,dtype,expected", [(64, jnp.bfloat16, "mosaic_gpu"), (128, jnp.bfloat16, "triton"),
                                                 (32, jnp.bfloat16, "triton"), (64, jnp.float32, "triton")])
 def test_hopper_gpus_take_the_mosaic_gpu_kernels(monkeypatch, dim, dtype, expected):

@@ -83,13 +83,14 @@ def _forward(q, k, v, log_decay, config):
     """y (B, N, H, dv) and the per-token statistic (B H, Np)."""
     batch, length, heads, _ = q.shape
     padded = _padded_length(length, config)
-    g_local, totals = _decay(log_decay, padded, config.block)
     options = dict(power=config.power, normalize=config.normalize, interpret=config.interpret)
-    if config.backend == "mosaic_gpu":  # token-major operands, as they come
+    if config.backend == "mosaic_gpu":  # token-major operands, as they come; 128-token decay blocks
+        g_local, totals = _decay(log_decay, padded, mosaic_gpu.KEY_TILE)
         y, stat = mosaic_gpu.forward(*(_pad_tokens(x, padded) for x in (q, k, v)), g_local, totals,
                                      scale=config.scale, **options)
         return y[:, :length], stat
     kernels = _HEADS_FIRST[config.backend]
+    g_local, totals = _decay(log_decay, padded, config.block)
     y, stat = kernels.forward(*_heads_first(q, k, v, config.scale, padded), g_local, totals, block=config.block,
                               num_heads=heads, group=heads // k.shape[2], **options)
     return heads_last(y, batch, length), stat
