@@ -32,15 +32,15 @@ CASES = [("triton", *case) for case in CASES]
 CASES += [("tpu", 32, jnp.float32, p, n, True) for p, n in VARIANTS]
 CASES += [("tpu", 128, dtype, p, "softmax", True) for dtype in (jnp.float32, jnp.bfloat16) for p in (2, "exp")]
 CASES = [(*case, 2) for case in CASES]  # the last field: key heads (of 4 query heads)
-# The Hopper (Mosaic GPU) kernels in the Mosaic GPU interpreter (bfloat16, head dims multiples of 64, 64-token
-# tiles: N = 130 gives two programs of 128 query rows, diagonal and off-diagonal tiles and a ragged end), forward
-# and backward. Six cases (the interpreter takes ~30 s each): every power, normalized and not, grouped keys (dk
-# and dv summed in float32 after the kernel) and not (written by the kernel in bfloat16), d 64 and 128, with and
-# without decay.
+# The Hopper (Mosaic GPU) kernels in the Mosaic GPU interpreter (bfloat16, head dims multiples of 64, 128-token
+# programs and decay blocks, 128- and 64-token tiles: N = 130 gives two programs, diagonal and off-diagonal tiles
+# and a ragged end), forward and backward. Six cases (the interpreter takes ~30 s each): every power, normalized
+# and not, grouped keys (dk and dv summed in float32 after the kernel) and not (written by the kernel in bfloat16),
+# d 64 and 128, with and without decay.
 CASES += [("mosaic_gpu", 64, jnp.bfloat16, p, n, True, kv) for p, n, kv in (
     (2, "softmax", 2), (2, None, 4), ("exp", "softmax", 2), ("exp", None, 4), (1, None, 2))]
 CASES += [("mosaic_gpu", 128, jnp.bfloat16, 2, "softmax", False, 2)]
-BLOCKS = {"triton": 16, "tpu": 16, "mosaic_gpu": 64}
+BLOCKS = {"triton": 16, "tpu": 16, "mosaic_gpu": 128}
 LENGTHS = {"triton": 37, "tpu": 37, "mosaic_gpu": 130}
 
 
@@ -169,22 +169,36 @@ def test_hopper_kernels_take_token_major_arrays_without_transposes():
         assert f"twomamba_mosaic_{kernel}" in text, kernel
     transposes = [line for line in text.splitlines() if "stablehlo.transpose" in line]
     assert transposes and all("tensor<2x256x4xf32>" in line for line in transposes), transposes
-    with pytest.raises(ValueError, match="block_size: the Mosaic GPU kernels tile by 64 tokens; got 128"):
+    with pytest.raises(ValueError, match="block_size: the Mosaic GPU kernels take 128-token decay blocks; got 64"):
         parallel_attention_pallas(jnp.zeros((1, 8, 2, 64), jnp.bfloat16), *[jnp.zeros((1, 8, 2, 64), jnp.bfloat16)] * 2,
-                                  power=2, normalize=None, scale=0.1, block_size=128, backend="mosaic_gpu")
+                                  power=2, normalize=None, scale=0.1, block_size=64, backend="mosaic_gpu")
 
 
-@pytest.mark.parametrize("power,normalize", [(2, "softmax"), ("exp", "softmax")])
-def test_hopper_forward_reuses_its_ring_slots(rng, power, normalize):
-    """N = 300: three 128-row programs, the last walking three 128-token key tiles through a ring of two slots (the
-    diagonal's unscaled keys and the folded ones after them share the slots), against the float64 oracle."""
+@pytest.mark.parametrize("power,normalize", [(2, "softmax"), ("exp", None)])
+def test_hopper_kernels_reuse_their_ring_slots(rng, power, normalize):
+    """N = 300: three 128-row programs, the longest walking three 128-token tiles through a ring of two slots (the
+    diagonal's unscaled keys or queries and the folded ones share the slots), against the float64 oracle: values
+    and gradients."""
     q, k, v, a = _inputs(rng, 64, jnp.bfloat16, power, normalize, True, length=300)
-    y = parallel_attention_pallas(q, k, v, a, power=power, normalize=normalize, scale=0.125, backend="mosaic_gpu",
-                                  interpret=True)
-    k, v = (jnp.repeat(x.astype(jnp.float64), 2, axis=2) for x in (k, v))
-    expected = ops.decayed_attention(q.astype(jnp.float64), k, v, a.astype(jnp.float64), power=power,
-                                     normalize=normalize, scale=0.125, impl="reference")
-    assert rel_error(y, expected) < TOLERANCES[jnp.bfloat16]
+    a = a / 50  # ~-0.3 a 128-token block, so that keys two blocks back still weigh
+    cotangent = jnp.asarray(rng.standard_normal(q.shape))
+
+    def loss(attention, q, k, v, a):
+        y = attention(q, k, v, a)
+        return jnp.sum(y.astype(jnp.float64) * cotangent), y
+
+    def oracle(q, k, v, a):
+        k, v = jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2)
+        return ops.decayed_attention(q, k, v, a, power=power, normalize=normalize, scale=0.125, impl="reference")
+
+    kernel = functools.partial(parallel_attention_pallas, power=power, normalize=normalize, scale=0.125,
+                               backend="mosaic_gpu", interpret=True)
+    grad = jax.grad(loss, argnums=(1, 2, 3, 4), has_aux=True)
+    got, y = grad(kernel, q, k, v, a)
+    expected, y_expected = grad(oracle, *(x.astype(jnp.float64) for x in (q, k, v, a)))
+    assert rel_error(y, y_expected) < TOLERANCES[jnp.bfloat16]
+    for name, g, e in zip(("q", "k", "v", "log_decay"), got, expected):
+        assert rel_error(g, e) < GRADIENT_TOLERANCES[jnp.bfloat16], name
 
 
 @pytest.mark.parametrize("dim,dtype,expected", [(64, jnp.bfloat16, "mosaic_gpu"), (128, jnp.bfloat16, "triton"),

@@ -58,8 +58,8 @@ def forward(q, k, v, g_local, totals, *, power, normalize, scale, stages=2, inte
     """The flash-style forward on Hopper, on token-major operands (as the model holds them: no transposes).
 
     q: (B, Np, H, dk); k: (B, Np, Hk, dk) and v: (B, Np, Hk, dv) with Hk dividing H (query head h reads key head
-    h // (H / Hk)); g_local: (B H, Np) float32 cumulative log-decays local to each ``KEY_TILE``-token block;
-    totals: (B H, Np / KEY_TILE) each block's log-decay. Np a multiple of 128, dk and dv multiples of 64, q/k/v bfloat16 (or
+    h // (H / Hk)); g_local: (B H, Np) float32 cumulative log-decays local to each 128-token block; totals:
+    (B H, Np / 128) each block's log-decay. Np a multiple of 128, dk and dv multiples of 64, q/k/v bfloat16 (or
     float16); ``scale`` multiplies q.k. ``interpret``: True (or ``plgpu.InterpretGPUParams``) runs the kernel in
     the Mosaic GPU interpreter. Returns y (B, Np, H, dv) in v's dtype and the statistic (B H, Np) float32 (see the
     module docstring).

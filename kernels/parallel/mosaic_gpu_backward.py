@@ -2,10 +2,14 @@
 shared-memory slots filled by a memory warpgroup, two compute warpgroups of 64 rows each (as the forward in
 ``mosaic_gpu.py``, whose module docstring gives the decay bookkeeping).
 
-``backward`` runs two kernels on the same operands (made once): the dq pass walks the key tiles from the diagonal
-back (as the forward); the dk/dv pass owns 64 keys per compute warpgroup and walks the query tiles from the
-diagonal forward. Both read and write token-major (B, N, H, d) tiles; dq, dk, dv leave in the operands' dtypes
-(float32 only where grouped key heads are summed after). Per tile, with W the weights, dW their
+``backward`` runs two kernels. The dq pass is laid out as the forward: one program per 128-token decay block,
+128-token key tiles walked from the one before the diagonal back to the first, then the diagonal (so that the
+folded part of dq can be unfolded in place before the diagonal adds to it: one accumulator). The dk/dv pass owns
+64 keys per compute warpgroup and walks 64-token query tiles (and 64-token decay blocks) from the diagonal
+forward: it holds dk, dv and the diagonal's dk in registers besides the two score tiles, and with 128-token
+query tiles those spill (~1.2 KB a thread; the pass then ran 30% slower on the H200). Both read and write
+token-major (B, N, H, d) tiles; dq, dk, dv leave in the operands' dtypes (float32 only where grouped key heads are
+summed after). Per tile, with W the weights, dW their
 cotangent and T = dW * W the log-decay cotangent (its row sums and column sums give the per-token cotangent):
 
 - normalized powers divide by the normalizer: dy and delta arrive divided by it, so dW = dy'.v - delta' and
@@ -29,9 +33,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from twomamba_jax.kernels.parallel.mosaic_gpu import (BLOCK, LOG2E, ROWS_PER_PROGRAM, causal_mask, head_indices,
-                                                      interpret_params, launch, matmul, matmul_into, operands,
-                                                      rows_plus_cols, scratch_types, smem_tile, stream)
+from twomamba_jax.kernels.parallel.mosaic_gpu import (BLOCK, KEY_TILE, LOG2E, ROWS_PER_PROGRAM, causal_mask,
+                                                      head_indices, interpret_params, launch, matmul, matmul_into,
+                                                      operands, rows_plus_cols, scratch_types, smem_tile, stream)
 
 _WGMMA = plgpu.Layout.WGMMA
 
@@ -39,10 +43,11 @@ _WGMMA = plgpu.Layout.WGMMA
 def backward(q, k, v, g_local, totals, d_out, stat, delta, *, power, normalize, scale, stages=2, interpret=False):
     """Gradients of the flash-style attention on token-major operands: (dq, dk, dv, row sums, column sums).
 
-    q, k, v, g_local, totals as ``mosaic_gpu.forward`` takes them; d_out: (B, Np, H, dv) the output's cotangent;
-    stat: (B H, Np) the forward's statistic (for normalized powers clipped at eps); delta: (B H, Np) ``dy . y``
-    (0 where the normalizer was clipped, 0 when unnormalized). Returns dq (B, Np, H, dk) in q's dtype, dk, dv
-    (B, Np, Hk, d) in k's and v's dtypes, and the row and column sums of the log-decay cotangent (B H, Np) float32.
+    q, k, v, g_local, totals as ``mosaic_gpu.forward`` takes them (128-token decay blocks); d_out: (B, Np, H, dv)
+    the output's cotangent; stat: (B H, Np) the forward's statistic (for normalized powers clipped at eps); delta:
+    (B H, Np) ``dy . y`` (0 where the normalizer was clipped, 0 when unnormalized). Returns dq (B, Np, H, dk) in
+    q's dtype, dk, dv (B, Np, Hk, d) in k's and v's dtypes, and the row and column sums of the log-decay cotangent
+    (B H, Np) float32.
     """
     batch, padded, heads, dk = q.shape
     if padded % ROWS_PER_PROGRAM:
@@ -54,42 +59,54 @@ def backward(q, k, v, g_local, totals, d_out, stat, delta, *, power, normalize, 
         d_out, delta = d_out.astype(jnp.float32) / per_token, delta / stat
     log_normalizer = stat * LOG2E if power == "exp" and normalize else jnp.zeros_like(stat)
     interpret = interpret_params(interpret)
-    main = operands(q, k, g_local, totals, power=power, scale=scale)  # shared by both passes
-    args = (*main[:2], v, *main[2:], q, k, d_out.astype(dtype), log_normalizer, delta)
+    d_out = d_out.astype(dtype)
+
+    def args(decay_blocks):  # each pass's folded operands, for its decay blocks
+        main = operands(q, k, *decay_blocks, power=power, scale=scale)
+        return (*main[:2], v, *main[2:], q, k, d_out, log_normalizer, delta)
+
     options = dict(power=power, scale=scale, num_heads=heads, group=group, stages=stages, dk=dk, dv=dv,
                    num_blocks=padded // BLOCK, interpret=interpret)
     f32 = jnp.float32
     dq, d_rows = _launch(
-        "twomamba_mosaic_dq", _dq_kernel, args,
+        "twomamba_mosaic_dq", _dq_kernel, args((g_local, totals)),
         {"dq": ((batch, padded, heads, dk), dtype), "rows": ((batch * heads, padded), f32)},
-        ring={"k": ((BLOCK, dk), dtype), "v": ((BLOCK, dv), dtype), "kd": ((BLOCK,), f32)},
+        ring={"k": ((KEY_TILE, dk), dtype), "v": ((KEY_TILE, dv), dtype), "kd": ((KEY_TILE,), f32)},
         own={"q": ((BLOCK, dk), dtype), "dy": ((BLOCK, dv), dtype), "g": ((BLOCK,), f32), "lse": ((BLOCK,), f32),
-             "delta": ((BLOCK,), f32), "q_diag": ((BLOCK, dk), dtype), "k_diag": ((BLOCK, dk), dtype)},
-        **options)
+             "delta": ((BLOCK,), f32), "q_diag": ((BLOCK, dk), dtype)},
+        staging_cols=KEY_TILE, **options)
     # Per query head: the key heads of a group are summed after, in float32.
     dk_dtype, dv_dtype = (k.dtype, v.dtype) if group == 1 else (f32, f32)
     dk_, dv_, d_cols = _launch(
-        "twomamba_mosaic_dkv", _dkv_kernel, args,
+        "twomamba_mosaic_dkv", _dkv_kernel, args(_halve_blocks(g_local, totals)),
         {"dk": ((batch, padded, heads, dk), dk_dtype), "dv": ((batch, padded, heads, dv), dv_dtype),
          "cols": ((batch * heads, padded), f32)},
         ring={"q": ((BLOCK, dk), dtype), "dy": ((BLOCK, dv), dtype), "g": ((BLOCK,), f32), "lse": ((BLOCK,), f32),
               "delta": ((BLOCK,), f32)},
         own={"k": ((BLOCK, dk), dtype), "v": ((BLOCK, dv), dtype), "kd": ((BLOCK,), f32),
              "q_diag": ((BLOCK, dk), dtype), "k_diag": ((BLOCK, dk), dtype)},
-        **options)
+        staging_cols=BLOCK, **options)
     if group > 1:
         dk_ = dk_.reshape(batch, padded, kv_heads, group, dk).sum(3).astype(k.dtype)
         dv_ = dv_.reshape(batch, padded, kv_heads, group, dv).sum(3).astype(v.dtype)
     return dq, dk_, dv_, d_rows, d_cols
 
 
-def _launch(name, body, args, outputs, *, ring, own, power, interpret, stages, **options):
+def _halve_blocks(g_local, totals):
+    """(g_local, totals) of 128-token decay blocks -> the same of 64-token ones."""
+    g = g_local.reshape(totals.shape[0], -1, 2, BLOCK)
+    first = g[:, :, 0, -1]
+    g = jnp.stack([g[:, :, 0], g[:, :, 1] - first[..., None]], axis=2)
+    return g.reshape(g_local.shape), jnp.stack([first, totals - first], axis=-1).reshape(totals.shape[0], -1)
+
+
+def _launch(name, body, args, outputs, *, ring, own, power, interpret, stages, staging_cols, **options):
     """``body`` over (B H, 128-row program) with ``ring`` (name -> per-step tile) streamed by the memory
     warpgroup, ``own`` tiles per compute warpgroup and ``outputs`` (name -> (shape, dtype)), each staged through
     a shared-memory tile ``NAME_out_smem``."""
     if power == "exp":  # no diagonal-only operands: q and k are not folded
         own = {key: value for key, value in own.items() if not key.endswith("_diag")}
-    scratch = scratch_types(ring, own, stages, args[0].dtype, interpret)
+    scratch = scratch_types(ring, own, stages, args[0].dtype, interpret, staging_cols=staging_cols)
     for out, (shape, dtype) in outputs.items():
         scratch[f"{out}_out_smem"] = (smem_tile((2, BLOCK, shape[-1]), dtype) if len(shape) == 4
                                       else plgpu.SMEM((2, BLOCK), dtype))
@@ -99,17 +116,24 @@ def _launch(name, body, args, outputs, *, ring, own, power, interpret, stages, *
     return launch(name, kernel, out_type, scratch, bh, padded, interpret)(*args)
 
 
-def _ring(ring, smem, tile_of_step):
-    """(issue, wait_tile) of a streamed ring: ``issue(step, slot)`` starts the TMA copy of every ``(name, src)``
-    of ``ring`` (``src(tokens)`` the global slice of tile ``tile_of_step(step)``) into ``NAME_smem`` slot
-    ``slot``, signalling ``NAME_bar``; ``wait_tile(slot)`` waits for all of them."""
+def _ring(ring, smem, tile_of_step, diagonal_step, size=KEY_TILE):
+    """(issue, wait_tile) of a streamed ring of ``size``-token tiles: ``issue(step, slot)`` starts the TMA copy of
+    every ``(name, src, diagonal_src)`` of ``ring`` (``src(tokens)`` the global slice of tile ``tile_of_step(step)``;
+    ``diagonal_src``, when not None, replaces it at ``diagonal_step``) into ``NAME_smem`` slot ``slot``,
+    signalling ``NAME_bar``; ``wait_tile(slot)`` waits for all of them."""
     def issue(step, slot):
-        tokens = pl.ds(tile_of_step(step) * BLOCK, BLOCK)
-        for name, src in ring:
-            plgpu.copy_gmem_to_smem(src(tokens), smem[f"{name}_smem"].at[slot], smem[f"{name}_bar"].at[slot])
+        tokens = pl.ds(tile_of_step(step) * size, size)
+        for name, src, diagonal_src in ring:
+            copy = functools.partial(plgpu.copy_gmem_to_smem, dst=smem[f"{name}_smem"].at[slot],
+                                     barrier=smem[f"{name}_bar"].at[slot])
+            if diagonal_src is None:
+                copy(src(tokens))
+            else:
+                pl.when(step == diagonal_step)(lambda: copy(diagonal_src(tokens)))
+                pl.when(step != diagonal_step)(lambda: copy(src(tokens)))
 
     def wait_tile(slot):
-        for name, _ in ring:
+        for name, _, _ in ring:
             plgpu.barrier_wait(smem[f"{name}_bar"].at[slot])
     return issue, wait_tile
 
@@ -122,21 +146,23 @@ def _load_own(wg, copies):
         plgpu.barrier_wait(bar.at[wg])
 
 
-def _weights_and_grads(s, dp, log_decay, r, delta, lse, *, power, diagonal, transposed):
+def _weights_and_grads(s, dp, log_decay, r, delta, lse, *, power, diagonal, transposed, row_offset):
     """(W, dS, T) of one tile: W as the value cotangent sees it, dS the score cotangent to multiply by the other
-    operand (for off-diagonal power tiles the folded one, scaled at the end), T = dW * W."""
+    operand (for off-diagonal power tiles the folded one, scaled at the end), T = dW * W. ``row_offset``: the
+    first row's index in the diagonal block (the tile's columns start at its beginning)."""
     shape = s.shape
     along = [1] if transposed else [0]  # the query axis of the tile
     delta = lax.broadcast_in_dim(delta, shape, along)
+    mask = causal_mask(shape, transposed, row_offset) if diagonal else None
     if power == "exp":
         logits = s + log_decay - lax.broadcast_in_dim(lse, shape, along)
         if diagonal:
-            logits = jnp.where(causal_mask(shape, transposed), logits, -jnp.inf)
+            logits = jnp.where(mask, logits, -jnp.inf)
         w = jnp.exp2(logits)
         d_s = (dp - delta) * w
         return w, d_s, d_s
     if diagonal:
-        decay = jnp.exp2(jnp.where(causal_mask(shape, transposed), jnp.minimum(log_decay, 0.0), -jnp.inf))
+        decay = jnp.exp2(jnp.where(mask, jnp.minimum(log_decay, 0.0), -jnp.inf))
     else:
         decay = jnp.exp2(r)  # one scalar: the folded operands carry the rest
     d_w = dp - delta
@@ -151,71 +177,60 @@ def _dq_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_ref
     head, batch, query_head, key_head = head_indices(num_heads, group)
     program, wg = lax.axis_index("rows"), lax.axis_index("wg")
     folded = power != "exp"
-    last_tile = 2 * program + 1
-    walk = last_tile + 1
-    # Folded keys carry the query head's decay: one per query head.
-    ring = [("k", lambda cols: k_ref.at[batch, cols, query_head if folded else key_head]),
-            ("v", lambda cols: v_ref.at[batch, cols, key_head]), ("kd", lambda cols: kd_ref.at[head, cols])]
-    issue, wait_tile = _ring(ring, smem, lambda step: last_tile - step)
+    # Key tiles p - 1, ..., 0, then the diagonal p.
+    tile_of_step = lambda step: jnp.where(step < program, program - 1 - step, program)
+    # Folded keys carry the query head's decay: one per query head; the diagonal's go unscaled.
+    ring = [("k", lambda cols: k_ref.at[batch, cols, query_head if folded else key_head],
+             (lambda cols: k_diag_ref.at[batch, cols, key_head]) if folded else None),
+            ("v", lambda cols: v_ref.at[batch, cols, key_head], None),
+            ("kd", lambda cols: kd_ref.at[head, cols], None)]
+    issue, wait_tile = _ring(ring, smem, tile_of_step, program)
 
-    pl.when(wg == 2)(lambda: stream(walk, stages, smem["consumed_bar"], issue))
+    pl.when(wg == 2)(lambda: stream(program + 1, stages, smem["consumed_bar"], issue))
 
     @pl.when(wg < 2)
     def _compute():
         plgpu.set_max_registers(232, action="increase")
-        block = 2 * program + wg
-        rows = pl.ds(block * BLOCK, BLOCK)
+        rows = pl.ds(program * KEY_TILE + wg * BLOCK, BLOCK)
         own = [(src, smem[f"{name}_smem"], smem[f"{name}_bar"])
                for name, src in (("q", q_ref.at[batch, rows, query_head]), ("dy", dy_ref.at[batch, rows, query_head]),
                                  ("g", g_ref.at[head, rows]), ("lse", lse_ref.at[head, rows]),
                                  ("delta", delta_ref.at[head, rows]))]
         if folded:
-            own += [(q_diag_ref.at[batch, rows, query_head], smem["q_diag_smem"], smem["q_diag_bar"]),
-                    (k_diag_ref.at[batch, rows, key_head], smem["k_diag_smem"], smem["k_diag_bar"])]
+            own.append((q_diag_ref.at[batch, rows, query_head], smem["q_diag_smem"], smem["q_diag_bar"]))
         _load_own(wg, own)
         row = functools.partial(plgpu.load, layout=_WGMMA.reduce(1))
         g_row, lse, delta = row(smem["g_smem"].at[wg]), row(smem["lse_smem"].at[wg]), row(smem["delta_smem"].at[wg])
         staging = smem["staging_smem"].at[wg] if "staging_smem" in smem else None
-        tile = (BLOCK, BLOCK)
+        tile = (BLOCK, KEY_TILE)
 
         def visit(step, carry, diagonal):
-            dq, dq_diag, d_rows, r = carry
+            dq, d_rows, r = carry
             slot = lax.rem(step, jnp.int32(stages))
             wait_tile(slot)
             kd_col = plgpu.load(smem["kd_smem"].at[slot], layout=_WGMMA.reduce(0))
             k_tile = smem["k_smem"].at[slot]
             if diagonal and folded:
-                s = matmul(smem["q_diag_smem"].at[wg], smem["k_diag_smem"].at[wg].transpose((1, 0)), tile) * scale
+                s = matmul(smem["q_diag_smem"].at[wg], k_tile.transpose((1, 0)), tile) * scale
             else:
                 s = _logits(matmul(smem["q_smem"].at[wg], k_tile.transpose((1, 0)), tile), power, scale)
             dp = matmul(smem["dy_smem"].at[wg], smem["v_smem"].at[slot].transpose((1, 0)), tile)
             _, d_s, through_decay = _weights_and_grads(
                 s, dp, rows_plus_cols(g_row, kd_col + r, tile), r, delta, lse, power=power, diagonal=diagonal,
-                transposed=False)
-            d_s = d_s.astype(k_tile.dtype)
-            if diagonal and folded:
-                dq_diag = matmul_into(dq_diag, d_s, smem["k_diag_smem"].at[wg], staging)
-            else:
-                dq = matmul_into(dq, d_s, k_tile, staging)
+                transposed=False, row_offset=wg * BLOCK)
+            if diagonal and folded:  # against the unscaled keys: only d(s^p)/ds's factor p
+                d_s = d_s * power
+            dq = matmul_into(dq, d_s.astype(k_tile.dtype), k_tile, staging)
             d_rows = d_rows + through_decay.sum(axis=1)
             plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
-            return dq, dq_diag, d_rows, r + t_ref[head, last_tile - step]
+            return dq, d_rows, r + t_ref[head, tile_of_step(step)]
 
-        zeros = plgpu.layout_cast(jnp.zeros((BLOCK, dk), jnp.float32), _WGMMA)
-
-        @pl.when(wg == 0)  # tile 2p + 1 is past this warpgroup's queries
-        def _():
-            wait_tile(0)
-            plgpu.barrier_arrive(smem["consumed_bar"].at[0])
-
-        diagonal_step = 1 - wg
-        carry = (zeros, zeros, plgpu.layout_cast(jnp.zeros((BLOCK,), jnp.float32), _WGMMA.reduce(1)),
-                 -t_ref[head, block])
-        carry = visit(diagonal_step, carry, diagonal=True)
-        dq, dq_diag, d_rows, _ = lax.fori_loop(diagonal_step + 1, walk, functools.partial(visit, diagonal=False),
-                                               carry)
-        if folded:  # dq = p exp(g_i / p) (dS' k') + the diagonal's dS k, for the scaled q
-            dq = _unfold(dq, dq_diag, g_row, power)
+        carry = (plgpu.layout_cast(jnp.zeros((BLOCK, dk), jnp.float32), _WGMMA),
+                 plgpu.layout_cast(jnp.zeros((BLOCK,), jnp.float32), _WGMMA.reduce(1)), jnp.float32(0))
+        dq, d_rows, _ = lax.fori_loop(jnp.int32(0), program, functools.partial(visit, diagonal=False), carry)
+        if folded:  # dq so far is against k' for q': times p exp(g_i / p) for the scaled q
+            dq = _unfold(dq, g_row, power)
+        dq, d_rows, _ = visit(program, (dq, d_rows, -t_ref[head, program]), diagonal=True)
         _store(wg, [(dq * scale, smem["dq_out_smem"], dq_ref.at[batch, rows, query_head]),
                     (d_rows, smem["rows_out_smem"], rows_ref.at[head, rows])])
 
@@ -227,11 +242,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_re
     folded = power != "exp"
     first_tile = 2 * program
     walk = num_blocks - first_tile
-    ring = [(name, lambda rows, src=src: src.at[batch, rows, query_head])
+    ring = [(name, lambda rows, src=src: src.at[batch, rows, query_head], None)
             for name, src in (("q", q_ref), ("dy", dy_ref))]
-    ring += [(name, lambda rows, src=src: src.at[head, rows])
+    ring += [(name, lambda rows, src=src: src.at[head, rows], None)
              for name, src in (("g", g_ref), ("lse", lse_ref), ("delta", delta_ref))]
-    issue, wait_tile = _ring(ring, smem, lambda step: first_tile + step)
+    issue, wait_tile = _ring(ring, smem, lambda step: first_tile + step, None, BLOCK)
 
     pl.when(wg == 2)(lambda: stream(walk, stages, smem["consumed_bar"], issue))
 
@@ -265,7 +280,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_re
             dp = matmul(smem["v_smem"].at[wg], dy_tile.transpose((1, 0)), tile)
             w, d_s, through_decay = _weights_and_grads(
                 s, dp, rows_plus_cols(kd_row + r, g_col, tile), r, delta, lse, power=power, diagonal=diagonal,
-                transposed=True)
+                transposed=True, row_offset=0)
             dv_acc = matmul_into(dv_acc, w.astype(dy_tile.dtype), dy_tile, staging)
             d_s = d_s.astype(q_tile.dtype)
             if diagonal and folded:
@@ -289,7 +304,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_re
         dk_acc, dk_diag, dv_acc, d_cols, _ = lax.fori_loop(wg + 1, walk, functools.partial(visit, diagonal=False),
                                                            carry)
         if folded:  # dk = p exp(kd_j / p) (dS'^T q') + the diagonal's dS^T (scale q); q' carries the scale
-            dk_acc = _unfold(dk_acc, dk_diag * scale, kd_row, power)
+            dk_acc = _unfold(dk_acc, kd_row, power) + dk_diag * (power * scale)
         else:  # the logits are scale q.k
             dk_acc = dk_acc * scale
         _store(wg, [(dk_acc, smem["dk_out_smem"], dk_ref.at[batch, cols, query_head]),
@@ -297,12 +312,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_re
                     (d_cols, smem["cols_out_smem"], cols_ref.at[head, cols])])
 
 
-def _unfold(folded, diagonal, log2_decay, power):
-    """A gradient from its off-diagonal part, accumulated against the folded operand, and its diagonal part:
-    ``p exp(decay / p)`` row by row (``log2_decay`` in base 2, one per row) times the first, plus p times the
-    second (the factor p of d(s^p)/ds left out of both)."""
+def _unfold(folded, log2_decay, power):
+    """A gradient accumulated against a folded operand, for its own unscaled one: ``p exp(decay / p)`` row by row
+    (``log2_decay`` in base 2, one per row; p the factor of d(s^p)/ds left out of the tiles)."""
     factor = power * jnp.exp2(log2_decay / power)
-    return folded * lax.broadcast_in_dim(factor, folded.shape, [0]) + diagonal * power
+    return folded * lax.broadcast_in_dim(factor, folded.shape, [0])
 
 
 def _logits(s, power, scale):

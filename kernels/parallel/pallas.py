@@ -23,9 +23,9 @@ from twomamba_jax.ops.numerics import NORMALIZER_EPS, zero_log_decay
 _HEADS_FIRST = {"triton": triton_kernels, "tpu": tpu_kernels}  # kernels on (B H, Np, d) operands
 
 BACKENDS = ("triton", "mosaic_gpu", "tpu")
-# Tokens per tile, per backend: 64 on the GPU (registers; measured on the H200; wgmma's M), 128 on the TPU (the MXU
-# width).
-DEFAULT_BLOCK = {"triton": 64, "mosaic_gpu": mosaic_gpu.BLOCK, "tpu": 128}
+# Tokens per tile and decay block, per backend: 64 for Triton (registers; measured on the H200), 128 on the TPU (the
+# MXU width) and for the Hopper kernels (their decay blocks; see mosaic_gpu.py for their tiles).
+DEFAULT_BLOCK = {"triton": 64, "mosaic_gpu": mosaic_gpu.KEY_TILE, "tpu": 128}
 
 
 def unsupported_reason(q, k, v, *, power) -> str | None:
@@ -83,14 +83,13 @@ def _forward(q, k, v, log_decay, config):
     """y (B, N, H, dv) and the per-token statistic (B H, Np)."""
     batch, length, heads, _ = q.shape
     padded = _padded_length(length, config)
+    g_local, totals = _decay(log_decay, padded, config.block)
     options = dict(power=config.power, normalize=config.normalize, interpret=config.interpret)
-    if config.backend == "mosaic_gpu":  # token-major operands, as they come; 128-token decay blocks
-        g_local, totals = _decay(log_decay, padded, mosaic_gpu.KEY_TILE)
+    if config.backend == "mosaic_gpu":  # token-major operands, as they come
         y, stat = mosaic_gpu.forward(*(_pad_tokens(x, padded) for x in (q, k, v)), g_local, totals,
                                      scale=config.scale, **options)
         return y[:, :length], stat
     kernels = _HEADS_FIRST[config.backend]
-    g_local, totals = _decay(log_decay, padded, config.block)
     y, stat = kernels.forward(*_heads_first(q, k, v, config.scale, padded), g_local, totals, block=config.block,
                               num_heads=heads, group=heads // k.shape[2], **options)
     return heads_last(y, batch, length), stat
@@ -155,7 +154,7 @@ def parallel_attention_pallas(q, k, v, log_decay=None, *, power, normalize, scal
     key head h // (H / Hk)); log_decay: (B, N, H) or None. Any N (padded to whole blocks of ``block_size``
     tokens, default ``DEFAULT_BLOCK``; a power of two for Triton, a multiple of 8 for the TPU). backend:
     "triton" (GPU), "mosaic_gpu" (Hopper: the wgmma kernels of ``mosaic_gpu.py`` and ``mosaic_gpu_backward.py``
-    on token-major operands, block 64, bfloat16, head dims multiples of 64; dispatched where
+    on token-major operands, block 128, bfloat16, head dims multiples of 64; dispatched where
     ``mosaic_gpu_unsupported_reason`` allows) or "tpu" (Mosaic TPU); the Triton and TPU kernels take heads-first
     copies (B H, N, d);
     ``interpret=True`` runs any of them in Pallas interpret mode. The caller checks ``unsupported_reason`` first.
@@ -170,7 +169,8 @@ def parallel_attention_pallas(q, k, v, log_decay=None, *, power, normalize, scal
     if log_decay is None:
         log_decay = zero_log_decay(q)
     block_size = DEFAULT_BLOCK[backend] if block_size is None else block_size
-    if backend == "mosaic_gpu" and block_size != mosaic_gpu.BLOCK:
-        raise ValueError(f"block_size: the Mosaic GPU kernels tile by {mosaic_gpu.BLOCK} tokens; got {block_size}")
+    if backend == "mosaic_gpu" and block_size != mosaic_gpu.KEY_TILE:
+        raise ValueError(f"block_size: the Mosaic GPU kernels take {mosaic_gpu.KEY_TILE}-token decay blocks; got "
+                         f"{block_size}")
     config = _Config(power, normalize, float(scale), block_size, backend, interpret)
     return _attention(q, k, v, log_decay, config)
