@@ -25,7 +25,7 @@ in as they are.
 
 Outputs: y (B, Np, H, dv) and the per-token statistic (B H, Np) (the normalizer, or the natural-log normalizer for
 normalized exp), which the backward kernels (``mosaic_gpu_backward.py``) take. The helpers below (``operands``,
-``stream``, ``matmul``, ``matmul_into``, ``launch``) serve the backward kernels too.
+``ring_copies``, ``stream``, ``matmul``, ``matmul_into``, ``launch``) serve the backward kernels too.
 """
 
 from __future__ import annotations
@@ -70,11 +70,10 @@ def forward(q, k, v, g_local, totals, *, power, normalize, scale, stages=2, inte
     interpret = interpret_params(interpret)
     dv = v.shape[-1]
     dtype = q.dtype
-    q_main, k_main, key_decay, g_rows, totals = operands(q, k, g_local, totals, power=power, scale=scale)
-
     if g_local.shape[-1] != KEY_TILE * totals.shape[-1]:
         raise ValueError(f"totals: expected one per {KEY_TILE}-token block of g_local {g_local.shape}; got "
                          f"{totals.shape}")
+    q_main, k_main, key_decay, g_rows, totals = operands(q, k, g_local, totals, power=power, scale=scale)
     kernel = functools.partial(_kernel, power=power, normalize=normalize, scale=scale, num_heads=heads,
                                group=heads // k.shape[2], stages=stages, dtype=dtype, dv=dv)
     own = {"q": ((BLOCK, dk), dtype), "g": ((BLOCK,), jnp.float32)}
@@ -166,6 +165,37 @@ def stream(walk, stages, consumed_bar, issue):
         plgpu.barrier_wait(consumed_bar.at[lax.rem(step, jnp.int32(stages))])
 
 
+def ring_copies(ring, smem, tile_of_step, diagonal_step, size=KEY_TILE):
+    """(issue, wait_tile) of a streamed ring of ``size``-token tiles: ``issue(step, slot)`` starts the TMA copy of
+    every ``(name, src, diagonal_src)`` of ``ring`` (``src(tokens)`` the global slice of tile ``tile_of_step(step)``;
+    ``diagonal_src``, when not None, replaces it at ``diagonal_step``) into ``NAME_smem`` slot ``slot``,
+    signalling ``NAME_bar``; ``wait_tile(slot)`` waits for all of them."""
+    def issue(step, slot):
+        tokens = pl.ds(tile_of_step(step) * size, size)
+        for name, src, diagonal_src in ring:
+            copy = functools.partial(plgpu.copy_gmem_to_smem, dst=smem[f"{name}_smem"].at[slot],
+                                     barrier=smem[f"{name}_bar"].at[slot])
+            if diagonal_src is None:
+                copy(src(tokens))
+            else:
+                pl.when(step == diagonal_step)(lambda: copy(diagonal_src(tokens)))
+                pl.when(step != diagonal_step)(lambda: copy(src(tokens)))
+
+    def wait_tile(slot):
+        for name, _, _ in ring:
+            plgpu.barrier_wait(smem[f"{name}_bar"].at[slot])
+    return issue, wait_tile
+
+
+def key_ring(k_ref, v_ref, kd_ref, k_diag_ref, head, batch, query_head, key_head, folded):
+    """The ``ring_copies`` entries of a pass over key tiles (the forward, the dq pass): keys, values and key
+    decays; folded keys carry the query head's decay (one per query head), the diagonal's go unscaled."""
+    return [("k", lambda cols: k_ref.at[batch, cols, query_head if folded else key_head],
+             (lambda cols: k_diag_ref.at[batch, cols, key_head]) if folded else None),
+            ("v", lambda cols: v_ref.at[batch, cols, key_head], None),
+            ("kd", lambda cols: kd_ref.at[head, cols], None)]
+
+
 def matmul(a, b, shape):
     """wgmma ``a @ b`` into a fresh float32 accumulator of ``shape``; ``a``, ``b`` shared-memory refs."""
     def run(acc_ref):
@@ -196,16 +226,9 @@ def _kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_ref, y
     folded = power != "exp"
     walk = program + 1  # key tiles p, p - 1, ..., 0: the diagonal first
 
-    def issue(step, slot):
-        cols = pl.ds((program - step) * KEY_TILE, KEY_TILE)
-        copy = functools.partial(plgpu.copy_gmem_to_smem, dst=k_smem.at[slot], barrier=k_bar.at[slot])
-        if folded:  # the diagonal tile's keys unscaled, the others folded (one per query head: its decay)
-            pl.when(step == 0)(lambda: copy(k_diag_ref.at[batch, cols, key_head]))
-            pl.when(step > 0)(lambda: copy(k_ref.at[batch, cols, query_head]))
-        else:
-            copy(k_ref.at[batch, cols, key_head])
-        plgpu.copy_gmem_to_smem(v_ref.at[batch, cols, key_head], v_smem.at[slot], v_bar.at[slot])
-        plgpu.copy_gmem_to_smem(kd_ref.at[head, cols], kd_smem.at[slot], kd_bar.at[slot])
+    ring = key_ring(k_ref, v_ref, kd_ref, k_diag_ref, head, batch, query_head, key_head, folded)
+    smem = {"k_smem": k_smem, "k_bar": k_bar, "v_smem": v_smem, "v_bar": v_bar, "kd_smem": kd_smem, "kd_bar": kd_bar}
+    issue, wait_tile = ring_copies(ring, smem, lambda step: program - step, 0)
 
     pl.when(wg == 2)(lambda: stream(walk, stages, consumed_bar, issue))
 
@@ -229,8 +252,7 @@ def _kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_ref, y
             between this tile and the query block (the diagonal's is -T_I, so that g_i + kd_j + r = g_i - g_j)."""
             acc, den, row_max, r = carry
             slot = lax.rem(step, jnp.int32(stages))
-            for barrier in (k_bar, v_bar, kd_bar):
-                plgpu.barrier_wait(barrier.at[slot])
+            wait_tile(slot)
             kd_col = plgpu.load(kd_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
             log_decay = rows_plus_cols(g_row, kd_col + r, tile)
             keys = k_smem.at[slot].transpose((1, 0))

@@ -34,8 +34,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from twomamba_jax.kernels.parallel.mosaic_gpu import (BLOCK, KEY_TILE, LOG2E, ROWS_PER_PROGRAM, causal_mask,
-                                                      head_indices, interpret_params, launch, matmul, matmul_into,
-                                                      operands, rows_plus_cols, scratch_types, smem_tile, stream)
+                                                      head_indices, interpret_params, key_ring, launch, matmul,
+                                                      matmul_into, operands, ring_copies, rows_plus_cols,
+                                                      scratch_types, smem_tile, stream)
 
 _WGMMA = plgpu.Layout.WGMMA
 
@@ -116,28 +117,6 @@ def _launch(name, body, args, outputs, *, ring, own, power, interpret, stages, s
     return launch(name, kernel, out_type, scratch, bh, padded, interpret)(*args)
 
 
-def _ring(ring, smem, tile_of_step, diagonal_step, size=KEY_TILE):
-    """(issue, wait_tile) of a streamed ring of ``size``-token tiles: ``issue(step, slot)`` starts the TMA copy of
-    every ``(name, src, diagonal_src)`` of ``ring`` (``src(tokens)`` the global slice of tile ``tile_of_step(step)``;
-    ``diagonal_src``, when not None, replaces it at ``diagonal_step``) into ``NAME_smem`` slot ``slot``,
-    signalling ``NAME_bar``; ``wait_tile(slot)`` waits for all of them."""
-    def issue(step, slot):
-        tokens = pl.ds(tile_of_step(step) * size, size)
-        for name, src, diagonal_src in ring:
-            copy = functools.partial(plgpu.copy_gmem_to_smem, dst=smem[f"{name}_smem"].at[slot],
-                                     barrier=smem[f"{name}_bar"].at[slot])
-            if diagonal_src is None:
-                copy(src(tokens))
-            else:
-                pl.when(step == diagonal_step)(lambda: copy(diagonal_src(tokens)))
-                pl.when(step != diagonal_step)(lambda: copy(src(tokens)))
-
-    def wait_tile(slot):
-        for name, _, _ in ring:
-            plgpu.barrier_wait(smem[f"{name}_bar"].at[slot])
-    return issue, wait_tile
-
-
 def _load_own(wg, copies):
     """This warpgroup's own tiles: start every copy, then wait for all of them."""
     for src, smem, bar in copies:
@@ -179,12 +158,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_ref
     folded = power != "exp"
     # Key tiles p - 1, ..., 0, then the diagonal p.
     tile_of_step = lambda step: jnp.where(step < program, program - 1 - step, program)
-    # Folded keys carry the query head's decay: one per query head; the diagonal's go unscaled.
-    ring = [("k", lambda cols: k_ref.at[batch, cols, query_head if folded else key_head],
-             (lambda cols: k_diag_ref.at[batch, cols, key_head]) if folded else None),
-            ("v", lambda cols: v_ref.at[batch, cols, key_head], None),
-            ("kd", lambda cols: kd_ref.at[head, cols], None)]
-    issue, wait_tile = _ring(ring, smem, tile_of_step, program)
+    ring = key_ring(k_ref, v_ref, kd_ref, k_diag_ref, head, batch, query_head, key_head, folded)
+    issue, wait_tile = ring_copies(ring, smem, tile_of_step, program)
 
     pl.when(wg == 2)(lambda: stream(program + 1, stages, smem["consumed_bar"], issue))
 
@@ -246,7 +221,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_re
             for name, src in (("q", q_ref), ("dy", dy_ref))]
     ring += [(name, lambda rows, src=src: src.at[head, rows], None)
              for name, src in (("g", g_ref), ("lse", lse_ref), ("delta", delta_ref))]
-    issue, wait_tile = _ring(ring, smem, lambda step: first_tile + step, None, BLOCK)
+    issue, wait_tile = ring_copies(ring, smem, lambda step: first_tile + step, None, BLOCK)
 
     pl.when(wg == 2)(lambda: stream(walk, stages, smem["consumed_bar"], issue))
 
