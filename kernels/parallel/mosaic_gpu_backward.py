@@ -2,14 +2,17 @@
 shared-memory slots filled by a memory warpgroup, two compute warpgroups of 64 rows each (as the forward in
 ``mosaic_gpu.py``, whose module docstring gives the decay bookkeeping).
 
-``backward`` runs two kernels. The dq pass is laid out as the forward: one program per 128-token decay block,
-128-token key tiles walked from the one before the diagonal back to the first, then the diagonal (so that the
-folded part of dq can be unfolded in place before the diagonal adds to it: one accumulator). The dk/dv pass owns
-64 keys per compute warpgroup and walks 64-token query tiles (and 64-token decay blocks) from the diagonal
-forward: it holds dk, dv and the diagonal's dk in registers besides the two score tiles, and with 128-token
-query tiles those spill (~1.2 KB a thread; the pass then ran 30% slower on the H200). Both read and write
-token-major (B, N, H, d) tiles; dq, dk, dv leave in the operands' dtypes (float32 only where grouped key heads are
-summed after). Per tile, with W the weights, dW their
+``backward`` runs one kernel for powers (``_folded_kernel``) and two for exp. Their common layout is the dk/dv
+pass's: each compute warpgroup owns 64 keys and walks 64-token query tiles (and 64-token decay blocks) from the
+diagonal forward, holding dk, dv and the diagonal's dk in registers besides the two score tiles (with 128-token
+query tiles those spill, ~1.2 KB a thread, and the pass ran 30% slower on the H200). For powers the same kernel
+also makes dq, as FlashAttention-3 does: dS goes through shared memory into a fifth matmul with the warpgroup's
+keys, and the (64, dk) product is added into a float32 dq in global memory by a TMA reduction (so dq's sums run
+in no fixed order: not bitwise reproducible). Its row and column sums of T come after, from its accumulators
+(see ``_backward_folded``), not from per-tile reductions: a sum over a tile's keys would cross warps. For exp,
+where no such identity holds, a dq pass laid out as the forward runs first (one program per 128-token decay block,
+128-token key tiles, the diagonal last) and sums T's rows as it goes. All read and write token-major
+(B, N, H, d) tiles; dq, dk, dv leave in the operands' dtypes. Per tile, with W the weights, dW their
 cotangent and T = dW * W the log-decay cotangent (its row sums and column sums give the per-token cotangent):
 
 - normalized powers divide by the normalizer: dy and delta arrive divided by it, so dW = dy'.v - delta' and
@@ -33,6 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from twomamba_jax.kernels.layout import heads_first
 from twomamba_jax.kernels.parallel.mosaic_gpu import (BLOCK, KEY_TILE, LOG2E, ROWS_PER_PROGRAM, causal_mask,
                                                       head_indices, interpret_params, key_ring, launch, matmul,
                                                       matmul_into, operands, ring_copies, rows_plus_cols,
@@ -61,6 +65,9 @@ def backward(q, k, v, g_local, totals, d_out, stat, delta, *, power, normalize, 
     log_normalizer = stat * LOG2E if power == "exp" and normalize else jnp.zeros_like(stat)
     interpret = interpret_params(interpret)
     d_out = d_out.astype(dtype)
+    if power != "exp":  # one kernel
+        return _backward_folded(q, k, v, g_local, totals, d_out, delta, power=power, scale=scale, stages=stages,
+                                interpret=interpret)
 
     def args(decay_blocks):  # each pass's folded operands, for its decay blocks
         main = operands(q, k, *decay_blocks, power=power, scale=scale)
@@ -91,6 +98,150 @@ def backward(q, k, v, g_local, totals, d_out, stat, delta, *, power, normalize, 
         dk_ = dk_.reshape(batch, padded, kv_heads, group, dk).sum(3).astype(k.dtype)
         dv_ = dv_.reshape(batch, padded, kv_heads, group, dv).sum(3).astype(v.dtype)
     return dq, dk_, dv_, d_rows, d_cols
+
+
+def _backward_folded(q, k, v, g_local, totals, d_out, delta, *, power, scale, stages, interpret):
+    """(dq, dk, dv, row sums, column sums) of a power (1 or 2) in one kernel over 128-key programs (see
+    ``_folded_kernel``), the row and column sums of T from its accumulators: off the diagonal T = dS' * s' with
+    s' = q'.k', so sum_j T_ij = q'_i . (sum_j dS'_ij k'_j) = q'_i . dq'_i, and likewise for the columns and for the
+    diagonal (s = scale q.k): the same dS (rounded to the matmuls' dtype) in both, so that they cancel in the
+    log-decay cotangent as they should."""
+    batch, padded, heads, dk = q.shape
+    kv_heads, dv, dtype = k.shape[2], v.shape[-1], q.dtype
+    group = heads // kv_heads
+    f32 = jnp.float32
+    g64, totals64 = _halve_blocks(g_local, totals)
+    q_main, k_main, key_decay, g_rows, block_totals = operands(q, k, g64, totals64, power=power, scale=scale)
+    args = (q_main, k_main, v, key_decay, g_rows, block_totals, q, k, d_out, delta)
+    ring = {"q": ((BLOCK, dk), dtype), "dy": ((BLOCK, dv), dtype), "g": ((BLOCK,), f32), "delta": ((BLOCK,), f32)}
+    own = {"k": ((BLOCK, dk), dtype), "v": ((BLOCK, dv), dtype), "kd": ((BLOCK,), f32),
+           "q_diag": ((BLOCK, dk), dtype), "k_diag": ((BLOCK, dk), dtype)}
+    scratch = scratch_types(ring, own, stages, dtype, interpret, staging_cols=BLOCK)
+    dv_dtype = v.dtype if group == 1 else f32  # per query head: summed over the group after, in float32
+    scratch.update(ds_smem=smem_tile((2, BLOCK, BLOCK), dtype), f32_smem=smem_tile((2, BLOCK, max(dk, dv)), f32),
+                   dv_smem=smem_tile((2, BLOCK, dv), dv_dtype))
+    if interpret:  # the interpreter has no TMA reductions: read, add and write back through this tile
+        scratch.update(sum_smem=smem_tile((2, BLOCK, dk), f32), sum_bar=plgpu.Barrier(num_barriers=2))
+    per_query_head = lambda d, kind=f32: jax.ShapeDtypeStruct((batch, padded, heads, d), kind)
+    out_type = (per_query_head(dk), per_query_head(dk), per_query_head(dv, dv_dtype), per_query_head(dk))
+    kernel = functools.partial(_folded_kernel, power=power, scale=scale, num_heads=heads, group=group,
+                               stages=stages, dk=dk, num_blocks=padded // BLOCK)
+    run = launch("twomamba_mosaic_backward", kernel, out_type, scratch, batch * heads, padded, interpret)
+    dq_folded = jax.new_ref(jnp.zeros((2, batch, padded, heads, dk), f32))  # zeroed: each compute warpgroup adds
+    dk_folded, dk_diag, dv_, dq_diag = run(*args, dq_folded)
+    dq_folded = dq_folded[...].sum(0)
+
+    per_token = lambda x: x.reshape(batch, heads, padded).transpose(0, 2, 1)[..., None]  # (B H, Np) -> (B, Np, H, 1)
+    dot = lambda a, b: heads_first(jnp.sum(a.astype(f32) * b, axis=-1), padded)
+    keys = jnp.repeat(k, group, axis=2)
+    d_rows = dot(q_main, dq_folded) + scale * dot(q, dq_diag)
+    d_cols = dot(k_main, dk_folded) + scale * dot(keys, dk_diag)
+    # Against q' and k': times p exp(decay / p) row by row (the decays in base 2); the diagonal's times p.
+    dq = (dq_folded * (power * jnp.exp2(per_token(g_rows) / power)) + power * dq_diag) * scale
+    dk_ = dk_folded * (power * jnp.exp2(per_token(key_decay) / power)) + dk_diag * (power * scale)
+    dk_ = dk_.reshape(batch, padded, kv_heads, group, dk).sum(3)
+    dv_ = dv_.reshape(batch, padded, kv_heads, group, dv).sum(3)
+    return dq.astype(dtype), dk_.astype(k.dtype), dv_.astype(v.dtype), d_rows, d_cols
+
+
+def _folded_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_ref, dy_ref, delta_ref,
+                   dq_folded_ref, dk_folded_ref, dk_diag_ref, dv_ref, dq_diag_ref, *, power, scale, num_heads, group,
+                   stages, dk, num_blocks, **smem):
+    """Laid out as the dk/dv pass (``_dkv_kernel``), and each warpgroup also multiplies its tile's dS (through
+    shared memory) by its keys: off the diagonal the (64, dk) product is added into ``dq_folded_ref[wg]`` (a TMA
+    reduction); the diagonal's, against the unscaled keys, is stored to ``dq_diag_ref`` (one tile per query
+    block). dk leaves unscaled, as its folded and diagonal parts."""
+    head, batch, query_head, key_head = head_indices(num_heads, group)
+    program, wg = lax.axis_index("rows"), lax.axis_index("wg")
+    first_tile = 2 * program
+    walk = num_blocks - first_tile
+    ring = [(name, lambda rows, src=src: src.at[batch, rows, query_head], None)
+            for name, src in (("q", q_ref), ("dy", dy_ref))]
+    ring += [(name, lambda rows, src=src: src.at[head, rows], None) for name, src in (("g", g_ref),
+                                                                                     ("delta", delta_ref))]
+    issue, wait_tile = ring_copies(ring, smem, lambda step: first_tile + step, None, BLOCK)
+
+    pl.when(wg == 2)(lambda: stream(walk, stages, smem["consumed_bar"], issue))
+
+    @pl.when(wg < 2)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        block = first_tile + wg  # this warpgroup's key block
+        cols = pl.ds(block * BLOCK, BLOCK)
+        _load_own(wg, [(k_ref.at[batch, cols, query_head], smem["k_smem"], smem["k_bar"]),
+                       (v_ref.at[batch, cols, key_head], smem["v_smem"], smem["v_bar"]),
+                       (kd_ref.at[head, cols], smem["kd_smem"], smem["kd_bar"]),
+                       (q_diag_ref.at[batch, cols, query_head], smem["q_diag_smem"], smem["q_diag_bar"]),
+                       (k_diag_ref.at[batch, cols, key_head], smem["k_diag_smem"], smem["k_diag_bar"])])
+        kd_row = plgpu.load(smem["kd_smem"].at[wg], layout=_WGMMA.reduce(1))
+        staging = smem["staging_smem"].at[wg] if "staging_smem" in smem else None
+        ds_smem, f32_smem = smem["ds_smem"].at[wg], smem["f32_smem"].at[wg]
+        sum_smem = (smem["sum_smem"].at[wg], smem["sum_bar"].at[wg]) if "sum_smem" in smem else None
+        tile = (BLOCK, BLOCK)
+        col = functools.partial(plgpu.load, layout=_WGMMA.reduce(0))
+
+        def visit(step, carry, diagonal):
+            dk_acc, dk_diag, dv_acc, r = carry
+            slot = lax.rem(step, jnp.int32(stages))
+            wait_tile(slot)
+            q_tile, dy_tile = smem["q_smem"].at[slot], smem["dy_smem"].at[slot]
+            g_col, delta = col(smem["g_smem"].at[slot]), col(smem["delta_smem"].at[slot])
+            keys = smem["k_diag_smem" if diagonal else "k_smem"].at[wg]
+            queries = smem["q_diag_smem"].at[wg] if diagonal else q_tile
+            s = matmul(keys, queries.transpose((1, 0)), tile)
+            if diagonal:
+                s = s * scale
+            dp = matmul(smem["v_smem"].at[wg], dy_tile.transpose((1, 0)), tile)
+            w, d_s, _ = _weights_and_grads(s, dp, rows_plus_cols(kd_row + r, g_col, tile), r, delta, None,
+                                           power=power, diagonal=diagonal, transposed=True, row_offset=0)
+            dv_acc = matmul_into(dv_acc, w.astype(dy_tile.dtype), dy_tile, staging)
+            d_s = d_s.astype(q_tile.dtype)
+            if diagonal:
+                dk_diag = matmul_into(dk_diag, d_s, queries, staging)
+            else:
+                dk_acc = matmul_into(dk_acc, d_s, queries, staging)
+            ds_smem[...] = d_s
+            plgpu.commit_smem()
+            dq = matmul(ds_smem.transpose((1, 0)), keys, (BLOCK, dk))  # (queries, dk)
+            plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
+            rows = pl.ds((first_tile + step) * BLOCK, BLOCK)
+            if diagonal:
+                _to_global(dq, f32_smem, dq_diag_ref.at[batch, rows, query_head])
+            else:
+                _to_global(dq, f32_smem, dq_folded_ref.at[wg, batch, rows, query_head], add=True, sum_smem=sum_smem)
+            return dk_acc, dk_diag, dv_acc, r + t_ref[head, first_tile + step]
+
+        @pl.when(wg == 1)  # query tile 2p precedes this warpgroup's keys
+        def _():
+            wait_tile(0)
+            plgpu.barrier_arrive(smem["consumed_bar"].at[0])
+
+        zeros_k = plgpu.layout_cast(jnp.zeros((BLOCK, dk), jnp.float32), _WGMMA)
+        zeros_v = plgpu.layout_cast(jnp.zeros((BLOCK, dv_ref.shape[-1]), jnp.float32), _WGMMA)
+        carry = visit(wg, (zeros_k, zeros_k, zeros_v, -t_ref[head, block]), diagonal=True)
+        dk_acc, dk_diag, dv_acc, _ = lax.fori_loop(wg + 1, walk, functools.partial(visit, diagonal=False), carry)
+        _to_global(dk_acc, f32_smem, dk_folded_ref.at[batch, cols, query_head])
+        _to_global(dk_diag, f32_smem, dk_diag_ref.at[batch, cols, query_head])
+        _to_global(dv_acc, smem["dv_smem"].at[wg], dv_ref.at[batch, cols, query_head])
+        plgpu.wait_smem_to_gmem(0)
+
+
+def _to_global(value, smem, dst, *, add=False, sum_smem=None):
+    """A (64, d) tile -> ``smem`` (once the copy before has left it) -> global ``dst``, added to it when ``add``:
+    a TMA reduction on the GPU; the interpreter has none, so there (``sum_smem`` = (tile, barrier)) ``dst`` is
+    read, added to and written back (this warpgroup is the only writer of ``dst`` while its program runs, and the
+    interpreter runs programs one after another)."""
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    if add and sum_smem is not None:
+        total, bar = sum_smem
+        plgpu.copy_gmem_to_smem(dst, total, bar)
+        plgpu.barrier_wait(bar)
+        value = value + total[...]
+    smem[...] = value.astype(smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(smem, dst, reduction_op="add" if add and sum_smem is None else None)
+    if sum_smem is not None:
+        plgpu.wait_smem_to_gmem(0)
 
 
 def _halve_blocks(g_local, totals):
