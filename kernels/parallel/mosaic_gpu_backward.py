@@ -1,25 +1,25 @@
-"""Flash-style backward kernels for Hopper GPUs in Mosaic GPU: every matmul on wgmma, tiles by TMA into a ring of
+"""Flash-style backward kernel for Hopper GPUs in Mosaic GPU: every matmul on wgmma, tiles by TMA into a ring of
 shared-memory slots filled by a memory warpgroup, two compute warpgroups of 64 rows each (as the forward in
 ``mosaic_gpu.py``, whose module docstring gives the decay bookkeeping).
 
-``backward`` runs one kernel for powers (``_folded_kernel``) and two for exp. Their common layout is the dk/dv
-pass's: each compute warpgroup owns 64 keys and walks 64-token query tiles (and 64-token decay blocks) from the
-diagonal forward, holding dk, dv and the diagonal's dk in registers besides the two score tiles (with 128-token
-query tiles those spill, ~1.2 KB a thread, and the pass ran 30% slower on the H200). For powers the same kernel
-also makes dq, as FlashAttention-3 does: dS goes through shared memory into a fifth matmul with the warpgroup's
-keys, and the (64, dk) product is added into a float32 dq in global memory by a TMA reduction (so dq's sums run
-in no fixed order: not bitwise reproducible). Its row and column sums of T come after, from its accumulators
-(see ``_backward_folded``), not from per-tile reductions: a sum over a tile's keys would cross warps. For exp,
-where no such identity holds, a dq pass laid out as the forward runs first (one program per 128-token decay block,
-128-token key tiles, the diagonal last) and sums T's rows as it goes. All read and write token-major
-(B, N, H, d) tiles; dq, dk, dv leave in the operands' dtypes. Per tile, with W the weights, dW their
-cotangent and T = dW * W the log-decay cotangent (its row sums and column sums give the per-token cotangent):
+``backward`` runs one kernel (``_fused_kernel``): each compute warpgroup owns 64 keys and walks 64-token query tiles
+(and 64-token decay blocks) from the diagonal forward, holding dk, dv and the diagonal's dk in registers besides the
+two score tiles (with 128-token query tiles those spilled, ~1.2 KB a thread, and the dk/dv work ran 30% slower on
+the H200). It also makes dq, as FlashAttention-3 does: dS goes through shared memory into a fifth matmul with the
+warpgroup's keys, and the (64, dk) product is added into a float32 dq in global memory by a TMA reduction (dq's sums
+run in no fixed order: not bitwise reproducible from run to run). The row sums of T that the log-decay cotangent
+needs are not summed per tile (a sum over a tile's keys crosses warps, through scratch that the two warpgroups would
+share) but come from the accumulators or a matmul (see ``backward``). It reads and writes token-major (B, N, H, d)
+tiles; dq, dk, dv leave in the operands' dtypes.
+
+Per tile, with W the weights, dW their cotangent and T = dW * W the log-decay cotangent (its row sums and column
+sums give the per-token cotangent):
 
 - normalized powers divide by the normalizer: dy and delta arrive divided by it, so dW = dy'.v - delta' and
   dv = W^T dy' as for unnormalized ones;
-- off-diagonal power tiles use the folded q' = scale q exp(g/p), k' = k exp(kd/p): with c = exp(r),
-  W = s'^p c and dq = p exp(g_i/p) (dW c s'^(p-1)) k', dk = p exp(kd_j/p) (dW c s'^(p-1))^T q', so the scale
-  factors are applied once per row at the end; diagonal tiles use the unscaled q, k (s = scale q.k) with a
+- off-diagonal power tiles use the folded q' = scale q exp(g/p), k' = k exp(kd/p): with c = exp(r), W = s'^p c and
+  dq = p exp(g_i/p) (dW c s'^(p-1)) k', dk = p exp(kd_j/p) (dW c s'^(p-1))^T q', so the scale factors are applied
+  once per row at the end (by XLA, after the kernel); diagonal tiles use the unscaled q, k (s = scale q.k) with a
   masked decay;
 - exp: W = exp2(s + g_i + kd_j + r - L_i) with s = scale log2(e) q.k and L the forward's log-normalizer (0 when
   unnormalized), ds = dW * W.
@@ -37,10 +37,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from twomamba_jax.kernels.layout import heads_first
-from twomamba_jax.kernels.parallel.mosaic_gpu import (BLOCK, KEY_TILE, LOG2E, ROWS_PER_PROGRAM, causal_mask,
-                                                      head_indices, interpret_params, key_ring, launch, matmul,
-                                                      matmul_into, operands, ring_copies, rows_plus_cols,
-                                                      scratch_types, smem_tile, stream)
+from twomamba_jax.kernels.parallel.mosaic_gpu import (BLOCK, LOG2E, ROWS_PER_PROGRAM, causal_mask, head_indices,
+                                                      interpret_params, launch, matmul, matmul_into, operands,
+                                                      ring_copies, rows_plus_cols, scratch_types, smem_tile, stream)
 
 _WGMMA = plgpu.Layout.WGMMA
 
@@ -53,112 +52,90 @@ def backward(q, k, v, g_local, totals, d_out, stat, delta, *, power, normalize, 
     (B H, Np) ``dy . y`` (0 where the normalizer was clipped, 0 when unnormalized). Returns dq (B, Np, H, dk) in
     q's dtype, dk, dv (B, Np, Hk, d) in k's and v's dtypes, and the row and column sums of the log-decay cotangent
     (B H, Np) float32.
+
+    The row and column sums of T: for powers from the accumulators, as T = dS * s with s = q'.k' off the diagonal,
+    so sum_j T_ij = q'_i . (sum_j dS_ij k'_j) = q'_i . dq'_i, and likewise for the columns and the diagonal
+    (s = scale q.k); for exp (T = dS) by the kernel, the rows through a matmul with a tile of ones. Both from the
+    same dS as rounded for the matmuls, so that they cancel in the log-decay cotangent as they should.
     """
     batch, padded, heads, dk = q.shape
     if padded % ROWS_PER_PROGRAM:
         raise ValueError(f"q: the Mosaic GPU kernels take whole {ROWS_PER_PROGRAM}-row programs; got {q.shape}")
     kv_heads, dv, dtype = k.shape[2], v.shape[-1], q.dtype
     group = heads // kv_heads
-    if power != "exp" and normalize:  # dW = (dy.v - delta) / den: fold the division into dy and delta
+    folded = power != "exp"
+    if folded and normalize:  # dW = (dy.v - delta) / den: fold the division into dy and delta
         per_token = stat.reshape(batch, heads, padded).transpose(0, 2, 1)[..., None]
         d_out, delta = d_out.astype(jnp.float32) / per_token, delta / stat
     log_normalizer = stat * LOG2E if power == "exp" and normalize else jnp.zeros_like(stat)
     interpret = interpret_params(interpret)
     d_out = d_out.astype(dtype)
-    if power != "exp":  # one kernel
-        return _backward_folded(q, k, v, g_local, totals, d_out, delta, power=power, scale=scale, stages=stages,
-                                interpret=interpret)
-
-    def args(decay_blocks):  # each pass's folded operands, for its decay blocks
-        main = operands(q, k, *decay_blocks, power=power, scale=scale)
-        return (*main[:2], v, *main[2:], q, k, d_out, log_normalizer, delta)
-
-    options = dict(power=power, scale=scale, num_heads=heads, group=group, stages=stages, dk=dk, dv=dv,
-                   num_blocks=padded // BLOCK, interpret=interpret)
-    f32 = jnp.float32
-    dq, d_rows = _launch(
-        "twomamba_mosaic_dq", _dq_kernel, args((g_local, totals)),
-        {"dq": ((batch, padded, heads, dk), dtype), "rows": ((batch * heads, padded), f32)},
-        ring={"k": ((KEY_TILE, dk), dtype), "v": ((KEY_TILE, dv), dtype), "kd": ((KEY_TILE,), f32)},
-        own={"q": ((BLOCK, dk), dtype), "dy": ((BLOCK, dv), dtype), "g": ((BLOCK,), f32), "lse": ((BLOCK,), f32),
-             "delta": ((BLOCK,), f32), "q_diag": ((BLOCK, dk), dtype)},
-        staging_cols=KEY_TILE, **options)
-    # Per query head: the key heads of a group are summed after, in float32.
-    dk_dtype, dv_dtype = (k.dtype, v.dtype) if group == 1 else (f32, f32)
-    dk_, dv_, d_cols = _launch(
-        "twomamba_mosaic_dkv", _dkv_kernel, args(_halve_blocks(g_local, totals)),
-        {"dk": ((batch, padded, heads, dk), dk_dtype), "dv": ((batch, padded, heads, dv), dv_dtype),
-         "cols": ((batch * heads, padded), f32)},
-        ring={"q": ((BLOCK, dk), dtype), "dy": ((BLOCK, dv), dtype), "g": ((BLOCK,), f32), "lse": ((BLOCK,), f32),
-              "delta": ((BLOCK,), f32)},
-        own={"k": ((BLOCK, dk), dtype), "v": ((BLOCK, dv), dtype), "kd": ((BLOCK,), f32),
-             "q_diag": ((BLOCK, dk), dtype), "k_diag": ((BLOCK, dk), dtype)},
-        staging_cols=BLOCK, **options)
-    if group > 1:
-        dk_ = dk_.reshape(batch, padded, kv_heads, group, dk).sum(3).astype(k.dtype)
-        dv_ = dv_.reshape(batch, padded, kv_heads, group, dv).sum(3).astype(v.dtype)
-    return dq, dk_, dv_, d_rows, d_cols
-
-
-def _backward_folded(q, k, v, g_local, totals, d_out, delta, *, power, scale, stages, interpret):
-    """(dq, dk, dv, row sums, column sums) of a power (1 or 2) in one kernel over 128-key programs (see
-    ``_folded_kernel``), the row and column sums of T from its accumulators: off the diagonal T = dS' * s' with
-    s' = q'.k', so sum_j T_ij = q'_i . (sum_j dS'_ij k'_j) = q'_i . dq'_i, and likewise for the columns and for the
-    diagonal (s = scale q.k): the same dS (rounded to the matmuls' dtype) in both, so that they cancel in the
-    log-decay cotangent as they should."""
-    batch, padded, heads, dk = q.shape
-    kv_heads, dv, dtype = k.shape[2], v.shape[-1], q.dtype
-    group = heads // kv_heads
     f32 = jnp.float32
     g64, totals64 = _halve_blocks(g_local, totals)
     q_main, k_main, key_decay, g_rows, block_totals = operands(q, k, g64, totals64, power=power, scale=scale)
-    args = (q_main, k_main, v, key_decay, g_rows, block_totals, q, k, d_out, delta)
-    ring = {"q": ((BLOCK, dk), dtype), "dy": ((BLOCK, dv), dtype), "g": ((BLOCK,), f32), "delta": ((BLOCK,), f32)}
-    own = {"k": ((BLOCK, dk), dtype), "v": ((BLOCK, dv), dtype), "kd": ((BLOCK,), f32),
-           "q_diag": ((BLOCK, dk), dtype), "k_diag": ((BLOCK, dk), dtype)}
+    args = (q_main, k_main, v, key_decay, g_rows, block_totals, q, k, d_out, log_normalizer, delta)
+    ring = {"q": ((BLOCK, dk), dtype), "dy": ((BLOCK, dv), dtype), "g": ((BLOCK,), f32), "lse": ((BLOCK,), f32),
+            "delta": ((BLOCK,), f32)}
+    own = {"k": ((BLOCK, dk), dtype), "v": ((BLOCK, dv), dtype), "kd": ((BLOCK,), f32)}
+    if folded:  # the diagonal's unscaled q and k
+        own.update(q_diag=((BLOCK, dk), dtype), k_diag=((BLOCK, dk), dtype))
+        del ring["lse"]
     scratch = scratch_types(ring, own, stages, dtype, interpret, staging_cols=BLOCK)
     dv_dtype = v.dtype if group == 1 else f32  # per query head: summed over the group after, in float32
     scratch.update(ds_smem=smem_tile((2, BLOCK, BLOCK), dtype), f32_smem=smem_tile((2, BLOCK, max(dk, dv)), f32),
                    dv_smem=smem_tile((2, BLOCK, dv), dv_dtype))
-    if interpret:  # the interpreter has no TMA reductions: read, add and write back through this tile
-        scratch.update(sum_smem=smem_tile((2, BLOCK, dk), f32), sum_bar=plgpu.Barrier(num_barriers=2))
+    if not folded:
+        scratch.update(ones_smem=smem_tile((2, BLOCK, BLOCK), dtype), rows_smem=plgpu.SMEM((2, BLOCK), f32),
+                       cols_smem=plgpu.SMEM((2, BLOCK), f32))
+    if interpret:  # the interpreter has no TMA reductions: read, add and write back through these
+        scratch.update(sum_smem=smem_tile((2, BLOCK, dk), f32), rows_sum_smem=plgpu.SMEM((2, BLOCK), f32),
+                       sum_bar=plgpu.Barrier(num_barriers=2))
     per_query_head = lambda d, kind=f32: jax.ShapeDtypeStruct((batch, padded, heads, d), kind)
     out_type = (per_query_head(dk), per_query_head(dk), per_query_head(dv, dv_dtype), per_query_head(dk))
-    kernel = functools.partial(_folded_kernel, power=power, scale=scale, num_heads=heads, group=group,
+    if not folded:
+        out_type += (jax.ShapeDtypeStruct((batch * heads, padded), f32),)
+    kernel = functools.partial(_fused_kernel, power=power, scale=scale, num_heads=heads, group=group,
                                stages=stages, dk=dk, num_blocks=padded // BLOCK)
     run = launch("twomamba_mosaic_backward", kernel, out_type, scratch, batch * heads, padded, interpret)
-    dq_folded = jax.new_ref(jnp.zeros((2, batch, padded, heads, dk), f32))  # zeroed: each compute warpgroup adds
-    dk_folded, dk_diag, dv_, dq_diag = run(*args, dq_folded)
-    dq_folded = dq_folded[...].sum(0)
+    # Zeroed float32 accumulators that the kernel adds into, one per compute warpgroup.
+    dq_off, d_rows = (jax.new_ref(jnp.zeros((2, *shape), f32))
+                      for shape in ((batch, padded, heads, dk), (batch * heads, padded)))
+    dk_off, dk_diag, dv_, dq_diag, *d_cols = run(*args, dq_off, d_rows)
+    dq_off, d_rows = dq_off[...].sum(0), d_rows[...].sum(0)
 
-    per_token = lambda x: x.reshape(batch, heads, padded).transpose(0, 2, 1)[..., None]  # (B H, Np) -> (B, Np, H, 1)
-    dot = lambda a, b: heads_first(jnp.sum(a.astype(f32) * b, axis=-1), padded)
-    keys = jnp.repeat(k, group, axis=2)
-    d_rows = dot(q_main, dq_folded) + scale * dot(q, dq_diag)
-    d_cols = dot(k_main, dk_folded) + scale * dot(keys, dk_diag)
-    # Against q' and k': times p exp(decay / p) row by row (the decays in base 2); the diagonal's times p.
-    dq = (dq_folded * (power * jnp.exp2(per_token(g_rows) / power)) + power * dq_diag) * scale
-    dk_ = dk_folded * (power * jnp.exp2(per_token(key_decay) / power)) + dk_diag * (power * scale)
+    if folded:
+        per_token = lambda x: x.reshape(batch, heads, padded).transpose(0, 2, 1)[..., None]  # -> (B, Np, H, 1)
+        dot = lambda a, b: heads_first(jnp.sum(a.astype(f32) * b, axis=-1), padded)
+        d_rows = dot(q_main, dq_off) + scale * dot(q, dq_diag)
+        d_cols = dot(k_main, dk_off) + scale * dot(jnp.repeat(k, group, axis=2), dk_diag)
+        # Against q' and k': times p exp(decay / p) row by row (the decays in base 2); the diagonal's times p.
+        dq = (dq_off * (power * jnp.exp2(per_token(g_rows) / power)) + power * dq_diag) * scale
+        dk_ = dk_off * (power * jnp.exp2(per_token(key_decay) / power)) + dk_diag * (power * scale)
+    else:  # the logits are scale log2(e) q.k and W = exp2(logits): dW/dq = W scale k
+        [d_cols] = d_cols
+        dq, dk_ = (dq_off + dq_diag) * scale, (dk_off + dk_diag) * scale
     dk_ = dk_.reshape(batch, padded, kv_heads, group, dk).sum(3)
     dv_ = dv_.reshape(batch, padded, kv_heads, group, dv).sum(3)
     return dq.astype(dtype), dk_.astype(k.dtype), dv_.astype(v.dtype), d_rows, d_cols
 
 
-def _folded_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_ref, dy_ref, delta_ref,
-                   dq_folded_ref, dk_folded_ref, dk_diag_ref, dv_ref, dq_diag_ref, *, power, scale, num_heads, group,
-                   stages, dk, num_blocks, **smem):
-    """Laid out as the dk/dv pass (``_dkv_kernel``), and each warpgroup also multiplies its tile's dS (through
-    shared memory) by its keys: off the diagonal the (64, dk) product is added into ``dq_folded_ref[wg]`` (a TMA
-    reduction); the diagonal's, against the unscaled keys, is stored to ``dq_diag_ref`` (one tile per query
-    block). dk leaves unscaled, as its folded and diagonal parts."""
+def _fused_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_ref, dy_ref, lse_ref, delta_ref,
+                  dq_off_ref, rows_ref, dk_off_ref, dk_diag_ref, dv_ref, dq_diag_ref, cols_ref=None, *, power, scale,
+                  num_heads, group, stages, dk, num_blocks, **smem):
+    """Each compute warpgroup owns 64 keys and walks 64-token query tiles from its diagonal on; besides dk and dv
+    it multiplies each tile's dS (through shared memory) by its keys: off the diagonal the (64, dk) product is
+    added into ``dq_off_ref[wg]`` (a TMA reduction), the diagonal's (for powers against the unscaled keys) is
+    stored to ``dq_diag_ref`` (one tile per query block). dk leaves unscaled, as its off-diagonal and diagonal
+    parts. exp also adds each tile's row sums of T into ``rows_ref[wg]`` and writes the column sums."""
     head, batch, query_head, key_head = head_indices(num_heads, group)
     program, wg = lax.axis_index("rows"), lax.axis_index("wg")
+    folded = power != "exp"
     first_tile = 2 * program
     walk = num_blocks - first_tile
     ring = [(name, lambda rows, src=src: src.at[batch, rows, query_head], None)
             for name, src in (("q", q_ref), ("dy", dy_ref))]
-    ring += [(name, lambda rows, src=src: src.at[head, rows], None) for name, src in (("g", g_ref),
-                                                                                     ("delta", delta_ref))]
+    ring += [(name, lambda rows, src=src: src.at[head, rows], None)
+             for name, src in (("g", g_ref), ("lse", lse_ref), ("delta", delta_ref)) if f"{name}_smem" in smem]
     issue, wait_tile = ring_copies(ring, smem, lambda step: first_tile + step, None, BLOCK)
 
     pl.when(wg == 2)(lambda: stream(walk, stages, smem["consumed_bar"], issue))
@@ -168,31 +145,38 @@ def _folded_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag
         plgpu.set_max_registers(232, action="increase")
         block = first_tile + wg  # this warpgroup's key block
         cols = pl.ds(block * BLOCK, BLOCK)
-        _load_own(wg, [(k_ref.at[batch, cols, query_head], smem["k_smem"], smem["k_bar"]),
-                       (v_ref.at[batch, cols, key_head], smem["v_smem"], smem["v_bar"]),
-                       (kd_ref.at[head, cols], smem["kd_smem"], smem["kd_bar"]),
-                       (q_diag_ref.at[batch, cols, query_head], smem["q_diag_smem"], smem["q_diag_bar"]),
-                       (k_diag_ref.at[batch, cols, key_head], smem["k_diag_smem"], smem["k_diag_bar"])])
+        own = [(k_ref.at[batch, cols, query_head if folded else key_head], smem["k_smem"], smem["k_bar"]),
+               (v_ref.at[batch, cols, key_head], smem["v_smem"], smem["v_bar"]),
+               (kd_ref.at[head, cols], smem["kd_smem"], smem["kd_bar"])]
+        if folded:
+            own += [(q_diag_ref.at[batch, cols, query_head], smem["q_diag_smem"], smem["q_diag_bar"]),
+                    (k_diag_ref.at[batch, cols, key_head], smem["k_diag_smem"], smem["k_diag_bar"])]
+        else:  # rows of ones: dS^T times them gives T's row sums (exp: T = dS) in every column
+            smem["ones_smem"].at[wg][...] = plgpu.layout_cast(jnp.ones((BLOCK, BLOCK), q_ref.dtype), _WGMMA)
+            plgpu.commit_smem()
+        _load_own(wg, own)
         kd_row = plgpu.load(smem["kd_smem"].at[wg], layout=_WGMMA.reduce(1))
         staging = smem["staging_smem"].at[wg] if "staging_smem" in smem else None
-        ds_smem, f32_smem = smem["ds_smem"].at[wg], smem["f32_smem"].at[wg]
-        sum_smem = (smem["sum_smem"].at[wg], smem["sum_bar"].at[wg]) if "sum_smem" in smem else None
+        ds_smem = smem["ds_smem"].at[wg]
+        totals = {name: (smem[f"{name}sum_smem"].at[wg], smem["sum_bar"].at[wg])
+                  for name in ("", "rows_") if f"{name}sum_smem" in smem}
         tile = (BLOCK, BLOCK)
         col = functools.partial(plgpu.load, layout=_WGMMA.reduce(0))
 
         def visit(step, carry, diagonal):
-            dk_acc, dk_diag, dv_acc, r = carry
+            dk_acc, dk_diag, dv_acc, d_cols, r = carry
             slot = lax.rem(step, jnp.int32(stages))
             wait_tile(slot)
             q_tile, dy_tile = smem["q_smem"].at[slot], smem["dy_smem"].at[slot]
             g_col, delta = col(smem["g_smem"].at[slot]), col(smem["delta_smem"].at[slot])
-            keys = smem["k_diag_smem" if diagonal else "k_smem"].at[wg]
-            queries = smem["q_diag_smem"].at[wg] if diagonal else q_tile
+            lse = None if folded else col(smem["lse_smem"].at[slot])
+            unscaled = diagonal and folded
+            keys = smem["k_diag_smem" if unscaled else "k_smem"].at[wg]
+            queries = smem["q_diag_smem"].at[wg] if unscaled else q_tile
             s = matmul(keys, queries.transpose((1, 0)), tile)
-            if diagonal:
-                s = s * scale
+            s = s * scale if unscaled else _logits(s, power, scale)
             dp = matmul(smem["v_smem"].at[wg], dy_tile.transpose((1, 0)), tile)
-            w, d_s, _ = _weights_and_grads(s, dp, rows_plus_cols(kd_row + r, g_col, tile), r, delta, None,
+            w, d_s, _ = _weights_and_grads(s, dp, rows_plus_cols(kd_row + r, g_col, tile), r, delta, lse,
                                            power=power, diagonal=diagonal, transposed=True, row_offset=0)
             dv_acc = matmul_into(dv_acc, w.astype(dy_tile.dtype), dy_tile, staging)
             d_s = d_s.astype(q_tile.dtype)
@@ -202,45 +186,57 @@ def _folded_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag
                 dk_acc = matmul_into(dk_acc, d_s, queries, staging)
             ds_smem[...] = d_s
             plgpu.commit_smem()
-            dq = matmul(ds_smem.transpose((1, 0)), keys, (BLOCK, dk))  # (queries, dk)
-            plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
+            ds_t = ds_smem.transpose((1, 0))  # (queries, keys)
             rows = pl.ds((first_tile + step) * BLOCK, BLOCK)
-            if diagonal:
-                _to_global(dq, f32_smem, dq_diag_ref.at[batch, rows, query_head])
-            else:
-                _to_global(dq, f32_smem, dq_folded_ref.at[wg, batch, rows, query_head], add=True, sum_smem=sum_smem)
-            return dk_acc, dk_diag, dv_acc, r + t_ref[head, first_tile + step]
+            outputs = [(matmul(ds_t, keys, (BLOCK, dk)), smem["f32_smem"].at[wg],
+                        dq_diag_ref.at[batch, rows, query_head] if diagonal
+                        else dq_off_ref.at[wg, batch, rows, query_head], not diagonal, totals.get(""))]
+            if not folded:
+                d_cols = d_cols + d_s.astype(jnp.float32).sum(axis=1)
+                row_sums = matmul(ds_t, smem["ones_smem"].at[wg], tile).max(axis=1)  # every column the same
+                outputs.append((row_sums, smem["rows_smem"].at[wg], rows_ref.at[wg, head, rows], True,
+                                totals.get("rows_")))
+            plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
+            _to_global(outputs)
+            return dk_acc, dk_diag, dv_acc, d_cols, r + t_ref[head, first_tile + step]
 
         @pl.when(wg == 1)  # query tile 2p precedes this warpgroup's keys
         def _():
             wait_tile(0)
             plgpu.barrier_arrive(smem["consumed_bar"].at[0])
 
-        zeros_k = plgpu.layout_cast(jnp.zeros((BLOCK, dk), jnp.float32), _WGMMA)
-        zeros_v = plgpu.layout_cast(jnp.zeros((BLOCK, dv_ref.shape[-1]), jnp.float32), _WGMMA)
-        carry = visit(wg, (zeros_k, zeros_k, zeros_v, -t_ref[head, block]), diagonal=True)
-        dk_acc, dk_diag, dv_acc, _ = lax.fori_loop(wg + 1, walk, functools.partial(visit, diagonal=False), carry)
-        _to_global(dk_acc, f32_smem, dk_folded_ref.at[batch, cols, query_head])
-        _to_global(dk_diag, f32_smem, dk_diag_ref.at[batch, cols, query_head])
-        _to_global(dv_acc, smem["dv_smem"].at[wg], dv_ref.at[batch, cols, query_head])
+        zeros = lambda d: plgpu.layout_cast(jnp.zeros((BLOCK, d), jnp.float32), _WGMMA)
+        carry = (zeros(dk), zeros(dk), zeros(dv_ref.shape[-1]),
+                 plgpu.layout_cast(jnp.zeros((BLOCK,), jnp.float32), _WGMMA.reduce(1)), -t_ref[head, block])
+        carry = visit(wg, carry, diagonal=True)
+        dk_acc, dk_diag, dv_acc, d_cols, _ = lax.fori_loop(wg + 1, walk, functools.partial(visit, diagonal=False),
+                                                           carry)
+        f32_smem = smem["f32_smem"].at[wg]
+        _to_global([(dk_acc, f32_smem, dk_off_ref.at[batch, cols, query_head], False, None)])
+        _to_global([(dk_diag, f32_smem, dk_diag_ref.at[batch, cols, query_head], False, None)]
+                   + ([] if folded else [(d_cols, smem["cols_smem"].at[wg], cols_ref.at[head, cols], False, None)]))
+        _to_global([(dv_acc, smem["dv_smem"].at[wg], dv_ref.at[batch, cols, query_head], False, None)])
         plgpu.wait_smem_to_gmem(0)
 
 
-def _to_global(value, smem, dst, *, add=False, sum_smem=None):
-    """A (64, d) tile -> ``smem`` (once the copy before has left it) -> global ``dst``, added to it when ``add``:
-    a TMA reduction on the GPU; the interpreter has none, so there (``sum_smem`` = (tile, barrier)) ``dst`` is
-    read, added to and written back (this warpgroup is the only writer of ``dst`` while its program runs, and the
-    interpreter runs programs one after another)."""
+def _to_global(outputs):
+    """Each ``(value, smem, dst, add, total)``: ``value`` -> ``smem`` (once the copies before have left shared
+    memory) -> global ``dst``, added to it when ``add``: a TMA reduction on the GPU; the interpreter has none, so
+    there (``total`` = (a tile like ``smem``, a barrier)) ``dst`` is read, added to and written back (the warpgroup
+    is the only writer of ``dst`` while its program runs, and the interpreter runs programs one at a time)."""
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    if add and sum_smem is not None:
-        total, bar = sum_smem
-        plgpu.copy_gmem_to_smem(dst, total, bar)
-        plgpu.barrier_wait(bar)
-        value = value + total[...]
-    smem[...] = value.astype(smem.dtype)
+    interpret = any(add and total is not None for _, _, _, add, total in outputs)
+    for value, smem, dst, add, total in outputs:
+        if add and total is not None:
+            tile, bar = total
+            plgpu.copy_gmem_to_smem(dst, tile, bar)
+            plgpu.barrier_wait(bar)
+            value = value + tile[...]
+        smem[...] = value.astype(smem.dtype)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(smem, dst, reduction_op="add" if add and sum_smem is None else None)
-    if sum_smem is not None:
+    for _, smem, dst, add, total in outputs:
+        plgpu.copy_smem_to_gmem(smem, dst, reduction_op="add" if add and total is None else None)
+    if interpret:
         plgpu.wait_smem_to_gmem(0)
 
 
@@ -250,22 +246,6 @@ def _halve_blocks(g_local, totals):
     first = g[:, :, 0, -1]
     g = jnp.stack([g[:, :, 0], g[:, :, 1] - first[..., None]], axis=2)
     return g.reshape(g_local.shape), jnp.stack([first, totals - first], axis=-1).reshape(totals.shape[0], -1)
-
-
-def _launch(name, body, args, outputs, *, ring, own, power, interpret, stages, staging_cols, **options):
-    """``body`` over (B H, 128-row program) with ``ring`` (name -> per-step tile) streamed by the memory
-    warpgroup, ``own`` tiles per compute warpgroup and ``outputs`` (name -> (shape, dtype)), each staged through
-    a shared-memory tile ``NAME_out_smem``."""
-    if power == "exp":  # no diagonal-only operands: q and k are not folded
-        own = {key: value for key, value in own.items() if not key.endswith("_diag")}
-    scratch = scratch_types(ring, own, stages, args[0].dtype, interpret, staging_cols=staging_cols)
-    for out, (shape, dtype) in outputs.items():
-        scratch[f"{out}_out_smem"] = (smem_tile((2, BLOCK, shape[-1]), dtype) if len(shape) == 4
-                                      else plgpu.SMEM((2, BLOCK), dtype))
-    out_type = tuple(jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in outputs.values())
-    kernel = functools.partial(body, power=power, stages=stages, **options)
-    bh, padded = args[3].shape
-    return launch(name, kernel, out_type, scratch, bh, padded, interpret)(*args)
 
 
 def _load_own(wg, copies):
@@ -301,161 +281,7 @@ def _weights_and_grads(s, dp, log_decay, r, delta, lse, *, power, diagonal, tran
     return w, d_s, d_w * w
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_ref, dy_ref, lse_ref, delta_ref,
-               dq_ref, rows_ref, *, power, scale, num_heads, group, stages, dk, dv, num_blocks, **smem):
-    del dv, num_blocks  # the dk/dv pass's
-    head, batch, query_head, key_head = head_indices(num_heads, group)
-    program, wg = lax.axis_index("rows"), lax.axis_index("wg")
-    folded = power != "exp"
-    # Key tiles p - 1, ..., 0, then the diagonal p.
-    tile_of_step = lambda step: jnp.where(step < program, program - 1 - step, program)
-    ring = key_ring(k_ref, v_ref, kd_ref, k_diag_ref, head, batch, query_head, key_head, folded)
-    issue, wait_tile = ring_copies(ring, smem, tile_of_step, program)
-
-    pl.when(wg == 2)(lambda: stream(program + 1, stages, smem["consumed_bar"], issue))
-
-    @pl.when(wg < 2)
-    def _compute():
-        plgpu.set_max_registers(232, action="increase")
-        rows = pl.ds(program * KEY_TILE + wg * BLOCK, BLOCK)
-        own = [(src, smem[f"{name}_smem"], smem[f"{name}_bar"])
-               for name, src in (("q", q_ref.at[batch, rows, query_head]), ("dy", dy_ref.at[batch, rows, query_head]),
-                                 ("g", g_ref.at[head, rows]), ("lse", lse_ref.at[head, rows]),
-                                 ("delta", delta_ref.at[head, rows]))]
-        if folded:
-            own.append((q_diag_ref.at[batch, rows, query_head], smem["q_diag_smem"], smem["q_diag_bar"]))
-        _load_own(wg, own)
-        row = functools.partial(plgpu.load, layout=_WGMMA.reduce(1))
-        g_row, lse, delta = row(smem["g_smem"].at[wg]), row(smem["lse_smem"].at[wg]), row(smem["delta_smem"].at[wg])
-        staging = smem["staging_smem"].at[wg] if "staging_smem" in smem else None
-        tile = (BLOCK, KEY_TILE)
-
-        def visit(step, carry, diagonal):
-            dq, d_rows, r = carry
-            slot = lax.rem(step, jnp.int32(stages))
-            wait_tile(slot)
-            kd_col = plgpu.load(smem["kd_smem"].at[slot], layout=_WGMMA.reduce(0))
-            k_tile = smem["k_smem"].at[slot]
-            if diagonal and folded:
-                s = matmul(smem["q_diag_smem"].at[wg], k_tile.transpose((1, 0)), tile) * scale
-            else:
-                s = _logits(matmul(smem["q_smem"].at[wg], k_tile.transpose((1, 0)), tile), power, scale)
-            dp = matmul(smem["dy_smem"].at[wg], smem["v_smem"].at[slot].transpose((1, 0)), tile)
-            _, d_s, through_decay = _weights_and_grads(
-                s, dp, rows_plus_cols(g_row, kd_col + r, tile), r, delta, lse, power=power, diagonal=diagonal,
-                transposed=False, row_offset=wg * BLOCK)
-            if diagonal and folded:  # against the unscaled keys: only d(s^p)/ds's factor p
-                d_s = d_s * power
-            dq = matmul_into(dq, d_s.astype(k_tile.dtype), k_tile, staging)
-            d_rows = d_rows + through_decay.sum(axis=1)
-            plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
-            return dq, d_rows, r + t_ref[head, tile_of_step(step)]
-
-        carry = (plgpu.layout_cast(jnp.zeros((BLOCK, dk), jnp.float32), _WGMMA),
-                 plgpu.layout_cast(jnp.zeros((BLOCK,), jnp.float32), _WGMMA.reduce(1)), jnp.float32(0))
-        dq, d_rows, _ = lax.fori_loop(jnp.int32(0), program, functools.partial(visit, diagonal=False), carry)
-        if folded:  # dq so far is against k' for q': times p exp(g_i / p) for the scaled q
-            dq = _unfold(dq, g_row, power)
-        dq, d_rows, _ = visit(program, (dq, d_rows, -t_ref[head, program]), diagonal=True)
-        _store(wg, [(dq * scale, smem["dq_out_smem"], dq_ref.at[batch, rows, query_head]),
-                    (d_rows, smem["rows_out_smem"], rows_ref.at[head, rows])])
-
-
-def _dkv_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_ref, dy_ref, lse_ref, delta_ref,
-                dk_ref, dv_ref, cols_ref, *, power, scale, num_heads, group, stages, dk, dv, num_blocks, **smem):
-    head, batch, query_head, key_head = head_indices(num_heads, group)
-    program, wg = lax.axis_index("rows"), lax.axis_index("wg")
-    folded = power != "exp"
-    first_tile = 2 * program
-    walk = num_blocks - first_tile
-    ring = [(name, lambda rows, src=src: src.at[batch, rows, query_head], None)
-            for name, src in (("q", q_ref), ("dy", dy_ref))]
-    ring += [(name, lambda rows, src=src: src.at[head, rows], None)
-             for name, src in (("g", g_ref), ("lse", lse_ref), ("delta", delta_ref))]
-    issue, wait_tile = ring_copies(ring, smem, lambda step: first_tile + step, None, BLOCK)
-
-    pl.when(wg == 2)(lambda: stream(walk, stages, smem["consumed_bar"], issue))
-
-    @pl.when(wg < 2)
-    def _compute():
-        plgpu.set_max_registers(232, action="increase")
-        block = first_tile + wg  # this warpgroup's key block
-        cols = pl.ds(block * BLOCK, BLOCK)
-        own = [(k_ref.at[batch, cols, query_head if folded else key_head], smem["k_smem"], smem["k_bar"]),
-               (v_ref.at[batch, cols, key_head], smem["v_smem"], smem["v_bar"]),
-               (kd_ref.at[head, cols], smem["kd_smem"], smem["kd_bar"])]
-        if folded:
-            own += [(q_diag_ref.at[batch, cols, query_head], smem["q_diag_smem"], smem["q_diag_bar"]),
-                    (k_diag_ref.at[batch, cols, key_head], smem["k_diag_smem"], smem["k_diag_bar"])]
-        _load_own(wg, own)
-        kd_row = plgpu.load(smem["kd_smem"].at[wg], layout=_WGMMA.reduce(1))
-        staging = smem["staging_smem"].at[wg] if "staging_smem" in smem else None
-        tile = (BLOCK, BLOCK)
-        col = functools.partial(plgpu.load, layout=_WGMMA.reduce(0))
-
-        def visit(step, carry, diagonal):
-            dk_acc, dk_diag, dv_acc, d_cols, r = carry
-            slot = lax.rem(step, jnp.int32(stages))
-            wait_tile(slot)
-            q_tile, dy_tile = smem["q_smem"].at[slot], smem["dy_smem"].at[slot]
-            g_col, lse, delta = (col(smem[f"{name}_smem"].at[slot]) for name in ("g", "lse", "delta"))
-            if diagonal and folded:
-                s = matmul(smem["k_diag_smem"].at[wg], smem["q_diag_smem"].at[wg].transpose((1, 0)), tile) * scale
-            else:
-                s = _logits(matmul(smem["k_smem"].at[wg], q_tile.transpose((1, 0)), tile), power, scale)
-            dp = matmul(smem["v_smem"].at[wg], dy_tile.transpose((1, 0)), tile)
-            w, d_s, through_decay = _weights_and_grads(
-                s, dp, rows_plus_cols(kd_row + r, g_col, tile), r, delta, lse, power=power, diagonal=diagonal,
-                transposed=True, row_offset=0)
-            dv_acc = matmul_into(dv_acc, w.astype(dy_tile.dtype), dy_tile, staging)
-            d_s = d_s.astype(q_tile.dtype)
-            if diagonal and folded:
-                dk_diag = matmul_into(dk_diag, d_s, smem["q_diag_smem"].at[wg], staging)
-            else:
-                dk_acc = matmul_into(dk_acc, d_s, q_tile, staging)
-            d_cols = d_cols + through_decay.sum(axis=1)
-            plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
-            return dk_acc, dk_diag, dv_acc, d_cols, r + t_ref[head, first_tile + step]
-
-        @pl.when(wg == 1)  # query tile 2p precedes this warpgroup's keys
-        def _():
-            wait_tile(0)
-            plgpu.barrier_arrive(smem["consumed_bar"].at[0])
-
-        zeros_k = plgpu.layout_cast(jnp.zeros((BLOCK, dk), jnp.float32), _WGMMA)
-        zeros_v = plgpu.layout_cast(jnp.zeros((BLOCK, dv), jnp.float32), _WGMMA)
-        carry = (zeros_k, zeros_k, zeros_v, plgpu.layout_cast(jnp.zeros((BLOCK,), jnp.float32), _WGMMA.reduce(1)),
-                 -t_ref[head, block])
-        carry = visit(wg, carry, diagonal=True)
-        dk_acc, dk_diag, dv_acc, d_cols, _ = lax.fori_loop(wg + 1, walk, functools.partial(visit, diagonal=False),
-                                                           carry)
-        if folded:  # dk = p exp(kd_j / p) (dS'^T q') + the diagonal's dS^T (scale q); q' carries the scale
-            dk_acc = _unfold(dk_acc, kd_row, power) + dk_diag * (power * scale)
-        else:  # the logits are scale q.k
-            dk_acc = dk_acc * scale
-        _store(wg, [(dk_acc, smem["dk_out_smem"], dk_ref.at[batch, cols, query_head]),
-                    (dv_acc, smem["dv_out_smem"], dv_ref.at[batch, cols, query_head]),
-                    (d_cols, smem["cols_out_smem"], cols_ref.at[head, cols])])
-
-
-def _unfold(folded, log2_decay, power):
-    """A gradient accumulated against a folded operand, for its own unscaled one: ``p exp(decay / p)`` row by row
-    (``log2_decay`` in base 2, one per row; p the factor of d(s^p)/ds left out of the tiles)."""
-    factor = power * jnp.exp2(log2_decay / power)
-    return folded * lax.broadcast_in_dim(factor, folded.shape, [0])
-
-
 def _logits(s, power, scale):
     """An off-diagonal tile's scores: base-2 logits ``scale log2(e) q.k`` for exp; as they are for folded powers
     (q' carries the scale)."""
     return s * (scale * LOG2E) if power == "exp" else s
-
-
-def _store(wg, outputs):
-    """Registers -> this warpgroup's shared-memory tiles (in their dtypes) -> global memory (TMA)."""
-    for value, smem, _ in outputs:
-        smem.at[wg][...] = value.astype(smem.dtype)
-    plgpu.commit_smem()
-    for _, smem, dst in outputs:
-        plgpu.copy_smem_to_gmem(smem.at[wg], dst)
-    plgpu.wait_smem_to_gmem(0)

@@ -39,8 +39,8 @@ def mosaic_gpu_unsupported_reason(q, k, v) -> str | None:
     """Why the Hopper (Mosaic GPU) kernels are not used for these inputs (the Triton kernels then run), or None.
 
     Head dim 64 only for now: the kernels take multiples of 64 (and pass the interpreter at 128), but at 128 the
-    dk/dv pass's shared-memory tiles (~256 KB, ~320 KB with grouped keys) exceed the 227 KB a Hopper block can
-    have and the dq pass's (~226 KB) barely fit, and 128 has not run on a GPU yet."""
+    backward's shared-memory tiles (~300 KB) exceed the 227 KB a Hopper block can have, and 128 has not run on a
+    GPU yet."""
     for name, dim in (("dk", q.shape[-1]), ("dv", v.shape[-1])):
         if dim != 64:
             return f"{name}={dim} (the wgmma kernels are dispatched for head dim 64)"
