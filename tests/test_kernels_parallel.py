@@ -150,10 +150,11 @@ def test_tpu_kernels_lower_to_mosaic_on_cpu(power, normalize):
         assert f"twomamba_parallel_{kernel}" in text, kernel
 
 
-@pytest.mark.parametrize("power", [2, "exp"])
-def test_hopper_kernels_take_token_major_arrays_without_transposes(power):
-    """Lowered for an H200 on CPU, forward + backward of the Mosaic GPU path calls its two kernels and transposes
-    only per-token (B, N, H) vectors, never a (B, N, H, d) array: the kernels read the model's layout."""
+@pytest.mark.parametrize("power,kernels", [(2, ("forward", "backward")), ("exp", ("forward", "dq", "dkv"))])
+def test_hopper_kernels_take_token_major_arrays_without_transposes(power, kernels):
+    """Lowered for an H200 on CPU, forward + backward of the Mosaic GPU path calls its kernels (one backward kernel
+    for powers, two for exp) and transposes only per-token (B, N, H) vectors, never a (B, N, H, d) array: the
+    kernels read the model's layout."""
     device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
     queries, keys = jax.ShapeDtypeStruct((2, 256, 4, 64), jnp.bfloat16), jax.ShapeDtypeStruct((2, 256, 2, 64),
                                                                                                 jnp.bfloat16)
@@ -166,7 +167,7 @@ def test_hopper_kernels_take_token_major_arrays_without_transposes(power):
         lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).trace(
             queries, keys, keys, jax.ShapeDtypeStruct((2, 256, 4), jnp.float32)).lower(lowering_platforms=("cuda",))
     text = lowered.as_text()
-    for kernel in ("forward", "backward"):
+    for kernel in kernels:
         assert f"twomamba_mosaic_{kernel}" in text, kernel
     transposes = [line for line in text.splitlines() if "stablehlo.transpose" in line]
     assert transposes and all("tensor<2x256x4xf32>" in line for line in transposes), transposes

@@ -188,7 +188,7 @@ def ring_copies(ring, smem, tile_of_step, diagonal_step, size=KEY_TILE):
 
 
 def key_ring(k_ref, v_ref, kd_ref, k_diag_ref, head, batch, query_head, key_head, folded):
-    """The forward's ``ring_copies`` entries (a walk over key tiles): keys, values and key
+    """The ``ring_copies`` entries of a walk over key tiles (the forward, exp's dq pass): keys, values and key
     decays; folded keys carry the query head's decay (one per query head), the diagonal's go unscaled."""
     return [("k", lambda cols: k_ref.at[batch, cols, query_head if folded else key_head],
              (lambda cols: k_diag_ref.at[batch, cols, key_head]) if folded else None),
