@@ -228,22 +228,21 @@ def run(workdir: str | Path, task: str, *, lengths: list[int] | None = None, bat
 
 
 def _plot(result: dict, output: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: leaves the caller's backend (a notebook's) as it is
 
     rows, mixer = result["results"], result["mixer"]
     title = f"{mixer} at step {result['step']}"
     if result["task"] == "ppl":
-        fig, axis = plt.subplots(figsize=(6.5, 4.2))
+        fig = Figure(figsize=(6.5, 4.2))
+        axis = fig.subplots()
         axis.plot([r["length"] for r in rows], [r["loss"] for r in rows], "o-", label=mixer)
         axis.axvline(result["train_length"], color="gray", linestyle=":", label="training length")
         axis.set(xscale="log", xlabel="context length (tokens)", ylabel="eval loss",
                  title=f"{title}: loss by context length")
         axis.legend(fontsize=8)
     elif result["task"] == "mqar":
-        fig, axis = plt.subplots(figsize=(6.5, 4.2))
+        fig = Figure(figsize=(6.5, 4.2))
+        axis = fig.subplots()
         for length in sorted({r["length"] for r in rows}):
             points = [(r["kv_pairs"], r["accuracy"]) for r in rows if r["length"] == length]
             axis.plot(*zip(*points), "o-", label=f"{length} tokens")
@@ -253,7 +252,8 @@ def _plot(result: dict, output: Path) -> None:
         lengths, depths = sorted({r["length"] for r in rows}), sorted({r["depth"] for r in rows})
         grid = np.array([[next(r["accuracy"] for r in rows if r["length"] == n and r["depth"] == d) for n in lengths]
                          for d in depths])
-        fig, axis = plt.subplots(figsize=(1.2 * len(lengths) + 3, 0.6 * len(depths) + 2.5))
+        fig = Figure(figsize=(1.2 * len(lengths) + 3, 0.6 * len(depths) + 2.5))
+        axis = fig.subplots()
         image = axis.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         axis.set(xticks=range(len(lengths)), xticklabels=lengths, yticks=range(len(depths)), yticklabels=depths,
                  xlabel="context length (tokens)", ylabel="needle depth", title=f"{title}: pass-key retrieval")
@@ -261,7 +261,8 @@ def _plot(result: dict, output: Path) -> None:
             axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8)
         fig.colorbar(image, ax=axis, label="exact-match accuracy")
     else:
-        fig, (memory, speed) = plt.subplots(1, 2, figsize=(11, 4.2))
+        fig = Figure(figsize=(11, 4.2))
+        memory, speed = fig.subplots(1, 2)
         contexts = [r["context"] for r in rows]
         memory.plot(contexts, [r["state_bytes"] / 2**20 for r in rows], "o-", label=f"{mixer} (measured)")
         memory.plot(contexts, [r["analytic_bytes"] / 2**20 for r in rows], "k:", label="analytic")
@@ -272,4 +273,3 @@ def _plot(result: dict, output: Path) -> None:
         speed.set(xscale="log", xlabel="context (tokens)", ylabel="tokens/s (batch 1)", title="decode speed")
     fig.tight_layout()
     fig.savefig(output, dpi=120)
-    plt.close(fig)

@@ -15,14 +15,12 @@ def read_metrics(workdir: str | Path) -> list[dict]:
 
 def plot_runs(workdirs: list[str], output: str | Path) -> Path:
     """Train and eval loss of every run, and eval accuracy where the runs have it; returns the PNG's path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: leaves the caller's backend (a notebook's) as it is
 
     runs = {str(workdir): read_metrics(workdir) for workdir in workdirs}
     has_accuracy = any("accuracy" in r for records in runs.values() for r in records if r["split"] == "eval")
-    fig, axes = plt.subplots(1, 2 if has_accuracy else 1, figsize=(12 if has_accuracy else 7, 4.5), squeeze=False)
+    fig = Figure(figsize=(12 if has_accuracy else 7, 4.5))
+    axes = fig.subplots(1, 2 if has_accuracy else 1, squeeze=False)
     loss_axis = axes[0, 0]
     for name, records in runs.items():
         for split, style in (("train", "-"), ("eval", "o--")):
@@ -41,5 +39,4 @@ def plot_runs(workdirs: list[str], output: str | Path) -> Path:
     fig.tight_layout()
     output = Path(output)
     fig.savefig(output, dpi=120)
-    plt.close(fig)
     return output
