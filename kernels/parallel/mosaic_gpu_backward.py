@@ -1,4 +1,4 @@
-"""Flash-style backward kernel for Hopper GPUs in Mosaic GPU: every matmul on wgmma, tiles by TMA into a ring of
+"""Flash-style backward kernels for Hopper GPUs in Mosaic GPU: every matmul on wgmma, tiles by TMA into a ring of
 shared-memory slots filled by a memory warpgroup, two compute warpgroups of 64 rows each (as the forward in
 ``mosaic_gpu.py``, whose module docstring gives the decay bookkeeping).
 
