@@ -128,13 +128,8 @@ def _power_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_
     program, wg = lax.axis_index("rows"), lax.axis_index("wg")
     first_tile = 2 * program
     walk = num_blocks - first_tile
-    ring = [(name, lambda rows, src=src: src.at[batch, rows, query_head], None)
-            for name, src in (("q", q_ref), ("dy", dy_ref))]
-    ring += [(name, lambda rows, src=src: src.at[head, rows], None) for name, src in (("g", g_ref),
-                                                                                     ("delta", delta_ref))]
-    issue, wait_tile = ring_copies(ring, smem, lambda step: first_tile + step, None, BLOCK)
-
-    pl.when(wg == 2)(lambda: stream(walk, stages, smem["consumed_bar"], issue))
+    wait_tile = _stream_query_tiles(smem, stages, first_tile, walk, {"q": q_ref, "dy": dy_ref},
+                                    {"g": g_ref, "delta": delta_ref}, batch=batch, head=head, query_head=query_head)
 
     @pl.when(wg < 2)
     def _compute():
@@ -255,6 +250,17 @@ def _launch(name, body, args, outputs, *, ring, own, interpret, stages, staging_
     return launch(name, kernel, out_type, scratch, bh, padded, interpret)(*args)
 
 
+def _stream_query_tiles(smem, stages, first_tile, walk, tiles, vectors, *, batch, head, query_head):
+    """Starts the memory warpgroup on the 64-token query tiles ``first_tile``, ``first_tile + 1``, ... (``walk``
+    of them; the passes over query tiles): ``tiles`` (name -> (B, Np, H, d) ref, read at the query head) and
+    ``vectors`` (name -> (B H, Np) ref) each into its ring ``NAME_smem``. Returns ``wait_tile(slot)``."""
+    ring = [(name, lambda rows, src=src: src.at[batch, rows, query_head], None) for name, src in tiles.items()]
+    ring += [(name, lambda rows, src=src: src.at[head, rows], None) for name, src in vectors.items()]
+    issue, wait_tile = ring_copies(ring, smem, lambda step: first_tile + step, None, BLOCK)
+    pl.when(lax.axis_index("wg") == 2)(lambda: stream(walk, stages, smem["consumed_bar"], issue))
+    return wait_tile
+
+
 def _load_own(wg, copies):
     """This warpgroup's own tiles: start every copy, then wait for all of them."""
     for src, smem, bar in copies:
@@ -344,13 +350,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, dy_ref, lse_ref, delt
     program, wg = lax.axis_index("rows"), lax.axis_index("wg")
     first_tile = 2 * program
     walk = num_blocks - first_tile
-    ring = [(name, lambda rows, src=src: src.at[batch, rows, query_head], None)
-            for name, src in (("q", q_ref), ("dy", dy_ref))]
-    ring += [(name, lambda rows, src=src: src.at[head, rows], None)
-             for name, src in (("g", g_ref), ("lse", lse_ref), ("delta", delta_ref))]
-    issue, wait_tile = ring_copies(ring, smem, lambda step: first_tile + step, None, BLOCK)
-
-    pl.when(wg == 2)(lambda: stream(walk, stages, smem["consumed_bar"], issue))
+    wait_tile = _stream_query_tiles(smem, stages, first_tile, walk, {"q": q_ref, "dy": dy_ref},
+                                    {"g": g_ref, "lse": lse_ref, "delta": delta_ref}, batch=batch, head=head,
+                                    query_head=query_head)
 
     @pl.when(wg < 2)
     def _compute():
