@@ -14,7 +14,7 @@ from twomamba_jax import ops
 from twomamba_jax.nn import initializers as inits
 from twomamba_jax.nn.layers import check_model_input
 from twomamba_jax.nn.partitioning import per_head
-from twomamba_jax.ops.state import check_cache_room, poison_overflow, write_tokens
+from twomamba_jax.ops.state import check_cache_room, map_query_blocks, poison_overflow, write_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +23,7 @@ class AttentionConfig:
 
     implementation: passed to ``jax.nn.dot_product_attention`` for whole sequences; None picks cuDNN for 16-bit
     inputs on GPU and XLA elsewhere. Decoding (``step``) always uses XLA: it attends through an explicit mask
-    over the cache slots.
+    over the cache slots, a long prompt in blocks of query rows (``ops.state.map_query_blocks``).
     """
 
     num_kv_heads: int | None = None
@@ -107,9 +107,14 @@ class SoftmaxAttention(nnx.Module):
         q, k, v = self._project(x, positions)
         keys = write_tokens(cache.keys, k, cache.length)
         values = write_tokens(cache.values, v, cache.length)
-        visible = jnp.arange(capacity)[None, :] <= positions[:, None]  # (T, L): causal over the filled slots
-        y = jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask=visible[None, None],
-                                         implementation="xla")
+
+        def attend(block):
+            rows, row_positions = block
+            visible = jnp.arange(capacity)[None, :] <= row_positions[0][:, None]  # causal over the filled slots
+            return jax.nn.dot_product_attention(rows, keys.astype(q.dtype), values.astype(q.dtype),
+                                                mask=visible[None, None], implementation="xla")
+
+        y = map_query_blocks(attend, (q, positions[None]), keys=capacity, batch_heads=q.shape[0] * q.shape[2])
         y = poison_overflow(y, capacity, cache.length, length)
         return self._merge(y), AttentionCache(keys, values, cache.length + length)
 

@@ -49,6 +49,17 @@ def segment_sums(log_decay: jax.Array) -> jax.Array:
     return jnp.where(jnp.tril(jnp.ones((length, length), bool)), sums, -jnp.inf)
 
 
+def row_segment_sums(log_decay: jax.Array, rows: jax.Array) -> jax.Array:
+    """The rows ``rows`` (R,) int of ``segment_sums``: (..., N) -> (..., R, N), summed directly as well (from
+    token i down), so a long prompt can be attended in blocks of query rows."""
+    tokens = jnp.arange(log_decay.shape[-1])
+    causal = tokens <= rows[:, None]  # (R, N)
+    within = jnp.where(causal, log_decay[..., None, :], 0)
+    from_token = jnp.flip(jnp.cumsum(jnp.flip(within, -1), -1), -1)  # sum over j <= t <= i
+    after_token = jnp.concatenate([from_token[..., 1:], jnp.zeros_like(from_token[..., :1])], -1)  # j < t <= i
+    return jnp.where(causal, after_token, -jnp.inf)
+
+
 def suffix_sums(log_decay: jax.Array) -> jax.Array:
     """``out[..., j] = sum_{t > j} a_t`` along the last axis: the log-decay from token j to the last token."""
     return jnp.flip(jnp.cumsum(jnp.flip(log_decay, -1), -1), -1) - log_decay

@@ -10,8 +10,10 @@ import jax
 import jax.numpy as jnp
 
 from twomamba_jax.ops.features import feature_map
-from twomamba_jax.ops.numerics import compute_dtype, normalized, segment_sums, suffix_sums, zero_log_decay
-from twomamba_jax.ops.state import KVCache, RecurrentState, init_state, poison_overflow, write_tokens
+from twomamba_jax.ops.numerics import (compute_dtype, normalized, row_segment_sums, segment_sums, suffix_sums,
+                                       zero_log_decay)
+from twomamba_jax.ops.state import (KVCache, RecurrentState, init_state, map_query_blocks, poison_overflow,
+                                    write_tokens)
 
 
 def _log_decay_heads_first(log_decay, q, dtype):
@@ -63,26 +65,35 @@ def _exp_attention(q, k, v, log_decay, *, normalize, scale, cache: KVCache | Non
     dtype = compute_dtype(q, k, v)
     batch, length, heads, dk = q.shape
     a = _log_decay_heads_first(log_decay, q, dtype)  # (B, H, N)
-    qs = (q * scale).astype(dtype)
-    logits = jnp.einsum("bihd,bjhd->bhij", qs, k.astype(dtype)) + segment_sums(a)  # -inf above the diagonal
-    values = v.astype(dtype)
+    qs, keys, values = (q * scale).astype(dtype), k.astype(dtype), v.astype(dtype)
+
+    def weigh(logits):
+        return jax.nn.softmax(logits, axis=-1) if normalize else jnp.exp(logits)
+
     if cache is None and return_state:
         cache = init_state(batch, heads, dk, v.shape[-1], power="exp", normalize=normalize,
                            max_len=max_len or length, dtype=q.dtype)
-    if cache is not None:
-        # Cached token j reaches new token i through (decay from j to the cache's latest) + (from there to i).
-        capacity = cache.keys.shape[1]
-        to_query = jnp.cumsum(a, -1)  # (B, H, N)
-        cached = jnp.einsum("bihd,bjhd->bhij", qs, cache.keys.astype(dtype))
-        cached = cached + to_query[..., :, None] + cache.log_decay.astype(dtype).transpose(0, 2, 1)[..., None, :]
-        cached = jnp.where(jnp.arange(capacity) < cache.length, cached, -jnp.inf)
-        logits = jnp.concatenate([cached, logits], axis=-1)
-        values = jnp.concatenate([cache.values.astype(dtype), values], axis=1)
-
-    weights = jax.nn.softmax(logits, axis=-1) if normalize else jnp.exp(logits)
-    y = jnp.einsum("bhij,bjhe->bihe", weights, values).astype(q.dtype)
     if cache is None:
-        return y
+        logits = jnp.einsum("bihd,bjhd->bhij", qs, keys) + segment_sums(a)  # -inf above the diagonal
+        return jnp.einsum("bhij,bjhe->bihe", weigh(logits), values).astype(q.dtype)
+
+    # Cached token j reaches new token i through (decay from j to the cache's latest) + (from there to i).
+    capacity = cache.keys.shape[1]
+    cached_keys = cache.keys.astype(dtype)
+    cached_decay = jnp.where(jnp.arange(capacity) < cache.length,
+                             cache.log_decay.astype(dtype).transpose(0, 2, 1), -jnp.inf)  # (B, H, L)
+    all_values = jnp.concatenate([cache.values.astype(dtype), values], axis=1)
+
+    def attend(block):
+        rows, to_rows, index = block  # (B, R, H, dk), (B, R, H): decay from the cache's latest, (1, R)
+        cached = jnp.einsum("bihd,bjhd->bhij", rows, cached_keys)
+        cached = cached + to_rows.transpose(0, 2, 1)[..., None] + cached_decay[..., None, :]
+        fresh = jnp.einsum("bihd,bjhd->bhij", rows, keys) + row_segment_sums(a, index[0])
+        return jnp.einsum("bhij,bjhe->bihe", weigh(jnp.concatenate([cached, fresh], axis=-1)), all_values)
+
+    to_query = jnp.cumsum(a, -1).transpose(0, 2, 1)  # (B, N, H)
+    y = map_query_blocks(attend, (qs, to_query, jnp.arange(length)[None]), keys=capacity + length,
+                         batch_heads=batch * heads).astype(q.dtype)
     y = poison_overflow(y, capacity, cache.length, length)
     if not return_state:
         return y

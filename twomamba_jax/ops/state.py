@@ -128,6 +128,35 @@ def poison_overflow(y: jax.Array, capacity: int, length, new_tokens: int) -> jax
     return jnp.where(length + new_tokens <= capacity, y, jnp.nan)
 
 
+# Scores a cache attention materializes at once (B * H * query rows * keys; 512 MiB in float32): longer prompts are
+# attended in blocks of query rows, so prefilling 8192 tokens of 40 prompts does not need the full (T, L) score tensor.
+SCORE_BUDGET = 2**27
+
+
+def map_query_blocks(attend, queries, *, keys: int, batch_heads: int):
+    """``attend(queries)`` over blocks of query rows when all of them at once would pass ``SCORE_BUDGET`` scores.
+
+    queries: a pytree whose leaves all have the query-token axis at axis 1 (e.g. (B, T, H, d), or (1, T) for
+    per-token positions); ``attend`` maps such a pytree to one of (B, T, ...) outputs, each row depending only on
+    its own query row; keys: the key slots each row scores; batch_heads: B * H. Blocks run one after another
+    (``lax.map``); the last is padded and its extra rows dropped."""
+    length = jax.tree.leaves(queries)[0].shape[1]
+    rows = max(1, SCORE_BUDGET // max(1, keys * batch_heads))
+    if rows >= length:
+        return attend(queries)
+    blocks = -(-length // rows)
+
+    def split(x):
+        x = jnp.pad(x, [(0, 0), (0, blocks * rows - length)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(x.shape[0], blocks, rows, *x.shape[2:]), 1, 0)
+
+    def join(y):
+        y = jnp.moveaxis(y, 0, 1)
+        return y.reshape(y.shape[0], blocks * rows, *y.shape[3:])[:, :length]
+
+    return jax.tree.map(join, jax.lax.map(attend, jax.tree.map(split, queries)))
+
+
 def write_tokens(buffer: jax.Array, tokens: jax.Array, start) -> jax.Array:
     """``buffer`` (B, L, ...) with ``tokens`` (B, T, ...) written at positions [start, start + T)."""
     zero = jnp.zeros((), jnp.asarray(start).dtype)
