@@ -80,7 +80,7 @@ def measure(mixer: str, batch: int, length: int, args) -> dict:
     tokens_per_second = batch * length / seconds
     flops = train_flops_per_token(run.num_params - m.vocab_size * m.model_dim, m.num_layers, m.num_heads,
                                   m.head_dim, length)
-    peak = peak_flops(jax.devices()[0])
+    peak = peak_flops(jax.devices()[0], "bfloat16")
     mfu = tokens_per_second * flops / (peak * jax.device_count()) if peak else None
     return dict(params=run.num_params, compile_train=compile_train, compile_eval=compile_eval,
                 step_ms=seconds * 1e3, tokens_per_second=tokens_per_second, mfu=mfu,

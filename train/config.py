@@ -90,6 +90,8 @@ class TrainConfig:
     steps: int = _field(1000, "optimizer steps")
     precision: str = _field("float32", "compute dtype: float32 | bfloat16 (parameters stay float32)")
     seed: int = _field(0, "seed of the parameter initialization")
+    allow_data_change: bool = _field(False, "resume even if the data settings (data.source, seq_len, seed, ...) "
+                                            "differ from the run's config.json")
     log_every: int = _field(10, "steps between progress lines and logged metrics")
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)

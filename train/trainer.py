@@ -228,6 +228,23 @@ def evaluate(run: Setup, eval_step, params, batches) -> dict:
     return metrics
 
 
+# The settings that decide which rows a step reads: a resumed run must keep them, or it would not continue the
+# stream it stopped in (the batch size is checked against the checkpoint itself).
+DATA_STREAM_KEYS = ("source", "seq_len", "seed", "tokenizer", "vocab_size", "num_kv_pairs", "eval_fraction",
+                    "niah_fraction")
+
+
+def check_same_data(previous: dict, config: TrainConfig, step: int) -> None:
+    """Refuses to resume a run at ``step`` whose config.json (``previous``) read other data than ``config``."""
+    written = previous.get("data", {})
+    for key in DATA_STREAM_KEYS:
+        before, now = written.get(key, getattr(config.data, key)), getattr(config.data, key)
+        if before != now:
+            raise ValueError(f"data.{key}: the checkpoint at step {step} was trained with {before!r} (config.json); "
+                             f"got {now!r}. Resuming would not continue the same data: use a new --workdir, or "
+                             f"--config.allow_data_change=true to resume with the new data")
+
+
 def train(config: TrainConfig, workdir: str | Path, *, stop_after: int | None = None, stream=sys.stdout) -> dict:
     """Trains (or resumes, from the latest checkpoint in ``workdir``) to ``config.steps``; returns the summary.
 
@@ -237,11 +254,15 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_after: int | None = 
     workdir = Path(workdir)
     run = setup(config)
     is_main = jax.process_index() == 0
+    previous = workdir / "config.json"
+    previous = json.loads(previous.read_text()) if previous.is_file() else None
+    checkpointer = Checkpointer(workdir / "checkpoints", config.checkpoint)
+    restored = checkpointer.restore_latest(run.abstract_state, run.state_shardings, config.data.batch_size)
+    if restored is not None and previous is not None and not config.allow_data_change:
+        check_same_data(previous, config, int(jax.device_get(restored["step"])))
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
-    checkpointer = Checkpointer(workdir / "checkpoints", config.checkpoint)
-    restored = checkpointer.restore_latest(run.abstract_state, run.state_shardings, config.data.batch_size)
     state = restored if restored is not None else run.init_state()
     start = int(jax.device_get(state["step"]))
     m = run.model_config
@@ -249,19 +270,29 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_after: int | None = 
     flops = train_flops_per_token(run.num_params - m.vocab_size * m.model_dim, m.num_layers, m.num_heads,
                                   m.head_dim, config.data.seq_len)
     logger = MetricsLogger(workdir, total_steps=config.steps, start_step=start, tokens_per_step=tokens_per_step,
-                           flops_per_token=flops, enabled=is_main, stream=stream)
+                           flops_per_token=flops, dtype=config.precision, enabled=is_main, stream=stream)
     logger.message(f"{'resuming at' if restored is not None else 'starting'} step {start}/{config.steps}: "
                    f"{config.model.size} {config.model.mixer}, {run.num_params / 1e6:.2f}M parameters, "
                    f"{config.data.source}, mesh {dict(run.mesh.shape)}, {jax.device_count()} "
                    f"{jax.devices()[0].platform} device(s)")
-    train_step, eval_step = run.train_step(), run.eval_step()
+    eval_step = run.eval_step()
     eval_batches = run.dataset.eval_batches(config.eval.batches) if config.eval.every else []
-    started, pending, last, last_eval = time.perf_counter(), [], {}, None
+    pending, last, last_eval, compile_seconds = [], {}, None, 0.0
     step = start
     with jax.set_mesh(run.mesh), _StopRequest() as stop:
         batches = run.dataset.batches(start)
+        upcoming = run.global_batch(next(batches)) if step < config.steps else None
+        if upcoming is not None:  # compiled before the clock starts: throughput counts training only
+            compiling = time.perf_counter()
+            train_step = run.train_step().lower(state, upcoming).compile()
+            compile_seconds = time.perf_counter() - compiling
+            logger.message(f"compiled the train step in {compile_seconds:.1f}s")
+        started = time.perf_counter()
+        logger.start_clock(step)
         while step < config.steps:
-            state, metrics = train_step(state, run.global_batch(next(batches)))
+            batch = upcoming if upcoming is not None else run.global_batch(next(batches))
+            upcoming = None
+            state, metrics = train_step(state, batch)
             pending.append(metrics)
             step += 1
             done = step == config.steps
@@ -273,18 +304,22 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_after: int | None = 
                 last = logger.progress(step, averaged)
                 pending = []
             if eval_batches and (step % config.eval.every == 0 or done):
-                last_eval = (step, evaluate(run, eval_step, state["params"], eval_batches))
+                with logger.excluded(state):
+                    last_eval = (step, evaluate(run, eval_step, state["params"], eval_batches))
                 logger.write(step, "eval", last_eval[1])
                 logger.message(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval[1].items()))
             if step % config.checkpoint.every == 0 or done or stopping:
-                checkpointer.save(step, state, {"step": step, "next_row": step * config.data.batch_size})
+                with logger.excluded(state):
+                    checkpointer.save(step, state, {"step": step, "next_row": step * config.data.batch_size})
             if stopping and not done:
                 logger.message(f"stopped at step {step}; rerun the same command to resume")
                 break
         elapsed = time.perf_counter() - started
-        summary = {"step": step, "steps": config.steps, "seconds": elapsed, "train": last,
-                   "tokens_per_second": (step - start) * tokens_per_step / max(elapsed, 1e-9),
-                   "num_params": run.num_params}
+        train_seconds = elapsed - logger.excluded_seconds
+        rate = (step - start) * tokens_per_step / max(train_seconds, 1e-9)
+        summary = {"step": step, "steps": config.steps, "seconds": elapsed + compile_seconds, "train": last,
+                   "compile_seconds": compile_seconds, "train_seconds": train_seconds, "tokens_per_second": rate,
+                   "mfu": logger.mfu(rate), "num_params": run.num_params}
         if eval_batches:  # inside the mesh: the mixer cores must see it
             fresh = last_eval is not None and last_eval[0] == step
             summary["eval"] = last_eval[1] if fresh else evaluate(run, eval_step, state["params"], eval_batches)
