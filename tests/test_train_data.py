@@ -53,16 +53,16 @@ def test_same_seed_same_batches_and_resume_anywhere(tmp_path, source):
 def test_process_shards_are_disjoint_and_cover_the_batch(tmp_path, source):
     config = _text_config(tmp_path) if source == "text" else DataConfig(source=source, seq_len=40, batch_size=8)
     whole = list(itertools.islice(make_dataset(config).batches(2), 3))
-    shards = [list(itertools.islice(make_dataset(config, process_index=p, process_count=4).batches(2), 3))
+    shards = [list(itertools.islice(make_dataset(config, share_index=p, share_count=4).batches(2), 3))
               for p in range(4)]
     for step, batch in enumerate(whole):
         for key in batch:
             np.testing.assert_array_equal(np.concatenate([shard[step][key] for shard in shards]), batch[key])
-    evals = [make_dataset(config, process_index=p, process_count=4).eval_batches(1)[0] for p in range(4)]
+    evals = [make_dataset(config, share_index=p, share_count=4).eval_batches(1)[0] for p in range(4)]
     np.testing.assert_array_equal(np.concatenate([e["inputs"] for e in evals]),
                                   make_dataset(config).eval_batches(1)[0]["inputs"])
-    with pytest.raises(ValueError, match="data.batch_size: 8 is not divisible by the 3 processes"):
-        make_dataset(config, process_index=0, process_count=3)
+    with pytest.raises(ValueError, match="data.batch_size: 8 is not divisible into the 3 shares of the processes"):
+        make_dataset(config, share_index=0, share_count=3)
 
 
 def test_synthetic_tasks_mask_exactly_the_recall_targets():

@@ -57,16 +57,17 @@ class Dataset:
     vocab_size: int
     has_accuracy: bool  # synthetic tasks: exact-match accuracy on the masked targets
 
-    def __init__(self, *, seq_len: int, batch_size: int, process_index: int, process_count: int):
-        if batch_size % process_count:
-            raise ValueError(f"data.batch_size: {batch_size} is not divisible by the {process_count} processes")
+    def __init__(self, *, seq_len: int, batch_size: int, share_index: int, share_count: int):
+        if batch_size % share_count:
+            raise ValueError(f"data.batch_size: {batch_size} is not divisible into the {share_count} shares of the "
+                             "processes")
         self.seq_len, self.batch_size = seq_len, batch_size
-        self.process_index, self.process_count = process_index, process_count
-        self.local_batch_size = batch_size // process_count
+        self.share_index, self.share_count = share_index, share_count
+        self.local_batch_size = batch_size // share_count
 
     def _mine(self, position: int) -> bool:
-        """Whether row ``position`` (0 to B - 1) of a global batch belongs to this process."""
-        return position // self.local_batch_size == self.process_index
+        """Whether row ``position`` (0 to B - 1) of a global batch is in this process's share."""
+        return position // self.local_batch_size == self.share_index
 
     def batches(self, start_step: int = 0) -> Iterator[Batch]:
         """This process's batches of global steps ``start_step, start_step + 1, ...`` (forever)."""
@@ -90,7 +91,7 @@ class SyntheticDataset(Dataset):
                                        num_kv_pairs=num_kv_pairs)
 
     def _step(self, split: str, step: int) -> Batch:
-        first = step * self.batch_size + self.process_index * self.local_batch_size
+        first = step * self.batch_size + self.share_index * self.local_batch_size
         rows = [self._make(split, i) for i in range(first, first + self.local_batch_size)]
         ones = np.ones(self.seq_len + 1, bool)
         batch = _batch([(tokens, ones, ones.astype(np.int32)) for tokens, _ in rows])
@@ -170,14 +171,15 @@ class TextDataset(Dataset):
                         if self._mine(position)]) for s in range(usable)]
 
 
-def make_dataset(config, *, process_index: int = 0, process_count: int = 1) -> Dataset:
-    """The ``Dataset`` of a ``DataConfig``, for process ``process_index`` of ``process_count``."""
+def make_dataset(config, *, share_index: int = 0, share_count: int = 1) -> Dataset:
+    """The ``Dataset`` of a ``DataConfig``, yielding share ``share_index`` of ``share_count`` equal shares of
+    each global batch (a process's rows: ``sharding.process_batch_share``)."""
     for name in ("seq_len", "batch_size"):
         value = getattr(config, name)
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"data.{name}: expected a positive int; got {value!r}")
-    common = dict(seq_len=config.seq_len, batch_size=config.batch_size, process_index=process_index,
-                  process_count=process_count)
+    common = dict(seq_len=config.seq_len, batch_size=config.batch_size, share_index=share_index,
+                  share_count=share_count)
     source = config.source
     if source in synthetic.TASKS:
         if config.tokenizer != "byte":  # the tasks emit token ids directly; a tokenizer would go unused

@@ -93,7 +93,8 @@ class Setup:
 
     def global_batch(self, local: Batch) -> dict:
         """This process's rows -> global arrays sharded over the data axes."""
-        return {key: jax.make_array_from_process_local_data(self.batch_sharding, value)
+        rows = self.config.data.batch_size
+        return {key: jax.make_array_from_process_local_data(self.batch_sharding, value, (rows, *value.shape[1:]))
                 for key, value in local.items()}
 
     def train_step(self):
@@ -148,9 +149,10 @@ def setup(config: TrainConfig, devices=None) -> Setup:
         raise ValueError(f"eval: expected every >= 0 (0 turns eval off) and, with eval on, batches >= 1; got "
                          f"every={config.eval.every}, batches={config.eval.batches}")
     _init_distributed(config.mesh)
-    dataset = make_dataset(config.data, process_index=jax.process_index(), process_count=jax.process_count())
-    model_cfg = model_config(config, dataset.vocab_size)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
+    share_index, share_count = sharding.process_batch_share(mesh)
+    dataset = make_dataset(config.data, share_index=share_index, share_count=share_count)
+    model_cfg = model_config(config, dataset.vocab_size)
     optimizer, schedule = make_optimizer(config.optim, config.steps)
     accumulate = config.optim.accumulate
     if config.data.batch_size % accumulate:
@@ -159,10 +161,6 @@ def setup(config: TrainConfig, devices=None) -> Setup:
     mixer = abstract_model.blocks[0].mixer
     sharding.check_mesh_fits(mesh, num_heads=mixer.num_heads, num_kv_heads=getattr(mixer, "num_kv_heads", None),
                              batch_size=config.data.batch_size // accumulate)
-    if jax.process_count() > 1 and jax.local_device_count() % mesh.shape["tensor"]:
-        # Each process feeds its own rows: a tensor group spanning hosts would get different rows per replica.
-        raise ValueError(f"mesh.tensor: {mesh.shape['tensor']} must divide the {jax.local_device_count()} devices "
-                         "of each process (tensor parallelism within a host; data and fsdp across hosts)")
     graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
     param_shardings = nnx.to_pure_dict(sharding.param_shardings(abstract_params, mesh))
     abstract_params = nnx.to_pure_dict(abstract_params)

@@ -94,6 +94,21 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES, None))
 
 
+def process_batch_share(mesh: Mesh) -> tuple[int, int]:
+    """(index, count): this process feeds rows [index * B / count, (index + 1) * B / count) of every global batch
+    of B rows. The rows are split over the batch axes (``data`` major, then ``fsdp``); processes whose devices
+    differ only along ``tensor`` (a tensor group spanning hosts) feed the same rows."""
+    blocks = [mesh.shape[axis] for axis in BATCH_AXES]
+    position = {name: i for i, name in enumerate(mesh.axis_names)}
+    mine = sorted({int(np.ravel_multi_index([index[position[axis]] for axis in BATCH_AXES], blocks))
+                   for index, device in np.ndenumerate(mesh.devices) if device.process_index == jax.process_index()})
+    size = len(mine)
+    if mine != list(range(mine[0], mine[0] + size)) or mine[0] % size:
+        raise ValueError(f"mesh: the devices of process {jax.process_index()} hold row blocks {mine} of "
+                         f"{math.prod(blocks)}, not one contiguous share of the batch")
+    return mine[0] // size, math.prod(blocks) // size
+
+
 def check_mesh_fits(mesh: Mesh, *, num_heads: int, num_kv_heads: int | None, batch_size: int) -> None:
     """Errors, before anything compiles, for heads the tensor axis does not divide or a batch the data axes do not."""
     tensor = mesh.shape[TENSOR_AXIS]
