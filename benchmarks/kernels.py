@@ -10,7 +10,8 @@ as the yardstick (every row also as a ratio to cuDNN's forward and forward + bac
 jax's own Mosaic GPU FlashAttention-3 beside it (what Mosaic GPU reaches on this machine): ms of the forward and of
 forward + backward (median of samples of 10 back-to-back calls on rotating inputs), TFLOP/s-equivalent (the
 FLOPs of causal softmax attention at that shape: 2 B H N^2 d forward, 3.5x that for forward + backward), and the
-relative Frobenius error of the output and of dq (for a fixed random output cotangent) against the jnp chunked form
+relative Frobenius errors of the output and of dq, dk, dv and the log-decay's gradient (for a fixed random output
+cotangent) against the jnp chunked form
 (the dense form for exp, where it fits) on the same inputs upcast to float32, at full matmul precision (both tested
 against the float64 oracle on CPU).
 """
@@ -96,7 +97,7 @@ def main():
     print(f"{device.device_kind}, jax {jax.__version__}, H={heads}, d={dim}, bf16, chunk {args.chunk_size}; "
           "errors vs jnp chunked float32 (highest precision)")
     print("| B x N | path | fwd ms | fwd+bwd ms | fwd / cuDNN | fwd+bwd / cuDNN | TFLOP/s-eq (fwd+bwd) | rel err y | "
-          "rel err dq |")
+          "rel err dq dk dv da |")
     print("|---|---|---|---|---|---|---|---|---|", flush=True)
 
     for batch, length in shapes:
@@ -138,7 +139,7 @@ def main():
                 print(f"| {batch}x{length} | {name} | - | - | - | failed: {type(error).__name__}: "
                       f"{str(error)[:200]} | |", flush=True)
                 continue
-            error_y = error_dq = ""
+            error_y = error_grads = ""
             if core is not None:
                 key = tuple(sorted(core.items(), key=str))
                 exact_impl = "reference" if core["power"] == "exp" else "chunked"
@@ -149,15 +150,17 @@ def main():
                     with jax.default_matmul_precision("highest"):
                         exact = lambda q, k, v, a: ops.decayed_attention(q, k, v, a, impl=exact_impl, **core)
                         oracles[key] = (jax.jit(exact)(q, k, v, a), jax.jit(jax.grad(
-                            lambda q, k, v, a: jnp.sum(exact(q, k, v, a) * cotangent)))(q, k, v, a))
+                            lambda q, k, v, a: jnp.sum(exact(q, k, v, a) * cotangent), argnums=(0, 1, 2, 3)))(
+                                q, k, v, a))
                 if key is not None:
-                    y_ref, dq_ref = oracles[key]
+                    y_ref, grads_ref = oracles[key]
                     error_y = f"{_rel(fwd(*input_sets[0]), y_ref):.1e}"
-                    error_dq = f"{_rel(fwd_bwd(*with_cotangent[0])[1][0], dq_ref):.1e}"
+                    grads = fwd_bwd(*with_cotangent[0])[1]
+                    error_grads = " ".join(f"{_rel(g, g_ref):.1e}" for g, g_ref in zip(grads, grads_ref))
             tflops = 3.5 * flops / (ms_both * 1e-3) / 1e12
             yardstick = yardstick or (ms_fwd, ms_both)
             print(f"| {batch}x{length} | {name} | {ms_fwd:.2f} | {ms_both:.2f} | {ms_fwd / yardstick[0]:.2f} | "
-                  f"{ms_both / yardstick[1]:.2f} | {tflops:.1f} | {error_y} | {error_dq} |", flush=True)
+                  f"{ms_both / yardstick[1]:.2f} | {tflops:.1f} | {error_y} | {error_grads} |", flush=True)
 
 
 if __name__ == "__main__":
