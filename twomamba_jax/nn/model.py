@@ -14,6 +14,7 @@ from twomamba_jax.nn.attention import AttentionConfig, SoftmaxAttention
 from twomamba_jax.nn.layers import RMSNorm, SwiGLU
 from twomamba_jax.nn.mamba2 import Mamba2, Mamba2Config
 from twomamba_jax.nn.mixer import DecayedAttention, MixerConfig
+from twomamba_jax.nn.partitioning import batch_sharded
 
 AnyMixerConfig = MixerConfig | Mamba2Config | AttentionConfig
 
@@ -75,8 +76,8 @@ class Block(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: (B, N, M), the float32 residual stream; the mixer and MLP compute in the config's dtype."""
-        x = x + self.mixer(self.mixer_norm(x)).astype(x.dtype)
-        return x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
+        x = batch_sharded(x + self.mixer(self.mixer_norm(x)).astype(x.dtype))
+        return batch_sharded(x + self.mlp(self.mlp_norm(x)).astype(x.dtype))
 
     def step(self, x: jax.Array, cache):
         y, cache = self.mixer.step(self.mixer_norm(x), cache)
@@ -126,7 +127,7 @@ class LanguageModel(nnx.Module):
                 0 <= int(tokens.min()) and int(tokens.max()) < vocab):
             raise ValueError(f"tokens: expected ids in [0, {vocab}); got [{int(tokens.min())}, {int(tokens.max())}]")
         residual_dtype = jnp.promote_types(self.config.dtype, jnp.float32)
-        return jnp.take(self.embed[...], tokens, axis=0).astype(residual_dtype)
+        return batch_sharded(jnp.take(self.embed[...], tokens, axis=0).astype(residual_dtype))
 
     def _logits(self, x):
         x = self.final_norm(x).astype(self.config.dtype)

@@ -21,6 +21,17 @@ def _current_mesh():
     return mesh
 
 
+def batch_sharded(x):
+    """``x`` (B, ...) laid out with its rows over the data axes and the rest whole on every device, under a mesh
+    (else unchanged): the residual stream's layout. Without it, the sharding of a tensor-parallel projection's
+    summed output leaked into the stream and XLA replicated whole activations to change it."""
+    mesh = _current_mesh()
+    if mesh is None:
+        return x
+    batch = tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names) or None
+    return jax.lax.with_sharding_constraint(x, P(batch, *([None] * (x.ndim - 1))))
+
+
 def per_head(core, *arrays):
     """``core(*arrays)`` with every array laid out (B, N, H, ...) (per-head scalars (B, N, H)); the result is
     (B, N, H, d). Under a mesh each device runs ``core`` on its batch rows and heads."""
