@@ -1,4 +1,4 @@
-"""Shared test utilities: random inputs and relative errors."""
+"""Shared test utilities: random inputs, relative errors and the size of a jaxpr's intermediates."""
 
 import jax
 import jax.numpy as jnp
@@ -40,3 +40,18 @@ def prefill_then_step(module, inputs, prefill: int, max_len: int):
         out, cache = module.step(inputs[:, t:t + 1], cache)
         outs.append(out)
     return jnp.concatenate(outs, axis=1)
+
+
+def largest_intermediate(jaxpr) -> int:
+    """Elements of the largest array a jaxpr makes, inside scans, loops and VJPs too."""
+    largest = 0
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            shape = getattr(var.aval, "shape", ())
+            largest = max(largest, int(np.prod(shape)) if shape else 1)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    largest = max(largest, largest_intermediate(inner))
+    return largest

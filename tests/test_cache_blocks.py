@@ -6,22 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import largest_intermediate
 
 from twomamba_jax import nn, ops
 from twomamba_jax.ops import state as cache_state
-
-
-def _largest_intermediate(jaxpr) -> int:
-    largest = 0
-    for eqn in jaxpr.eqns:
-        for var in eqn.outvars:
-            largest = max(largest, int(np.prod(getattr(var.aval, "shape", ()) or (1,))))
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    largest = max(largest, _largest_intermediate(inner))
-    return largest
 
 
 def _exp_inputs(rng, batch, length, heads):
@@ -57,7 +45,7 @@ def test_exp_prefill_never_holds_the_whole_score_tensor(monkeypatch):
     decay = jax.ShapeDtypeStruct((1, length, heads), jnp.float32)
     prefill = lambda q, k, v, a: ops.decayed_attention(q, k, v, a, power="exp", normalize="softmax", impl="reference",
                                                        return_state=True, max_len=capacity)
-    largest = _largest_intermediate(jax.make_jaxpr(prefill)(spec, spec, spec, decay).jaxpr)
+    largest = largest_intermediate(jax.make_jaxpr(prefill)(spec, spec, spec, decay).jaxpr)
     assert largest <= 64 * (capacity + length) * heads < length * capacity * heads
 
 
@@ -70,6 +58,6 @@ def test_softmax_prefill_in_blocks_equals_forward(rng, monkeypatch):
     y, cache = layer.step(x, layer.init_cache(2, max_len=32))
     np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6)
     step = jax.jit(layer.step)
-    largest = _largest_intermediate(jax.make_jaxpr(step)(x, layer.init_cache(2, max_len=32)).jaxpr)
+    largest = largest_intermediate(jax.make_jaxpr(step)(x, layer.init_cache(2, max_len=32)).jaxpr)
     assert largest < 29 * 32 * 8
     assert int(cache.length) == 29

@@ -7,27 +7,13 @@ have N * F * dv = 2.2M, while the largest legitimate intermediates (per-chunk st
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
+from helpers import largest_intermediate
 
 from twomamba_jax import ops
 
 N, D = 1024, 16
 LIMIT = N * N // 4
-
-
-def _largest_intermediate(jaxpr) -> int:
-    largest = 0
-    for eqn in jaxpr.eqns:
-        for var in eqn.outvars:
-            shape = getattr(var.aval, "shape", ())
-            largest = max(largest, int(np.prod(shape)) if shape else 1)
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    largest = max(largest, _largest_intermediate(inner))
-    return largest
 
 
 @pytest.mark.parametrize("impl", ["chunked", "associative"])
@@ -41,7 +27,7 @@ def test_no_quadratic_or_per_token_state_intermediates(impl, power):
         return jnp.sum(y)
 
     jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(shape, shape, shape, decay)
-    assert _largest_intermediate(jaxpr.jaxpr) < LIMIT
+    assert largest_intermediate(jaxpr.jaxpr) < LIMIT
 
 
 def test_the_check_sees_the_dense_form():
@@ -49,4 +35,4 @@ def test_the_check_sees_the_dense_form():
     shape = jax.ShapeDtypeStruct((1, N, 1, D), jnp.float32)
     jaxpr = jax.make_jaxpr(lambda q, k, v: ops.decayed_attention(q, k, v, power=2, normalize=None,
                                                                   impl="reference"))(shape, shape, shape)
-    assert _largest_intermediate(jaxpr.jaxpr) >= N * N
+    assert largest_intermediate(jaxpr.jaxpr) >= N * N
