@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from twomamba_jax.train import config as train_config
-from twomamba_jax.train.metrics import peak_flops, train_flops_per_token
+from twomamba_jax.train.metrics import peak_flops
 from twomamba_jax.train.trainer import setup
 
 MIXERS = ("softmax", "2mamba", "2mamba-e", "mamba2s")
@@ -75,11 +75,9 @@ def measure(mixer: str, batch: int, length: int, args) -> dict:
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - started)
         profile = _profile(train_step, state, batches[0], args.profile) if args.profile else None
-    m = run.model_config
     seconds = statistics.median(times)
     tokens_per_second = batch * length / seconds
-    flops = train_flops_per_token(run.num_params - m.vocab_size * m.model_dim, m.num_layers, m.num_heads,
-                                  m.head_dim, length)
+    flops = run.flops_per_token()
     peak = peak_flops(jax.devices()[0], "bfloat16")
     mfu = tokens_per_second * flops / (peak * jax.device_count()) if peak else None
     return dict(params=run.num_params, compile_train=compile_train, compile_eval=compile_eval,

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from twomamba_jax.train import config as train_config
-from twomamba_jax.train.metrics import peak_flops, train_flops_per_token
+from twomamba_jax.train.metrics import peak_flops
 from twomamba_jax.train.trainer import setup
 
 MESHES = {  # name -> (data, fsdp, tensor) for G devices and tensor width T
@@ -87,9 +87,7 @@ def measure(size: str, mixer: str, gpus: int, mesh: tuple[int, int, int], args) 
             times.append(time.perf_counter() - started)
     seconds = statistics.median(times)
     tokens_per_second = rows * args.length / seconds
-    m = run.model_config
-    flops = train_flops_per_token(run.num_params - m.vocab_size * m.model_dim, m.num_layers, m.num_heads,
-                                  m.head_dim, args.length)
+    flops = run.flops_per_token()
     peak = peak_flops(jax.devices()[0], "bfloat16")
     planned = None
     if memory is not None:

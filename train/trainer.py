@@ -81,6 +81,13 @@ class Setup:
     batch_sharding: NamedSharding
     num_params: int
 
+    def flops_per_token(self) -> float:
+        """The trainer's FLOPs per trained token (``metrics.train_flops_per_token``: the matmul parameters, all
+        but the embedding table, and the causal mixer core at ``data.seq_len``), for MFU."""
+        m = self.model_config
+        return train_flops_per_token(self.num_params - m.vocab_size * m.model_dim, m.num_layers, m.num_heads,
+                                     m.head_dim, self.config.data.seq_len)
+
     def init_state(self) -> dict:
         """Fresh parameters (from ``config.seed``; the same values on every mesh) and optimizer state."""
         with jax.set_mesh(self.mesh):
@@ -236,7 +243,8 @@ def check_same_data(previous: dict, config: TrainConfig, step: int) -> None:
     """Refuses to resume a run at ``step`` whose config.json (``previous``) read other data than ``config``."""
     written = previous.get("data", {})
     for key in DATA_STREAM_KEYS:
-        before, now = written.get(key, getattr(config.data, key)), getattr(config.data, key)
+        now = getattr(config.data, key)
+        before = written.get(key, now)  # a key the run's version did not write cannot have changed
         if before != now:
             raise ValueError(f"data.{key}: the checkpoint at step {step} was trained with {before!r} (config.json); "
                              f"got {now!r}. Resuming would not continue the same data: use a new --workdir, or "
@@ -252,23 +260,21 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_after: int | None = 
     workdir = Path(workdir)
     run = setup(config)
     is_main = jax.process_index() == 0
-    previous = workdir / "config.json"
-    previous = json.loads(previous.read_text()) if previous.is_file() else None
+    config_file = workdir / "config.json"
+    previous = json.loads(config_file.read_text()) if config_file.is_file() else None
     checkpointer = Checkpointer(workdir / "checkpoints", config.checkpoint)
     restored = checkpointer.restore_latest(run.abstract_state, run.state_shardings, config.data.batch_size)
     if restored is not None and previous is not None and not config.allow_data_change:
         check_same_data(previous, config, int(jax.device_get(restored["step"])))
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
+        config_file.write_text(json.dumps(to_dict(config), indent=2) + "\n")
     state = restored if restored is not None else run.init_state()
     start = int(jax.device_get(state["step"]))
-    m = run.model_config
     tokens_per_step = config.data.batch_size * config.data.seq_len
-    flops = train_flops_per_token(run.num_params - m.vocab_size * m.model_dim, m.num_layers, m.num_heads,
-                                  m.head_dim, config.data.seq_len)
     logger = MetricsLogger(workdir, total_steps=config.steps, start_step=start, tokens_per_step=tokens_per_step,
-                           flops_per_token=flops, dtype=config.precision, enabled=is_main, stream=stream)
+                           flops_per_token=run.flops_per_token(), dtype=config.precision, enabled=is_main,
+                           stream=stream)
     logger.message(f"{'resuming at' if restored is not None else 'starting'} step {start}/{config.steps}: "
                    f"{config.model.size} {config.model.mixer}, {run.num_params / 1e6:.2f}M parameters, "
                    f"{config.data.source}, mesh {dict(run.mesh.shape)}, {jax.device_count()} "
