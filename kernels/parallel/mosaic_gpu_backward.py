@@ -79,7 +79,8 @@ def _backward_power(q, k, v, g_local, totals, d_out, delta, *, power, scale, sta
     The row and column sums of T come from its accumulators: T = dS * s with s = q'.k' off the diagonal, so
     sum_j T_ij = q'_i . (sum_j dS_ij k'_j) = q'_i . dq'_i, and likewise for the columns and the diagonal
     (s = scale q.k); both from the same dS as rounded for the matmuls, so that they cancel in the log-decay
-    cotangent as they should (row sums in closed form, dy . y - delta, did not: 1-2% errors)."""
+    cotangent as they should (row sums in closed form, dy . y - delta, did not: 1-2% errors). The kernel finishes
+    dk, dv and the column sums; dq's rows (their scale and sums) are finished here."""
     batch, padded, heads, dk = q.shape
     kv_heads, dv, dtype = k.shape[2], v.shape[-1], q.dtype
     group = heads // kv_heads
@@ -91,39 +92,48 @@ def _backward_power(q, k, v, g_local, totals, d_out, delta, *, power, scale, sta
     own = {"k": ((BLOCK, dk), dtype), "v": ((BLOCK, dv), dtype), "kd": ((BLOCK,), f32),
            "q_diag": ((BLOCK, dk), dtype), "k_diag": ((BLOCK, dk), dtype)}  # the diagonal's unscaled q and k
     scratch = scratch_types(ring, own, stages, dtype, interpret, staging_cols=BLOCK)
-    dv_dtype = v.dtype if group == 1 else f32  # per query head: summed over the group after, in float32
+    # Per query head: with grouped keys the heads of a group are summed after, in float32.
+    dk_dtype, dv_dtype = (k.dtype, v.dtype) if group == 1 else (f32, f32)
     scratch.update(ds_smem=smem_tile((2, BLOCK, BLOCK), dtype), f32_smem=smem_tile((2, BLOCK, dk), f32),
-                   dv_smem=smem_tile((2, BLOCK, dv), dv_dtype))
+                   dk_diag_smem=smem_tile((2, BLOCK, dk), f32), dv_smem=smem_tile((2, BLOCK, dv), dv_dtype),
+                   cols_smem=plgpu.SMEM((2, BLOCK), f32))
+    if dk_dtype != f32:  # float32 dk leaves through dk_diag_smem
+        scratch.update(dk_smem=smem_tile((2, BLOCK, dk), dk_dtype))
     if interpret:  # the interpreter has no TMA reductions: read, add and write back through this tile
         scratch.update(sum_smem=smem_tile((2, BLOCK, dk), f32), sum_bar=plgpu.Barrier(num_barriers=2))
     per_query_head = lambda d, kind=f32: jax.ShapeDtypeStruct((batch, padded, heads, d), kind)
-    out_type = (per_query_head(dk), per_query_head(dk), per_query_head(dv, dv_dtype), per_query_head(dk))
+    out_type = (per_query_head(dk, dk_dtype), per_query_head(dv, dv_dtype), per_query_head(dk),
+                jax.ShapeDtypeStruct((batch * heads, padded), f32))
     kernel = functools.partial(_power_kernel, power=power, scale=scale, num_heads=heads, group=group,
                                stages=stages, dk=dk, dv=dv, num_blocks=padded // BLOCK)
     run = launch("twomamba_mosaic_backward", kernel, out_type, scratch, batch * heads, padded, interpret)
-    dq_off = jax.new_ref(jnp.zeros((2, batch, padded, heads, dk), f32))  # zeroed: each compute warpgroup adds
-    dk_off, dk_diag, dv_, dq_diag = run(*args, dq_off)
-    dq_off = dq_off[...].sum(0)
+    # Both compute warpgroups add into one float32 dq on the GPU (TMA reductions are atomic); the interpreter's
+    # read-add-write is not, so there each warpgroup has its own copy, summed after.
+    copies = 2 if interpret else 1
+    dq_off = jax.new_ref(jnp.zeros((copies, batch, padded, heads, dk), f32))
+    dk_, dv_, dq_diag, d_cols = run(*args, dq_off)
+    dq_off = dq_off[...].sum(0) if interpret else dq_off[...][0]
 
     per_token = lambda x: x.reshape(batch, heads, padded).transpose(0, 2, 1)[..., None]  # (B H, Np) -> (B, Np, H, 1)
     dot = lambda a, b: heads_first(jnp.sum(a.astype(f32) * b, axis=-1), padded)
     d_rows = dot(q_main, dq_off) + scale * dot(q, dq_diag)
-    d_cols = dot(k_main, dk_off) + scale * dot(jnp.repeat(k, group, axis=2), dk_diag)
-    # Against q' and k': times p exp(decay / p) row by row (the decays in base 2); the diagonal's times p.
+    # Against q': times p exp(g / p) row by row (g in base 2); the diagonal's times p.
     dq = (dq_off * (power * jnp.exp2(per_token(g_rows) / power)) + power * dq_diag) * scale
-    dk_ = dk_off * (power * jnp.exp2(per_token(key_decay) / power)) + dk_diag * (power * scale)
-    dk_ = dk_.reshape(batch, padded, kv_heads, group, dk).sum(3)
-    dv_ = dv_.reshape(batch, padded, kv_heads, group, dv).sum(3)
+    if group > 1:
+        dk_ = dk_.reshape(batch, padded, kv_heads, group, dk).sum(3)
+        dv_ = dv_.reshape(batch, padded, kv_heads, group, dv).sum(3)
     return dq.astype(dtype), dk_.astype(k.dtype), dv_.astype(v.dtype), d_rows, d_cols
 
 
 def _power_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_ref, dy_ref, delta_ref, dq_off_ref,
-                  dk_off_ref, dk_diag_ref, dv_ref, dq_diag_ref, *, power, scale, num_heads, group, stages, dk, dv,
+                  dk_ref, dv_ref, dq_diag_ref, cols_ref, *, power, scale, num_heads, group, stages, dk, dv,
                   num_blocks, **smem):
     """Each compute warpgroup owns 64 keys and walks 64-token query tiles from its diagonal on; besides dk and dv
     it multiplies each tile's dS (through shared memory) by its keys: off the diagonal the (64, dk) product is
-    added into ``dq_off_ref[wg]`` (a TMA reduction); the diagonal's, against the unscaled keys, is stored to
-    ``dq_diag_ref`` (one tile per query block), its dk to ``dk_diag_ref``. dk and dq leave unscaled."""
+    added into ``dq_off_ref`` (a TMA reduction; into copy ``wg`` where there are two); the diagonal's, against the
+    unscaled keys, is stored to ``dq_diag_ref`` (one tile per query block). dq leaves unscaled; dk leaves finished:
+    the diagonal's tile waits, scaled, in ``dk_diag_smem`` for the walk's, and the column sums of T are taken
+    from both accumulators with the keys they multiply."""
     head, batch, query_head, key_head = head_indices(num_heads, group)
     program, wg = lax.axis_index("rows"), lax.axis_index("wg")
     first_tile = 2 * program
@@ -143,14 +153,16 @@ def _power_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_
                        (k_diag_ref.at[batch, cols, key_head], smem["k_diag_smem"], smem["k_diag_bar"])])
         kd_row = plgpu.load(smem["kd_smem"].at[wg], layout=_WGMMA.reduce(1))
         staging = smem["staging_smem"].at[wg] if "staging_smem" in smem else None
-        ds_smem, f32_smem = smem["ds_smem"].at[wg], smem["f32_smem"].at[wg]
+        ds_smem, f32_smem, dk_diag_smem = (smem[name].at[wg] for name in ("ds_smem", "f32_smem", "dk_diag_smem"))
         total = (smem["sum_smem"].at[wg], smem["sum_bar"].at[wg]) if "sum_smem" in smem else None
+        dq_copy = dq_off_ref.at[wg] if dq_off_ref.shape[0] == 2 else dq_off_ref.at[0]
         tile = (BLOCK, BLOCK)
         col = functools.partial(plgpu.load, layout=_WGMMA.reduce(0))
         zeros = lambda d: plgpu.layout_cast(jnp.zeros((BLOCK, d), jnp.float32), _WGMMA)
+        row_dot = lambda keys, grads: jnp.sum(plgpu.load(keys, layout=_WGMMA).astype(jnp.float32) * grads, axis=1)
 
         def visit(step, carry, diagonal):
-            dk_acc, dv_acc, r = carry
+            dk_acc, dv_acc, d_cols, r = carry
             slot = lax.rem(step, jnp.int32(stages))
             wait_tile(slot)
             q_tile, dy_tile = smem["q_smem"].at[slot], smem["dy_smem"].at[slot]
@@ -165,8 +177,10 @@ def _power_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_
                                            power=power, diagonal=diagonal, transposed=True, row_offset=0)
             dv_acc = matmul_into(dv_acc, w.astype(dy_tile.dtype), dy_tile, staging)
             d_s = d_s.astype(q_tile.dtype)
-            if diagonal:  # its one tile of dk goes to global memory below, not carried through the walk
+            if diagonal:  # its one tile of dk waits in shared memory, not carried through the walk
                 dk_diag = matmul_into(zeros(dk), d_s, queries, staging)
+                d_cols = scale * row_dot(keys, dk_diag)
+                dk_diag_smem[...] = dk_diag * (power * scale)
             else:
                 dk_acc = matmul_into(dk_acc, d_s, queries, staging)
             ds_smem[...] = d_s
@@ -176,20 +190,26 @@ def _power_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_
             rows = pl.ds((first_tile + step) * BLOCK, BLOCK)
             if diagonal:
                 _to_global([(dq, f32_smem, dq_diag_ref.at[batch, rows, query_head], False, None)])
-                _to_global([(dk_diag, f32_smem, dk_diag_ref.at[batch, cols, query_head], False, None)])
             else:
-                _to_global([(dq, f32_smem, dq_off_ref.at[wg, batch, rows, query_head], True, total)])
-            return dk_acc, dv_acc, r + t_ref[head, first_tile + step]
+                _to_global([(dq, f32_smem, dq_copy.at[batch, rows, query_head], True, total)])
+            return dk_acc, dv_acc, d_cols, r + t_ref[head, first_tile + step]
 
         @pl.when(wg == 1)  # query tile 2p precedes this warpgroup's keys
         def _():
             wait_tile(0)
             plgpu.barrier_arrive(smem["consumed_bar"].at[0])
 
-        carry = visit(wg, (zeros(dk), zeros(dv), -t_ref[head, block]), diagonal=True)
-        dk_acc, dv_acc, _ = lax.fori_loop(wg + 1, walk, functools.partial(visit, diagonal=False), carry)
-        _to_global([(dk_acc, f32_smem, dk_off_ref.at[batch, cols, query_head], False, None)])
-        _to_global([(dv_acc, smem["dv_smem"].at[wg], dv_ref.at[batch, cols, query_head], False, None)])
+        no_cols = plgpu.layout_cast(jnp.zeros((BLOCK,), jnp.float32), _WGMMA.reduce(1))
+        carry = visit(wg, (zeros(dk), zeros(dv), no_cols, -t_ref[head, block]), diagonal=True)
+        dk_acc, dv_acc, d_cols, _ = lax.fori_loop(wg + 1, walk, functools.partial(visit, diagonal=False), carry)
+        # Against k': times p exp(kd / p) row by row (kd in base 2); plus the diagonal's, already scaled.
+        d_cols = d_cols + row_dot(smem["k_smem"].at[wg], dk_acc)
+        dk_acc = dk_acc * lax.broadcast_in_dim(power * jnp.exp2(kd_row / power), dk_acc.shape, [0])
+        dk_acc = dk_acc + plgpu.load(dk_diag_smem, layout=_WGMMA)
+        dk_out = smem["dk_smem"].at[wg] if "dk_smem" in smem else dk_diag_smem
+        _to_global([(dk_acc, dk_out, dk_ref.at[batch, cols, query_head], False, None),
+                    (dv_acc, smem["dv_smem"].at[wg], dv_ref.at[batch, cols, query_head], False, None),
+                    (d_cols, smem["cols_smem"].at[wg], cols_ref.at[head, cols], False, None)])
         plgpu.wait_smem_to_gmem(0)
 
 
