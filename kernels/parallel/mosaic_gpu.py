@@ -73,19 +73,19 @@ def forward(q, k, v, g_local, totals, *, power, normalize, scale, stages=2, inte
     if g_local.shape[-1] != KEY_TILE * totals.shape[-1]:
         raise ValueError(f"totals: expected one per {KEY_TILE}-token block of g_local {g_local.shape}; got "
                          f"{totals.shape}")
-    q_main, k_main, key_decay, g_rows, totals = operands(q, k, g_local, totals, power=power, scale=scale)
+    key_decay, g_rows, totals = decay_operands(g_local, totals)
     kernel = functools.partial(_kernel, power=power, normalize=normalize, scale=scale, num_heads=heads,
                                group=heads // k.shape[2], stages=stages, dtype=dtype, dv=dv)
     own = {"q": ((BLOCK, dk), dtype), "g": ((BLOCK,), jnp.float32)}
-    if power != "exp":  # the unscaled q of the diagonal tile (its unscaled keys go through the ring)
-        own.update(q_diag=((BLOCK, dk), dtype))
     ring = {"k": ((KEY_TILE, dk), dtype), "v": ((KEY_TILE, dv), dtype), "kd": ((KEY_TILE,), jnp.float32)}
     scratch = scratch_types(ring, own, stages, dtype, interpret, staging_cols=KEY_TILE)
     scratch.update(y_smem=smem_tile((2, BLOCK, dv), v.dtype), stat_smem=plgpu.SMEM((2, BLOCK), jnp.float32))
+    if power != "exp":  # the folded queries, made by the kernel
+        scratch.update(q_main_smem=smem_tile((2, BLOCK, dk), dtype))
     out_type = (jax.ShapeDtypeStruct((batch, padded, heads, dv), v.dtype),
                 jax.ShapeDtypeStruct((batch * heads, padded), jnp.float32))
     return launch("twomamba_mosaic_forward", kernel, out_type, scratch, batch * heads, padded, interpret)(
-        q_main, k_main, v, key_decay, g_rows, totals, q, k)
+        q, k, v, key_decay, g_rows, totals)
 
 
 def launch(name, kernel, out_type, scratch, bh, padded, interpret):
@@ -117,24 +117,21 @@ def scratch_types(ring, own, stages, dtype, interpret, staging_cols=BLOCK):
     return scratch
 
 
-def operands(q, k, g_local, totals, *, power, scale):
-    """What the kernels read besides v and the unscaled q and k: (q_main, k_main, key_decay, g, totals).
-
-    Powers: q_main = scale q exp(g / p) and k_main = k exp(kd / p), token-major, one k_main head per query head
-    (the decay is the query head's). exp: q and k themselves (the kernels scale the logits). key_decay (kd), g and
-    the totals (heads first) come in base 2 (multiplied by log2(e)). The decay blocks are as long as g_local
-    says: (B H, Np) over (B H, Np / block).
-    """
+def decay_operands(g_local, totals):
+    """(key_decay, g, totals) in base 2 (times log2(e)), heads first: kd = the decay from each key to the end of
+    its block (<= 0), g the block-local cumulative log-decays, totals each block's. The decay blocks are as long
+    as g_local says: (B H, Np) over (B H, Np / block)."""
     block = g_local.shape[-1] // totals.shape[-1]
-    key_decay = jnp.repeat(totals, block, axis=-1) - g_local  # to the end of the key's block, <= 0
-    q_main, k_main = q, k
-    if power != "exp":
-        batch, padded, heads, _ = q.shape
-        per_token = lambda x: x.reshape(batch, heads, padded).transpose(0, 2, 1)[..., None]  # (B, Np, H, 1)
-        q_main = (q.astype(jnp.float32) * (scale * jnp.exp(per_token(g_local) / power))).astype(q.dtype)
-        k_main = jnp.repeat(k, heads // k.shape[2], axis=2).astype(jnp.float32)
-        k_main = (k_main * jnp.exp(per_token(key_decay) / power)).astype(k.dtype)
-    return q_main, k_main, key_decay * LOG2E, g_local * LOG2E, totals * LOG2E
+    key_decay = jnp.repeat(totals, block, axis=-1) - g_local
+    return key_decay * LOG2E, g_local * LOG2E, totals * LOG2E
+
+
+def fold_rows(src, dst, factor):
+    """``dst = src * factor`` row by row, ``src``, ``dst`` (64, d) shared-memory tiles, ``factor`` (64,) in the
+    wgmma row layout: a warpgroup's own operand with its rows' scale and decay folded in, once per program."""
+    x = plgpu.load(src, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+    dst[...] = (x * lax.broadcast_in_dim(factor, x.shape, [0])).astype(dst.dtype)
+    plgpu.commit_smem()
 
 
 def head_indices(num_heads, group):
@@ -165,35 +162,26 @@ def stream(walk, stages, consumed_bar, issue):
         plgpu.barrier_wait(consumed_bar.at[lax.rem(step, jnp.int32(stages))])
 
 
-def ring_copies(ring, smem, tile_of_step, diagonal_step, size=KEY_TILE):
+def ring_copies(ring, smem, tile_of_step, size=KEY_TILE):
     """(issue, wait_tile) of a streamed ring of ``size``-token tiles: ``issue(step, slot)`` starts the TMA copy of
-    every ``(name, src, diagonal_src)`` of ``ring`` (``src(tokens)`` the global slice of tile ``tile_of_step(step)``;
-    ``diagonal_src``, when not None, replaces it at ``diagonal_step``) into ``NAME_smem`` slot ``slot``,
-    signalling ``NAME_bar``; ``wait_tile(slot)`` waits for all of them."""
+    every ``(name, src)`` of ``ring`` (``src(tokens)`` the global slice of tile ``tile_of_step(step)``) into
+    ``NAME_smem`` slot ``slot``, signalling ``NAME_bar``; ``wait_tile(slot)`` waits for all of them."""
     def issue(step, slot):
         tokens = pl.ds(tile_of_step(step) * size, size)
-        for name, src, diagonal_src in ring:
-            copy = functools.partial(plgpu.copy_gmem_to_smem, dst=smem[f"{name}_smem"].at[slot],
-                                     barrier=smem[f"{name}_bar"].at[slot])
-            if diagonal_src is None:
-                copy(src(tokens))
-            else:
-                pl.when(step == diagonal_step)(lambda: copy(diagonal_src(tokens)))
-                pl.when(step != diagonal_step)(lambda: copy(src(tokens)))
+        for name, src in ring:
+            plgpu.copy_gmem_to_smem(src(tokens), smem[f"{name}_smem"].at[slot], smem[f"{name}_bar"].at[slot])
 
     def wait_tile(slot):
-        for name, _, _ in ring:
+        for name, _ in ring:
             plgpu.barrier_wait(smem[f"{name}_bar"].at[slot])
     return issue, wait_tile
 
 
-def key_ring(k_ref, v_ref, kd_ref, k_diag_ref, head, batch, query_head, key_head, folded):
-    """The ``ring_copies`` entries of a walk over key tiles (the forward, exp's dq pass): keys, values and key
-    decays; folded keys carry the query head's decay (one per query head), the diagonal's go unscaled."""
-    return [("k", lambda cols: k_ref.at[batch, cols, query_head if folded else key_head],
-             (lambda cols: k_diag_ref.at[batch, cols, key_head]) if folded else None),
-            ("v", lambda cols: v_ref.at[batch, cols, key_head], None),
-            ("kd", lambda cols: kd_ref.at[head, cols], None)]
+def key_ring(k_ref, v_ref, kd_ref, head, batch, key_head):
+    """The ``ring_copies`` entries of a walk over key tiles (the forward, exp's dq pass): keys and values of the
+    key head, the query head's key decays."""
+    return [("k", lambda cols: k_ref.at[batch, cols, key_head]), ("v", lambda cols: v_ref.at[batch, cols, key_head]),
+            ("kd", lambda cols: kd_ref.at[head, cols])]
 
 
 def matmul(a, b, shape):
@@ -217,18 +205,16 @@ def matmul_into(acc, a, b, staging=None):
     return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, a, b))(plgpu.ACC.init(acc))
 
 
-def _kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_ref, y_ref, stat_ref, *, q_smem, k_smem,
-            v_smem, kd_smem, g_smem, y_smem, stat_smem, q_bar, g_bar, k_bar, v_bar, kd_bar, consumed_bar,
-            power, normalize, scale, num_heads, group, stages, dtype, dv, q_diag_smem=None, q_diag_bar=None,
-            staging_smem=None):
+def _kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, y_ref, stat_ref, *, q_smem, k_smem, v_smem, kd_smem,
+            g_smem, y_smem, stat_smem, q_bar, g_bar, k_bar, v_bar, kd_bar, consumed_bar, power, normalize, scale,
+            num_heads, group, stages, dtype, dv, q_main_smem=None, staging_smem=None):
     head, batch, query_head, key_head = head_indices(num_heads, group)
     program, wg = lax.axis_index("rows"), lax.axis_index("wg")
-    folded = power != "exp"
     walk = program + 1  # key tiles p, p - 1, ..., 0: the diagonal first
 
-    ring = key_ring(k_ref, v_ref, kd_ref, k_diag_ref, head, batch, query_head, key_head, folded)
     smem = {"k_smem": k_smem, "k_bar": k_bar, "v_smem": v_smem, "v_bar": v_bar, "kd_smem": kd_smem, "kd_bar": kd_bar}
-    issue, wait_tile = ring_copies(ring, smem, lambda step: program - step, 0)
+    issue, wait_tile = ring_copies(key_ring(k_ref, v_ref, kd_ref, head, batch, key_head), smem,
+                                   lambda step: program - step)
 
     pl.when(wg == 2)(lambda: stream(walk, stages, consumed_bar, issue))
 
@@ -238,12 +224,11 @@ def _kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_ref, y
         rows = pl.ds(program * KEY_TILE + wg * BLOCK, BLOCK)  # this warpgroup's half of the decay block
         plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, query_head], q_smem.at[wg], q_bar.at[wg])
         plgpu.copy_gmem_to_smem(g_ref.at[head, rows], g_smem.at[wg], g_bar.at[wg])
-        if folded:
-            plgpu.copy_gmem_to_smem(q_diag_ref.at[batch, rows, query_head], q_diag_smem.at[wg], q_diag_bar.at[wg])
-            plgpu.barrier_wait(q_diag_bar.at[wg])
         plgpu.barrier_wait(q_bar.at[wg])
         plgpu.barrier_wait(g_bar.at[wg])
         g_row = plgpu.load(g_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+        if q_main_smem is not None:  # q' = scale q exp(g / p), for the tiles off the diagonal
+            fold_rows(q_smem.at[wg], q_main_smem.at[wg], scale * jnp.exp2(g_row / power))
         staging = None if staging_smem is None else staging_smem.at[wg]
         tile = (BLOCK, KEY_TILE)
 
@@ -254,30 +239,13 @@ def _kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_ref, y
             slot = lax.rem(step, jnp.int32(stages))
             wait_tile(slot)
             kd_col = plgpu.load(kd_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-            log_decay = rows_plus_cols(g_row, kd_col + r, tile)
-            keys = k_smem.at[slot].transpose((1, 0))
-            mask = causal_mask(tile, row_offset=wg * BLOCK) if diagonal else None
-            if power == "exp":
-                s = matmul(q_smem.at[wg], keys, tile)
-                logits = s * (scale * LOG2E) + log_decay
-                if diagonal:
-                    logits = jnp.where(mask, logits, -jnp.inf)
-                if normalize:
-                    new_max = jnp.maximum(row_max, logits.max(axis=1))
-                    rescale = jnp.exp2(row_max - new_max)
-                    p = jnp.exp2(logits - lax.broadcast_in_dim(new_max, tile, [0]))
-                    acc = acc * lax.broadcast_in_dim(rescale, acc.shape, [0])
-                    den = den * rescale
-                    row_max = new_max
-                else:
-                    p = jnp.exp2(logits)
-            elif diagonal:
-                s = matmul(q_diag_smem.at[wg], keys, tile) * scale
-                decay = jnp.exp2(jnp.where(mask, jnp.minimum(log_decay, 0.0), -jnp.inf))
-                p = (s if power == 1 else s * s) * decay
-            else:
-                s = matmul(q_smem.at[wg], keys, tile)
-                p = (s if power == 1 else s * s) * jnp.exp2(r)
+            queries = q_smem if diagonal or q_main_smem is None else q_main_smem
+            s = matmul(queries.at[wg], k_smem.at[slot].transpose((1, 0)), tile)
+            p, rescale, row_max = _tile_weights(s, g_row, kd_col + r, row_max, power=power, normalize=normalize,
+                                                scale=scale, diagonal=diagonal, row_offset=wg * BLOCK)
+            if rescale is not None:
+                acc = acc * lax.broadcast_in_dim(rescale, acc.shape, [0])
+                den = den * rescale
             den = den + p.sum(axis=1)
             acc = matmul_into(acc, p.astype(dtype), v_smem.at[slot], staging)
             plgpu.barrier_arrive(consumed_bar.at[slot])
@@ -299,6 +267,27 @@ def _kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_ref, y
         plgpu.copy_smem_to_gmem(stat_smem.at[wg], stat_ref.at[head, rows])
         plgpu.wait_smem_to_gmem(0)
 
+
+def _tile_weights(s, g_row, key_decay, row_max, *, power, normalize, scale, diagonal, row_offset):
+    """(weights, rescale of the running sums or None, new row max) of one forward tile from its q.k ``s`` (for
+    powers off the diagonal q'.k: the scale and the rows' decay are in q'); ``key_decay`` = kd_j + r per key."""
+    tile = s.shape
+    mask = causal_mask(tile, row_offset=row_offset) if diagonal else None
+    if power == "exp":
+        logits = s * (scale * LOG2E) + rows_plus_cols(g_row, key_decay, tile)
+        if diagonal:
+            logits = jnp.where(mask, logits, -jnp.inf)
+        if not normalize:
+            return jnp.exp2(logits), None, row_max
+        new_max = jnp.maximum(row_max, logits.max(axis=1))
+        p = jnp.exp2(logits - lax.broadcast_in_dim(new_max, tile, [0]))
+        return p, jnp.exp2(row_max - new_max), new_max
+    if diagonal:  # g_i - g_j, masked: exp(g_i) exp(-g_j) could overflow
+        s = s * scale
+        decay = jnp.exp2(jnp.where(mask, jnp.minimum(rows_plus_cols(g_row, key_decay, tile), 0.0), -jnp.inf))
+    else:  # one factor per key (<= 1); the rows' are in q'
+        decay = lax.broadcast_in_dim(jnp.exp2(key_decay), tile, [1])
+    return (s if power == 1 else s * s) * decay, None, row_max
 
 def rows_plus_cols(row_vector, col_vector, shape):
     """``row_vector[i] + col_vector[j]`` over a (rows, cols) tile in the wgmma layout."""

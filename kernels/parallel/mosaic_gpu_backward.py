@@ -42,9 +42,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from twomamba_jax.kernels.layout import heads_first
 from twomamba_jax.kernels.parallel.mosaic_gpu import (BLOCK, KEY_TILE, LOG2E, ROWS_PER_PROGRAM, causal_mask,
-                                                      head_indices, interpret_params, key_ring, launch, matmul,
-                                                      matmul_into, operands, ring_copies, rows_plus_cols,
-                                                      scratch_types, smem_tile, stream)
+                                                      decay_operands, fold_rows, head_indices, interpret_params,
+                                                      key_ring, launch, matmul, matmul_into, ring_copies,
+                                                      rows_plus_cols, scratch_types, smem_tile, stream)
 
 _WGMMA = plgpu.Layout.WGMMA
 
@@ -76,33 +76,30 @@ def backward(q, k, v, g_local, totals, d_out, stat, delta, *, power, normalize, 
 def _backward_power(q, k, v, g_local, totals, d_out, delta, *, power, scale, stages, interpret):
     """Powers 1 and 2: one kernel (``_power_kernel``) over 128-key programs, 64-token decay blocks.
 
-    The row and column sums of T come from its accumulators: T = dS * s with s = q'.k' off the diagonal, so
-    sum_j T_ij = q'_i . (sum_j dS_ij k'_j) = q'_i . dq'_i, and likewise for the columns and the diagonal
-    (s = scale q.k); both from the same dS as rounded for the matmuls, so that they cancel in the log-decay
-    cotangent as they should (row sums in closed form, dy . y - delta, did not: 1-2% errors). The kernel finishes
-    dk, dv and the column sums; dq's rows (their scale and sums) are finished here."""
+    The row and column sums of T come from the gradients: T = dW * W = dS * s / p (dS the score cotangent, s the
+    score), so sum_j T_ij = q_i . dq_i / p and sum_i T_ij = k_j . dk_j / p, from the same dS as rounded for the
+    matmuls, so that they cancel in the log-decay cotangent as they should (row sums in closed form, dy . y -
+    delta, did not: 1-2% errors). The kernel finishes dk, dv and the column sums; dq (summed over programs) and
+    its row sums are finished here."""
     batch, padded, heads, dk = q.shape
     kv_heads, dv, dtype = k.shape[2], v.shape[-1], q.dtype
     group = heads // kv_heads
     f32 = jnp.float32
-    g64, totals64 = _halve_blocks(g_local, totals)
-    q_main, k_main, key_decay, g_rows, block_totals = operands(q, k, g64, totals64, power=power, scale=scale)
-    args = (q_main, k_main, v, key_decay, g_rows, block_totals, q, k, d_out, delta)
+    key_decay, g_rows, block_totals = decay_operands(*_halve_blocks(g_local, totals))
     ring = {"q": ((BLOCK, dk), dtype), "dy": ((BLOCK, dv), dtype), "g": ((BLOCK,), f32), "delta": ((BLOCK,), f32)}
-    own = {"k": ((BLOCK, dk), dtype), "v": ((BLOCK, dv), dtype), "kd": ((BLOCK,), f32),
-           "q_diag": ((BLOCK, dk), dtype), "k_diag": ((BLOCK, dk), dtype)}  # the diagonal's unscaled q and k
+    own = {"k": ((BLOCK, dk), dtype), "v": ((BLOCK, dv), dtype), "kd": ((BLOCK,), f32)}
     scratch = scratch_types(ring, own, stages, dtype, interpret, staging_cols=BLOCK)
     # Per query head: with grouped keys the heads of a group are summed after, in float32.
     dk_dtype, dv_dtype = (k.dtype, v.dtype) if group == 1 else (f32, f32)
-    scratch.update(ds_smem=smem_tile((2, BLOCK, BLOCK), dtype), f32_smem=smem_tile((2, BLOCK, dk), f32),
-                   dk_diag_smem=smem_tile((2, BLOCK, dk), f32), dv_smem=smem_tile((2, BLOCK, dv), dv_dtype),
-                   cols_smem=plgpu.SMEM((2, BLOCK), f32))
+    scratch.update(k_main_smem=smem_tile((2, BLOCK, dk), dtype), ds_smem=smem_tile((2, BLOCK, BLOCK), dtype),
+                   f32_smem=smem_tile((2, BLOCK, dk), f32), dk_diag_smem=smem_tile((2, BLOCK, dk), f32),
+                   dv_smem=smem_tile((2, BLOCK, dv), dv_dtype), cols_smem=plgpu.SMEM((2, BLOCK), f32))
     if dk_dtype != f32:  # float32 dk leaves through dk_diag_smem
         scratch.update(dk_smem=smem_tile((2, BLOCK, dk), dk_dtype))
     if interpret:  # the interpreter has no TMA reductions: read, add and write back through this tile
         scratch.update(sum_smem=smem_tile((2, BLOCK, dk), f32), sum_bar=plgpu.Barrier(num_barriers=2))
-    per_query_head = lambda d, kind=f32: jax.ShapeDtypeStruct((batch, padded, heads, d), kind)
-    out_type = (per_query_head(dk, dk_dtype), per_query_head(dv, dv_dtype), per_query_head(dk),
+    per_query_head = lambda d, kind: jax.ShapeDtypeStruct((batch, padded, heads, d), kind)
+    out_type = (per_query_head(dk, dk_dtype), per_query_head(dv, dv_dtype),
                 jax.ShapeDtypeStruct((batch * heads, padded), f32))
     kernel = functools.partial(_power_kernel, power=power, scale=scale, num_heads=heads, group=group,
                                stages=stages, dk=dk, dv=dv, num_blocks=padded // BLOCK)
@@ -110,30 +107,24 @@ def _backward_power(q, k, v, g_local, totals, d_out, delta, *, power, scale, sta
     # Both compute warpgroups add into one float32 dq on the GPU (TMA reductions are atomic); the interpreter's
     # read-add-write is not, so there each warpgroup has its own copy, summed after.
     copies = 2 if interpret else 1
-    dq_off = jax.new_ref(jnp.zeros((copies, batch, padded, heads, dk), f32))
-    dk_, dv_, dq_diag, d_cols = run(*args, dq_off)
-    dq_off = dq_off[...].sum(0) if interpret else dq_off[...][0]
-
-    per_token = lambda x: x.reshape(batch, heads, padded).transpose(0, 2, 1)[..., None]  # (B H, Np) -> (B, Np, H, 1)
-    dot = lambda a, b: heads_first(jnp.sum(a.astype(f32) * b, axis=-1), padded)
-    d_rows = dot(q_main, dq_off) + scale * dot(q, dq_diag)
-    # Against q': times p exp(g / p) row by row (g in base 2); the diagonal's times p.
-    dq = (dq_off * (power * jnp.exp2(per_token(g_rows) / power)) + power * dq_diag) * scale
+    dq = jax.new_ref(jnp.zeros((copies, batch, padded, heads, dk), f32))
+    dk_, dv_, d_cols = run(q, k, v, key_decay, g_rows, block_totals, d_out, delta, dq)
+    dq = dq[...].sum(0) if interpret else dq[...][0]
+    d_rows = heads_first(jnp.sum(q.astype(f32) * dq, axis=-1), padded) / power
     if group > 1:
         dk_ = dk_.reshape(batch, padded, kv_heads, group, dk).sum(3)
         dv_ = dv_.reshape(batch, padded, kv_heads, group, dv).sum(3)
     return dq.astype(dtype), dk_.astype(k.dtype), dv_.astype(v.dtype), d_rows, d_cols
 
 
-def _power_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_ref, dy_ref, delta_ref, dq_off_ref,
-                  dk_ref, dv_ref, dq_diag_ref, cols_ref, *, power, scale, num_heads, group, stages, dk, dv,
-                  num_blocks, **smem):
-    """Each compute warpgroup owns 64 keys and walks 64-token query tiles from its diagonal on; besides dk and dv
-    it multiplies each tile's dS (through shared memory) by its keys: off the diagonal the (64, dk) product is
-    added into ``dq_off_ref`` (a TMA reduction; into copy ``wg`` where there are two); the diagonal's, against the
-    unscaled keys, is stored to ``dq_diag_ref`` (one tile per query block). dq leaves unscaled; dk leaves finished:
-    the diagonal's tile waits, scaled, in ``dk_diag_smem`` for the walk's, and the column sums of T are taken
-    from both accumulators with the keys they multiply."""
+def _power_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, dy_ref, delta_ref, dq_ref, dk_ref, dv_ref, cols_ref, *,
+                  power, scale, num_heads, group, stages, dk, dv, num_blocks, **smem):
+    """Each compute warpgroup owns 64 keys and walks 64-token query tiles from its diagonal on. Off the diagonal
+    its keys carry their rows' scale and decay (k' = scale k exp(kd / p), made once, in ``k_main_smem``) and each
+    tile one factor per query (exp(g_i + r)); the diagonal tile takes the unscaled keys and the masked decay.
+    Besides dk and dv it multiplies each tile's dS (through shared memory) by its keys, and the (64, dk) product
+    is added into ``dq_ref`` (a TMA reduction; into copy ``wg`` where there are two). dk leaves finished: the
+    diagonal's tile waits in ``dk_diag_smem`` for the walk's (against k', times k's row factors at the end)."""
     head, batch, query_head, key_head = head_indices(num_heads, group)
     program, wg = lax.axis_index("rows"), lax.axis_index("wg")
     first_tile = 2 * program
@@ -146,66 +137,55 @@ def _power_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, q_diag_ref, k_diag_
         plgpu.set_max_registers(232, action="increase")
         block = first_tile + wg  # this warpgroup's key block
         cols = pl.ds(block * BLOCK, BLOCK)
-        _load_own(wg, [(k_ref.at[batch, cols, query_head], smem["k_smem"], smem["k_bar"]),
+        _load_own(wg, [(k_ref.at[batch, cols, key_head], smem["k_smem"], smem["k_bar"]),
                        (v_ref.at[batch, cols, key_head], smem["v_smem"], smem["v_bar"]),
-                       (kd_ref.at[head, cols], smem["kd_smem"], smem["kd_bar"]),
-                       (q_diag_ref.at[batch, cols, query_head], smem["q_diag_smem"], smem["q_diag_bar"]),
-                       (k_diag_ref.at[batch, cols, key_head], smem["k_diag_smem"], smem["k_diag_bar"])])
+                       (kd_ref.at[head, cols], smem["kd_smem"], smem["kd_bar"])])
         kd_row = plgpu.load(smem["kd_smem"].at[wg], layout=_WGMMA.reduce(1))
+        key_factor = scale * jnp.exp2(kd_row / power)
+        k_smem, k_main_smem = smem["k_smem"].at[wg], smem["k_main_smem"].at[wg]
+        fold_rows(k_smem, k_main_smem, key_factor)
         staging = smem["staging_smem"].at[wg] if "staging_smem" in smem else None
         ds_smem, f32_smem, dk_diag_smem = (smem[name].at[wg] for name in ("ds_smem", "f32_smem", "dk_diag_smem"))
         total = (smem["sum_smem"].at[wg], smem["sum_bar"].at[wg]) if "sum_smem" in smem else None
-        dq_copy = dq_off_ref.at[wg] if dq_off_ref.shape[0] == 2 else dq_off_ref.at[0]
+        dq_copy = dq_ref.at[wg] if dq_ref.shape[0] == 2 else dq_ref.at[0]
         tile = (BLOCK, BLOCK)
         col = functools.partial(plgpu.load, layout=_WGMMA.reduce(0))
         zeros = lambda d: plgpu.layout_cast(jnp.zeros((BLOCK, d), jnp.float32), _WGMMA)
-        row_dot = lambda keys, grads: jnp.sum(plgpu.load(keys, layout=_WGMMA).astype(jnp.float32) * grads, axis=1)
 
         def visit(step, carry, diagonal):
-            dk_acc, dv_acc, d_cols, r = carry
+            dk_acc, dv_acc, r = carry
             slot = lax.rem(step, jnp.int32(stages))
             wait_tile(slot)
             q_tile, dy_tile = smem["q_smem"].at[slot], smem["dy_smem"].at[slot]
             g_col, delta = col(smem["g_smem"].at[slot]), col(smem["delta_smem"].at[slot])
-            keys = smem["k_diag_smem" if diagonal else "k_smem"].at[wg]
-            queries = smem["q_diag_smem"].at[wg] if diagonal else q_tile
-            s = matmul(keys, queries.transpose((1, 0)), tile)  # q' carries the scale off the diagonal
-            if diagonal:
-                s = s * scale
+            keys = k_smem if diagonal else k_main_smem
+            s = matmul(keys, q_tile.transpose((1, 0)), tile)
             dp = matmul(smem["v_smem"].at[wg], dy_tile.transpose((1, 0)), tile)
-            w, d_s, _ = _weights_and_grads(s, dp, rows_plus_cols(kd_row + r, g_col, tile), r, delta, None,
-                                           power=power, diagonal=diagonal, transposed=True, row_offset=0)
+            w, d_s = _power_tile(s, dp, kd_row, r, g_col, delta, power=power, scale=scale, diagonal=diagonal)
             dv_acc = matmul_into(dv_acc, w.astype(dy_tile.dtype), dy_tile, staging)
             d_s = d_s.astype(q_tile.dtype)
             if diagonal:  # its one tile of dk waits in shared memory, not carried through the walk
-                dk_diag = matmul_into(zeros(dk), d_s, queries, staging)
-                d_cols = scale * row_dot(keys, dk_diag)
-                dk_diag_smem[...] = dk_diag * (power * scale)
+                dk_diag_smem[...] = matmul_into(zeros(dk), d_s, q_tile, staging)
             else:
-                dk_acc = matmul_into(dk_acc, d_s, queries, staging)
+                dk_acc = matmul_into(dk_acc, d_s, q_tile, staging)
             ds_smem[...] = d_s
             plgpu.commit_smem()
             dq = matmul(ds_smem.transpose((1, 0)), keys, (BLOCK, dk))  # (queries, dk)
             plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
             rows = pl.ds((first_tile + step) * BLOCK, BLOCK)
-            if diagonal:
-                _to_global([(dq, f32_smem, dq_diag_ref.at[batch, rows, query_head], False, None)])
-            else:
-                _to_global([(dq, f32_smem, dq_copy.at[batch, rows, query_head], True, total)])
-            return dk_acc, dv_acc, d_cols, r + t_ref[head, first_tile + step]
+            _to_global([(dq, f32_smem, dq_copy.at[batch, rows, query_head], True, total)])
+            return dk_acc, dv_acc, r + t_ref[head, first_tile + step]
 
         @pl.when(wg == 1)  # query tile 2p precedes this warpgroup's keys
         def _():
             wait_tile(0)
             plgpu.barrier_arrive(smem["consumed_bar"].at[0])
 
-        no_cols = plgpu.layout_cast(jnp.zeros((BLOCK,), jnp.float32), _WGMMA.reduce(1))
-        carry = visit(wg, (zeros(dk), zeros(dv), no_cols, -t_ref[head, block]), diagonal=True)
-        dk_acc, dv_acc, d_cols, _ = lax.fori_loop(wg + 1, walk, functools.partial(visit, diagonal=False), carry)
-        # Against k': times p exp(kd / p) row by row (kd in base 2); plus the diagonal's, already scaled.
-        d_cols = d_cols + row_dot(smem["k_smem"].at[wg], dk_acc)
-        dk_acc = dk_acc * lax.broadcast_in_dim(power * jnp.exp2(kd_row / power), dk_acc.shape, [0])
-        dk_acc = dk_acc + plgpu.load(dk_diag_smem, layout=_WGMMA)
+        carry = visit(wg, (zeros(dk), zeros(dv), -t_ref[head, block]), diagonal=True)
+        dk_acc, dv_acc, _ = lax.fori_loop(wg + 1, walk, functools.partial(visit, diagonal=False), carry)
+        dk_acc = dk_acc * lax.broadcast_in_dim(key_factor, dk_acc.shape, [0]) + plgpu.load(dk_diag_smem,
+                                                                                            layout=_WGMMA)
+        d_cols = jnp.sum(plgpu.load(k_smem, layout=_WGMMA).astype(jnp.float32) * dk_acc, axis=1) / power
         dk_out = smem["dk_smem"].at[wg] if "dk_smem" in smem else dk_diag_smem
         _to_global([(dk_acc, dk_out, dk_ref.at[batch, cols, query_head], False, None),
                     (dv_acc, smem["dv_smem"].at[wg], dv_ref.at[batch, cols, query_head], False, None),
@@ -222,7 +202,7 @@ def _backward_exp(q, k, v, g_local, totals, d_out, log_normalizer, delta, *, sca
     f32 = jnp.float32
 
     def args(decay_blocks):  # each pass's operands, for its decay blocks
-        _, _, key_decay, g_rows, block_totals = operands(q, k, *decay_blocks, power="exp", scale=scale)
+        key_decay, g_rows, block_totals = decay_operands(*decay_blocks)
         return q, k, v, key_decay, g_rows, block_totals, d_out, log_normalizer, delta
 
     options = dict(scale=scale, num_heads=heads, group=group, stages=stages, dk=dk, dv=dv,
@@ -274,9 +254,9 @@ def _stream_query_tiles(smem, stages, first_tile, walk, tiles, vectors, *, batch
     """Starts the memory warpgroup on the 64-token query tiles ``first_tile``, ``first_tile + 1``, ... (``walk``
     of them; the passes over query tiles): ``tiles`` (name -> (B, Np, H, d) ref, read at the query head) and
     ``vectors`` (name -> (B H, Np) ref) each into its ring ``NAME_smem``. Returns ``wait_tile(slot)``."""
-    ring = [(name, lambda rows, src=src: src.at[batch, rows, query_head], None) for name, src in tiles.items()]
-    ring += [(name, lambda rows, src=src: src.at[head, rows], None) for name, src in vectors.items()]
-    issue, wait_tile = ring_copies(ring, smem, lambda step: first_tile + step, None, BLOCK)
+    ring = [(name, lambda rows, src=src: src.at[batch, rows, query_head]) for name, src in tiles.items()]
+    ring += [(name, lambda rows, src=src: src.at[head, rows]) for name, src in vectors.items()]
+    issue, wait_tile = ring_copies(ring, smem, lambda step: first_tile + step, BLOCK)
     pl.when(lax.axis_index("wg") == 2)(lambda: stream(walk, stages, smem["consumed_bar"], issue))
     return wait_tile
 
@@ -289,29 +269,35 @@ def _load_own(wg, copies):
         plgpu.barrier_wait(bar.at[wg])
 
 
-def _weights_and_grads(s, dp, log_decay, r, delta, lse, *, power, diagonal, transposed, row_offset):
-    """(W, dS, T) of one tile: W as the value cotangent sees it, dS the score cotangent to multiply by the other
-    operand (for off-diagonal power tiles the folded one, scaled at the end), T = dW * W. ``row_offset``: the
-    first row's index in the diagonal block (the tile's columns start at its beginning)."""
+def _power_tile(s, dp, kd_row, r, g_col, delta, *, power, scale, diagonal):
+    """(W, dS) of one (keys, queries) tile of the powers' backward: W as the value cotangent sees it, dS the
+    cotangent of the tile's matmul (k'.q off the diagonal, k.q on it), every factor of its products with q and k
+    in it. ``kd_row`` per key, ``g_col`` and ``delta`` per query, ``r`` the decay of the blocks between."""
+    shape = s.shape
+    d_w = dp - lax.broadcast_in_dim(delta, shape, [1])
+    if diagonal:  # g_i - g_j, masked: exp(g_i) exp(-g_j) could overflow
+        log_decay = jnp.minimum(rows_plus_cols(kd_row + r, g_col, shape), 0.0)
+        decay = jnp.exp2(jnp.where(causal_mask(shape, transposed=True), log_decay, -jnp.inf))
+        s = s * scale
+        grad_factor = decay * (power * scale)
+    else:  # one factor per query (<= 1); the keys' are in k'
+        query_decay = jnp.exp2(g_col + r)
+        decay = lax.broadcast_in_dim(query_decay, shape, [1])
+        grad_factor = lax.broadcast_in_dim(query_decay * power, shape, [1])
+    w = (s if power == 1 else s * s) * decay
+    return w, (d_w * grad_factor if power == 1 else d_w * grad_factor * s)
+
+
+def _exp_tile(s, dp, log_decay, delta, lse, *, diagonal, transposed, row_offset):
+    """(W, dS) of one exp tile, dS = dW * W (also T, the log-decay cotangent); ``row_offset``: the first row's
+    index in the diagonal block (the tile's columns start at its beginning)."""
     shape = s.shape
     along = [1] if transposed else [0]  # the query axis of the tile
-    delta = lax.broadcast_in_dim(delta, shape, along)
-    mask = causal_mask(shape, transposed, row_offset) if diagonal else None
-    if power == "exp":
-        logits = s + log_decay - lax.broadcast_in_dim(lse, shape, along)
-        if diagonal:
-            logits = jnp.where(mask, logits, -jnp.inf)
-        w = jnp.exp2(logits)
-        d_s = (dp - delta) * w
-        return w, d_s, d_s
+    logits = s + log_decay - lax.broadcast_in_dim(lse, shape, along)
     if diagonal:
-        decay = jnp.exp2(jnp.where(mask, jnp.minimum(log_decay, 0.0), -jnp.inf))
-    else:
-        decay = jnp.exp2(r)  # one scalar: the folded operands carry the rest
-    d_w = dp - delta
-    w = (s if power == 1 else s * s) * decay
-    d_s = d_w * decay if power == 1 else d_w * decay * s  # times p (and, off the diagonal, the row scale) later
-    return w, d_s, d_w * w
+        logits = jnp.where(causal_mask(shape, transposed, row_offset), logits, -jnp.inf)
+    w = jnp.exp2(logits)
+    return w, (dp - lax.broadcast_in_dim(delta, shape, along)) * w
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, dy_ref, lse_ref, delta_ref, dq_ref, rows_ref, *, scale,
@@ -321,8 +307,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, dy_ref, lse_ref, delta
     program, wg = lax.axis_index("rows"), lax.axis_index("wg")
     # Key tiles p - 1, ..., 0, then the diagonal p.
     tile_of_step = lambda step: jnp.where(step < program, program - 1 - step, program)
-    ring = key_ring(k_ref, v_ref, kd_ref, None, head, batch, query_head, key_head, folded=False)
-    issue, wait_tile = ring_copies(ring, smem, tile_of_step, program)
+    issue, wait_tile = ring_copies(key_ring(k_ref, v_ref, kd_ref, head, batch, key_head), smem, tile_of_step)
 
     pl.when(wg == 2)(lambda: stream(program + 1, stages, smem["consumed_bar"], issue))
 
@@ -347,11 +332,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, dy_ref, lse_ref, delta
             k_tile = smem["k_smem"].at[slot]
             s = matmul(smem["q_smem"].at[wg], k_tile.transpose((1, 0)), tile) * (scale * LOG2E)
             dp = matmul(smem["dy_smem"].at[wg], smem["v_smem"].at[slot].transpose((1, 0)), tile)
-            _, d_s, through_decay = _weights_and_grads(
-                s, dp, rows_plus_cols(g_row, kd_col + r, tile), r, delta, lse, power="exp", diagonal=diagonal,
-                transposed=False, row_offset=wg * BLOCK)
+            _, d_s = _exp_tile(s, dp, rows_plus_cols(g_row, kd_col + r, tile), delta, lse, diagonal=diagonal,
+                               transposed=False, row_offset=wg * BLOCK)
             dq = matmul_into(dq, d_s.astype(k_tile.dtype), k_tile, staging)
-            d_rows = d_rows + through_decay.sum(axis=1)
+            d_rows = d_rows + d_s.sum(axis=1)
             plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
             return dq, d_rows, r + t_ref[head, tile_of_step(step)]
 
@@ -395,12 +379,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, dy_ref, lse_ref, delt
             g_col, lse, delta = (col(smem[f"{name}_smem"].at[slot]) for name in ("g", "lse", "delta"))
             s = matmul(smem["k_smem"].at[wg], q_tile.transpose((1, 0)), tile) * (scale * LOG2E)
             dp = matmul(smem["v_smem"].at[wg], dy_tile.transpose((1, 0)), tile)
-            w, d_s, through_decay = _weights_and_grads(
-                s, dp, rows_plus_cols(kd_row + r, g_col, tile), r, delta, lse, power="exp", diagonal=diagonal,
-                transposed=True, row_offset=0)
+            w, d_s = _exp_tile(s, dp, rows_plus_cols(kd_row + r, g_col, tile), delta, lse, diagonal=diagonal,
+                               transposed=True, row_offset=0)
             dv_acc = matmul_into(dv_acc, w.astype(dy_tile.dtype), dy_tile, staging)
             dk_acc = matmul_into(dk_acc, d_s.astype(q_tile.dtype), q_tile, staging)
-            d_cols = d_cols + through_decay.sum(axis=1)
+            d_cols = d_cols + d_s.sum(axis=1)
             plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
             return dk_acc, dv_acc, d_cols, r + t_ref[head, first_tile + step]
 
