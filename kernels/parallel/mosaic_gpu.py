@@ -13,19 +13,21 @@ barrier round as a (64, 64) one; 64-token tiles measured 16% slower at 8k tokens
 Decay without a per-element exponential (powers 1 and 2). With g the block-local inclusive cumulative log-decay,
 T_J a block's total and ``kd_j = T_J - g_j`` (the decay from key j to its block's end), query i of block I and key
 j of an earlier block J have ``g_i - g_j = g_i + kd_j + r_IJ`` with ``r_IJ`` = the totals of the blocks between
-(<= 0). So off the diagonal the weight ``(q_i.k_j)^p exp(g_i - g_j)`` is ``(q'_i.k'_j)^p exp(r_IJ)`` with
-``q' = scale q exp(g / p)`` and ``k' = k exp(kd / p)`` (both factors <= 1, made once outside the kernel) and one
-scalar per tile. The diagonal tile uses the unscaled q and k (the kernel multiplies q.k by ``scale``; the memory
-warpgroup streams the unscaled keys for it) with a masked ``exp2(min(g_i - g_j, 0))``: scaling there could
-underflow when a block's total decay is large.
+(<= 0). So off the diagonal the weight ``(scale q_i.k_j)^p exp(g_i - g_j)`` is ``(q'_i.k_j)^p exp(kd_j + r_IJ)``
+with ``q' = scale q exp(g / p)``, folded by each compute warpgroup into a copy of its own query tile once per
+program, and one factor per key a tile (both factors <= 1: a product of two that underflows is one whose true
+value underflows too). The diagonal tile uses the unscaled q (the kernel multiplies q.k by ``scale``) with a
+masked ``exp2(min(g_i - g_j, 0))``: there ``exp(g_i) exp(-g_j)`` could overflow. Keys and values are read as they
+come, one key head for the query heads of its group.
 
 exp (2Mamba-E): the decay is added to the logits, ``scale log2(e) q.k + g_i + (kd_j + r_IJ)``, all in base 2 (g,
 kd and the totals arrive pre-multiplied by log2(e)), with FA3-style online rescaling when normalized; q and k go
 in as they are.
 
 Outputs: y (B, Np, H, dv) and the per-token statistic (B H, Np) (the normalizer, or the natural-log normalizer for
-normalized exp), which the backward kernels (``mosaic_gpu_backward.py``) take. The helpers below (``operands``,
-``ring_copies``, ``stream``, ``matmul``, ``matmul_into``, ``launch``) serve the backward kernels too.
+normalized exp), which the backward kernels (``mosaic_gpu_backward.py``) take. The helpers below
+(``decay_operands``, ``fold_rows``, ``ring_copies``, ``stream``, ``matmul``, ``matmul_into``, ``launch``) serve the
+backward kernels too.
 """
 
 from __future__ import annotations

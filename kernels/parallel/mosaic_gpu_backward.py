@@ -4,13 +4,13 @@ shared-memory slots filled by a memory warpgroup, two compute warpgroups of 64 r
 
 ``backward`` runs one kernel for powers 1 and 2 (``_power_kernel``): each compute warpgroup owns 64 keys and walks
 64-token query tiles (and 64-token decay blocks) from the diagonal forward, holding dk and dv in registers besides
-the two score tiles (the diagonal's dk, one tile, goes to global memory at once; with 128-token query tiles and
-that third accumulator the registers spilled, ~1.2 KB a thread, and the work ran 30% slower on the H200). It also
+the two score tiles (the diagonal's dk, one tile, waits in shared memory; with 128-token query tiles and that third
+accumulator in registers they spilled, ~1.2 KB a thread, and the work ran 30% slower on the H200). It also
 makes dq, as FlashAttention-3 does: dS goes through shared memory into a fifth matmul with the warpgroup's keys,
 and the (64, dk) product is added into a float32 dq in global memory by a TMA reduction (dq's sums run in no fixed
-order: not bitwise reproducible from run to run). The row sums of T are not summed per tile (a sum over a tile's
-keys crosses warps, through scratch that the two warpgroups would share) but come from the accumulators (see
-``_backward_power``). exp runs two kernels, as FlashAttention-2: a dq pass laid out as the forward (one program
+order: not bitwise reproducible from run to run); both compute warpgroups add into the same array. The row sums of
+T are not summed per tile (a sum over a tile's keys crosses warps, through scratch that the two warpgroups would
+share) but come from the gradients (see ``_backward_power``). exp runs two kernels, as FlashAttention-2: a dq pass laid out as the forward (one program
 per 128-token decay block, 128-token key tiles walked back from the one before the diagonal, the diagonal last),
 which sums T's rows, and a dk/dv pass laid out as the powers' kernel, which sums its columns. (exp in the one
 kernel, its row sums through dS^T times a tile of ones, measured 1.41x-1.49x cuDNN's time against the two passes'
@@ -21,10 +21,10 @@ sums give the per-token cotangent):
 
 - normalized powers divide by the normalizer: dy and delta arrive divided by it, so dW = dy'.v - delta' and
   dv = W^T dy' as for unnormalized ones;
-- off-diagonal power tiles use the folded q' = scale q exp(g/p), k' = k exp(kd/p): with c = exp(r), W = s'^p c and
-  dq = p exp(g_i/p) (dW c s'^(p-1)) k', dk = p exp(kd_j/p) (dW c s'^(p-1))^T q', so the scale factors are applied
-  once per row at the end (by XLA, after the kernel); diagonal tiles use the unscaled q, k (s = scale q.k) with a
-  masked decay;
+- off-diagonal power tiles use the keys folded in the kernel, k' = scale k exp(kd/p) (once per program), and one
+  factor per query, c_i = exp(g_i + r): with s' = k'.q, W = s'^p c and dS = p dW c s'^(p-1), dq = dS^T k' as it
+  is and dk = exp(kd_j/p) scale (dS q), the row factor applied once at the end; diagonal tiles use the unscaled
+  k (s = scale k.q) with a masked decay, dS carrying the scale, and add into the same dq;
 - exp: W = exp2(s + g_i + kd_j + r - L_i) with s = scale log2(e) q.k and L the forward's log-normalizer (0 when
   unnormalized), ds = dW * W.
 Accumulators are updated in place by wgmma on the GPU (``matmul_into``).
