@@ -110,6 +110,8 @@ DAMAGE = {
     "missing ocdbt manifest": (_delete, lambda d: d / "state" / "manifest.ocdbt", "state/manifest.ocdbt is missing"),
     "garbled data json": (_garble, lambda d: d / "data" / "metadata", "data/metadata is not valid JSON"),
     "missing data item": (_delete, lambda d: d / "data", "the data item (data/) is missing"),
+    "garbled iterator state": (_garble, lambda d: d / "iterator" / "process_0-of-1.json",
+                               "iterator/process_0-of-1.json is not valid JSON"),
     "missing state item": (_delete, lambda d: d / "state", "the state item (state/) is missing"),
 }
 

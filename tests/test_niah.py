@@ -67,8 +67,12 @@ def test_training_rows_mix_in_pass_key_prompts_with_answers(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT.replace("\n", "\n\n"))
     config = DataConfig(source=f"text:{corpus}", seq_len=127, batch_size=8, niah_fraction=0.5)
-    mixed = list(itertools.islice(make_dataset(config).batches(), 5))
-    plain = list(itertools.islice(make_dataset(DataConfig(**{**vars(config), "niah_fraction": 0.0})).batches(), 5))
+    batches = make_dataset(config).train_iterator()
+    mixed = list(itertools.islice(batches, 3))
+    position = batches.get_state()  # after 3 steps
+    mixed += list(itertools.islice(batches, 2))
+    plain = list(itertools.islice(make_dataset(DataConfig(**{**vars(config), "niah_fraction": 0.0})).train_iterator(),
+                                  5))
     tokenizer, prompts = ByteTokenizer(), 0
     for batch, reference in zip(mixed, plain):
         for row in range(8):
@@ -81,7 +85,9 @@ def test_training_rows_mix_in_pass_key_prompts_with_answers(tmp_path):
             assert text.endswith(QUESTION + ANSWER.format(key=key)) and text.count(key) == 2  # the needle, the answer
             assert batch["loss_mask"][row].all() and (batch["segment_ids"][row] == 1).all()
     assert 10 <= prompts <= 30  # of 40 rows at 0.5
-    resumed = next(make_dataset(config).batches(3))
+    resumed = make_dataset(config).train_iterator()
+    resumed.set_state(position)
+    resumed = next(resumed)
     assert all((resumed[name] == mixed[3][name]).all() for name in resumed)  # resuming sees the same rows
     for changes, message in [(dict(niah_fraction=1.0), r"data.niah_fraction: expected a fraction in \[0, 1\)"),
                              (dict(seq_len=40), "rows of data.seq_len=40 tokens cannot hold a pass-key prompt"),

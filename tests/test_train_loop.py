@@ -50,6 +50,10 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     assert (tmp_path / "stopped" / "tensorboard").is_dir()
     with pytest.raises(ValueError, match="data.batch_size: the checkpoint at step 8 was written with 8 rows per step"):
         train(override(override(config, "data.batch_size", "16"), "steps", "10"), tmp_path / "stopped")
+    position = tmp_path / "stopped" / "checkpoints" / "8" / "data" / "metadata"
+    position.write_text(json.dumps({**json.loads(position.read_text()), "processes": 2}))
+    with pytest.raises(ValueError, match=r"step 8 was written by 2 process\(es\), each with its own data position"):
+        train(override(config, "steps", "10"), tmp_path / "stopped")
 
 
 def test_tiny_config_learns_mqar_in_a_shortened_run(tmp_path):
@@ -163,35 +167,39 @@ def test_sentencepiece_tokenizer(tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["tokenizer"].endswith("spm.model")
 
 
-def test_tfds_sources_go_through_the_builder(tmp_path, monkeypatch):
-    """The TFDS glue against a stand-in module (TFDS itself needs TensorFlow and a download): train and eval
-    splits, the text feature, shuffled files with a seeded read config, and a clear error for a missing split."""
-    import types
+def test_tfds_dataset_is_prepared_as_array_record_and_trains_stops_and_resumes(tmp_path):
+    """A real TFDS dataset (a builder of this test's own, prepared to ArrayRecord files in a temporary data dir,
+    read with random access and no TensorFlow: the code path of tfds:c4/en): training on it stops and resumes
+    exactly as an uninterrupted run (the data iterator's position is in the checkpoint), and a missing dataset or
+    split fails with a clear message."""
+    import tensorflow_datasets as tfds
 
-    calls = []
+    documents = [f"document {i}: " + "the quick brown fox " * (i % 5 + 1) for i in range(120)]
 
-    class Builder:
-        info = types.SimpleNamespace(splits={"train": None, "validation": None})
+    class TinyTestText(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
 
-        def download_and_prepare(self):
-            calls.append("prepare")
+        def _info(self):
+            return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
 
-        def as_dataset(self, split, shuffle_files, read_config):
-            calls.append((split, shuffle_files, getattr(read_config, "shuffle_seed", None)))
-            count = 200 if split == "train" else 40
-            return [{"text": f"{split} text number {i} ".encode() * 3} for i in range(count)]
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(range(100)),
+                    "validation": self._generate_examples(range(100, 120))}
 
-    fake = types.ModuleType("tensorflow_datasets")
-    fake.builder = lambda name: Builder() if name == "tiny_shakespeare" else (_ for _ in ()).throw(
-        KeyError(f"Dataset {name} not found"))
-    fake.ReadConfig = lambda shuffle_seed: types.SimpleNamespace(shuffle_seed=shuffle_seed)
-    fake.as_numpy = lambda dataset: iter(dataset)
-    monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
-    config = override(override(_small(steps=2), "data.source", "tfds:tiny_shakespeare"), "data.seq_len", "16")
-    summary = train(config, tmp_path / "run")
-    assert summary["step"] == 2 and calls[0] == "prepare"
-    assert ("train", True, config.data.seed) in calls and ("validation", False, None) in calls
+        def _generate_examples(self, indices):
+            for i in indices:
+                yield i, {"text": documents[i]}
+
+    config = override(override(override(_small(steps=6), "data.source", "tfds:tiny_test_text"), "data.seq_len", "16"),
+                      "data.tfds_data_dir", str(tmp_path / "tfds"))
+    train(config, tmp_path / "straight")
+    assert sorted(p.name for p in (tmp_path / "tfds").glob("tiny_test_text/1.0.0/*.array_record*"))
+    train(config, tmp_path / "stopped", stop_after=4)
+    train(config, tmp_path / "stopped")
+    straight, resumed = _records(tmp_path / "straight"), _records(tmp_path / "stopped")
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    assert [(r["loss"], r["grad_norm"]) for r in straight] == [(r["loss"], r["grad_norm"]) for r in resumed]
     with pytest.raises(ValueError, match="is not a TFDS dataset"):
-        train(override(config, "data.source", "tfds:no_such"), tmp_path / "b")
-    with pytest.raises(ValueError, match="data.eval_split: tiny_shakespeare has splits"):
+        train(override(config, "data.source", "tfds:no_such_dataset_here"), tmp_path / "b")
+    with pytest.raises(ValueError, match="data.eval_split: tiny_test_text has splits"):
         train(override(config, "data.eval_split", "test"), tmp_path / "c")

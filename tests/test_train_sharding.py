@@ -32,7 +32,7 @@ def _one_step(config, devices=None):
     run = setup(config, devices=devices)
     state = run.init_state()
     with jax.set_mesh(run.mesh):
-        new_state, metrics = run.train_step()(state, run.global_batch(next(run.dataset.batches(0))))
+        new_state, metrics = run.train_step()(state, run.global_batch(next(run.dataset.train_iterator())))
     return run, jax.device_get(new_state["params"]), float(metrics["loss"]), new_state
 
 

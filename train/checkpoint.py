@@ -1,4 +1,5 @@
-"""Checkpoints through orbax's ``CheckpointManager``: async, keep-last-N; the train state and the data position.
+"""Checkpoints through orbax's ``CheckpointManager``: async, keep-last-N; the train state and the data position
+(the step, and each process's grain iterator state: resuming reads no row twice and skips none, in O(1)).
 
 A checkpoint that cannot be restored (an array file cut short or overwritten, metadata missing, empty or not JSON,
 an item directory missing, items that disagree) is *damaged*: one warning line names its step and the file, the
@@ -7,11 +8,12 @@ never restored, listed or deleted by keep-N again) and the next older checkpoint
 stops with a ValueError that names the damaged checkpoints and where they went. A checkpoint written for another
 model or optimizer, or with another batch size, is not damage: that stops with its own message and moves nothing.
 
-On disk, orbax 0.12.4 writes one directory per step, a Composite of ``state`` (StandardSave) and ``data``
-(JsonSave)::
+On disk, orbax 0.12.4 writes one directory per step, a Composite of ``state`` (StandardSave), ``data`` (JsonSave)
+and ``iterator`` (grain's CheckpointSave)::
 
     <step>/_CHECKPOINT_METADATA             JSON: the manager's record of the step (item handlers, timestamps)
-    <step>/data/metadata                    JSON: the data position
+    <step>/data/metadata                    JSON: the data position: step, rows so far, process count
+    <step>/iterator/process_P-of-N.json     JSON: process P's data iterator state (grain's get_state)
     <step>/state/_METADATA                  JSON: the tree (paths, write shapes); use_ocdbt, use_zarr3
     <step>/state/_sharding                  JSON: shardings at save time (restoring to given shardings skips it)
     <step>/state/array_metadatas/process_N  JSON: each process's array write / chunk shapes
@@ -35,6 +37,7 @@ import logging
 import re
 from pathlib import Path
 
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -43,12 +46,12 @@ from jax.experimental import multihost_utils
 _logger = logging.getLogger(__name__)
 
 DAMAGED_SUFFIX = ".damaged"
-_ITEMS = ("state", "data")  # the Composite's items, as saved by Checkpointer.save
+_ITEMS = ("state", "data", "iterator")  # the Composite's items, as saved by Checkpointer.save
 # JSON files (relative to the step directory) that must exist and hold a JSON object; "data/metadata" is the file
 # name orbax's JsonCheckpointHandler uses for the `data` item.
 _REQUIRED_JSON = ("_CHECKPOINT_METADATA", "state/_METADATA", "data/metadata")
 # JSON files that restoring to given shardings does not need, but that must parse where present.
-_OPTIONAL_JSON = ("state/_sharding", "state/array_metadatas/*")
+_OPTIONAL_JSON = ("state/_sharding", "state/array_metadatas/*", "iterator/*.json")
 _OUTCOME_BYTES = 1024  # room for one process's outcome in the allgather
 
 
@@ -63,23 +66,30 @@ class Checkpointer:
         self._manager = self._open()
         self._state_handler = ocp.StandardCheckpointHandler()
         self._data_handler = ocp.JsonCheckpointHandler()
+        self._iterator_handler = grain.checkpoint.CheckpointHandler()
 
     def _open(self) -> ocp.CheckpointManager:
         return ocp.CheckpointManager(self._directory, options=self._options)
 
-    def save(self, step: int, state: dict, data_position: dict) -> None:
-        """Returns once the arrays are copied off the devices (the writes may go on in the background)."""
+    def save(self, step: int, state: dict, batch_size: int, iterator: grain.DatasetIterator) -> None:
+        """Saves ``state`` after ``step`` steps of ``batch_size`` rows, with the position of ``iterator`` (this
+        process's data iterator, which has given exactly the batches of those steps). Returns once the arrays are
+        copied off the devices (the writes may go on in the background)."""
         if step in self._manager.all_steps():
             return
+        position = {"step": step, "next_row": step * batch_size, "processes": jax.process_count()}
         self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                         data=ocp.args.JsonSave(data_position)))
+                                                         data=ocp.args.JsonSave(position),
+                                                         iterator=grain.checkpoint.CheckpointSave(iterator)))
 
-    def restore_latest(self, abstract_state: dict, shardings: dict, batch_size: int) -> dict | None:
-        """The newest state that restores, placed with ``shardings``, or None when there is no checkpoint.
+    def restore_latest(self, abstract_state: dict, shardings: dict, batch_size: int,
+                       iterator: grain.DatasetIterator) -> dict | None:
+        """The newest state that restores, placed with ``shardings``, or None when there is no checkpoint; the
+        data ``iterator`` is set to its position.
 
         Damaged checkpoints on the way are moved aside (see the module docstring); with every one damaged this
         raises a ValueError rather than silently starting over. The saved data position must be where this run's
-        batches of ``batch_size`` rows would be at that step.
+        batches of ``batch_size`` rows would be at that step, written by as many processes as this run has.
         """
         target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
                               shardings)
@@ -90,7 +100,7 @@ class Checkpointer:
             if step is None:
                 break
             try:
-                (restored, problem), failure = self._attempt(step, target), None
+                (restored, problem), failure = self._attempt(step, target, batch_size, iterator), None
             except Exception as error:  # not damage: a config mismatch, out of memory; every process stops
                 restored, problem, failure = None, None, error
             outcomes = _gather_outcomes("F" + _one_line(str(failure)) if failure is not None
@@ -119,12 +129,7 @@ class Checkpointer:
                                  f"aside earlier ({', '.join(earlier)}); to start this run over from step 0, delete "
                                  "them or use a new workdir")
             return None
-        state, position = restored
-        if position["next_row"] != position["step"] * batch_size:
-            raise ValueError(f"data.batch_size: the checkpoint at step {position['step']} was written with "
-                             f"{position['next_row'] // max(position['step'], 1)} rows per step; resuming with "
-                             f"{batch_size} would skip or repeat data (use a new workdir to change it)")
-        return state
+        return restored
 
     def _agreed_latest_step(self) -> int | None:
         """Process 0's newest step, so that every process tries the same one."""
@@ -134,9 +139,11 @@ class Checkpointer:
             step = None if step < 0 else step
         return step
 
-    def _attempt(self, step: int, target: dict) -> tuple[tuple[dict, dict] | None, str | None]:
-        """((state, data position), None) of ``step``, or (None, what is damaged in it). Raises ValueError when
-        the checkpoint is intact but holds another model or optimizer than ``target``."""
+    def _attempt(self, step: int, target: dict, batch_size: int,
+                 iterator: grain.DatasetIterator) -> tuple[dict | None, str | None]:
+        """(state, None) of ``step`` (``iterator`` set to its data position), or (None, what is damaged in it).
+        Raises ValueError when the checkpoint is intact but holds another model or optimizer than ``target``, or
+        was written with another batch size or process count."""
         path = self._directory / str(step)  # the manager's default step directory name
         problem = _check_files(path)
         if problem:
@@ -151,8 +158,10 @@ class Checkpointer:
                              "resume with the config it was written with (config.json in the workdir) or use a new "
                              "workdir")
         readers = {
-            "state": lambda: self._state_handler.restore(path / "state", args=ocp.args.StandardRestore(target)),
             "data": lambda: self._data_handler.restore(path / "data", args=ocp.args.JsonRestore()),
+            "state": lambda: self._state_handler.restore(path / "state", args=ocp.args.StandardRestore(target)),
+            "iterator": lambda: self._iterator_handler.restore(path / "iterator",
+                                                               args=grain.checkpoint.CheckpointRestore(iterator)),
         }
         restored = {}
         for item, read in readers.items():
@@ -162,17 +171,19 @@ class Checkpointer:
                 if isinstance(error, MemoryError) or "RESOURCE_EXHAUSTED" in str(error):
                     raise
                 return None, _describe(error, path, item)
+            if item == "data":
+                position = restored["data"]
+                if not (isinstance(position, dict) and position.get("step") == step
+                        and isinstance(position.get("next_row"), int)):
+                    return None, (f"data/metadata holds {_one_line(repr(position))[:100]}, not the data position of "
+                                  f"step {step}")
+                _check_position(position, batch_size)
         # orbax gives containers back as plain tuples / dicts: put the leaves back into the optimizer's types.
         state = jax.tree.unflatten(jax.tree.structure(target), jax.tree.leaves(restored["state"]))
-        position = restored["data"]
         saved_step = int(jax.device_get(state["step"]))
         if saved_step != step:
             return None, f"state holds step {saved_step}"
-        if not (isinstance(position, dict) and position.get("step") == step
-                and isinstance(position.get("next_row"), int)):
-            return None, (f"data/metadata holds {_one_line(repr(position))[:100]}, not the data position of step "
-                          f"{step}")
-        return (state, position), None
+        return state, None
 
     def _move_aside(self, step: int) -> Path:
         """Renames ``<step>`` to ``<step>.damaged`` (``.damaged-2``, ... if taken) on process 0 and reopens the
@@ -194,6 +205,23 @@ class Checkpointer:
         self._manager.close()
         self._state_handler.close()
         self._data_handler.close()
+        self._iterator_handler.close()
+
+
+def _check_position(position: dict, batch_size: int) -> None:
+    """Refuses a data position this run cannot continue from: another batch size or process count."""
+    step = position["step"]
+    if "processes" not in position:
+        raise ValueError(f"the checkpoint at step {step} predates the saved data iterator state (it holds only the "
+                         "step); resume it with the version that wrote it or use a new workdir")
+    if position["next_row"] != step * batch_size:
+        raise ValueError(f"data.batch_size: the checkpoint at step {step} was written with "
+                         f"{position['next_row'] // max(step, 1)} rows per step; resuming with {batch_size} would "
+                         "skip or repeat data (use a new workdir to change it)")
+    if position["processes"] != jax.process_count():
+        raise ValueError(f"the checkpoint at step {step} was written by {position['processes']} process(es), each "
+                         f"with its own data position; resume it with {position['processes']} (this run has "
+                         f"{jax.process_count()}) or use a new workdir")
 
 
 def _damaged_name(step: int, number: int) -> str:

@@ -42,6 +42,7 @@ class DataConfig:
     tokenizer: str = _field("byte", "byte | a SentencePiece model file (text sources)")
     vocab_size: int = _field(128, "synthetic tasks: token ids in [0, vocab_size)")
     num_kv_pairs: int = _field(8, "mqar: key-value pairs per row")
+    tfds_data_dir: str = _field("", "tfds: where datasets are prepared and read (empty: TFDS's default)")
     eval_split: str = _field("validation", "tfds: split to evaluate on (text files: the last eval_fraction)")
     eval_fraction: float = _field(0.05, "text files: fraction of documents held out for eval")
     niah_fraction: float = _field(0.0, "text: fraction of training rows made pass-key retrieval prompts with answers")

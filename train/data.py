@@ -1,54 +1,52 @@
-"""The data pipeline: fixed-length token batches with loss masks and document boundaries, deterministic from a seed,
-resumable at any step, and sharded per process.
+"""The data pipeline, on grain: fixed-length token batches with loss masks and document boundaries, deterministic
+from a seed, sharded per process, and resumable in O(1) from the iterator state saved with every checkpoint.
 
 A batch is a dict of (rows, seq_len) arrays: ``inputs`` and ``targets`` (int32, targets = inputs shifted by one),
 ``loss_mask`` (float32: 1 where the target counts) and ``segment_ids`` (int32: 1, 2, ... for the documents of a row,
-0 for padding). Global step ``s`` is made of rows ``[s * B, (s + 1) * B)`` of the source; process ``p`` of ``P``
-takes the ``p``-th slice of ``B / P`` of them, so the processes' rows are disjoint and together the whole batch.
+0 for padding). ``Dataset.train_iterator()`` gives this process's batches of steps 0, 1, ...: a grain
+``DatasetIterator``, whose ``get_state()`` / ``set_state()`` the checkpoints save and restore (so resuming at step
+100k reads what resuming at step 10 does).
+
+- Synthetic tasks: row ``r`` of the task is a pure function of (seed, split, r); global step ``s`` is made of rows
+  ``[s * B, (s + 1) * B)`` and process ``p`` of ``P`` takes the ``p``-th slice of ``B / P`` of them, so the
+  processes' rows are disjoint and together the batch of a one-process run.
+- Text: the documents (a ``grain.MapDataset`` over a list of strings or a TFDS ArrayRecord source) are shuffled in
+  a new seeded order each epoch, dealt round-robin to the processes (process ``p`` of ``P`` reads documents ``p, p +
+  P, ...`` of that order), tokenized with an EOS after each, and packed by grain's ``ConcatThenSplitIterDataset``
+  into rows of ``seq_len + 1`` tokens (``segment_ids`` from its segment ids: a document cut at a row's end goes on
+  in the next row as that row's first segment). Each process packs and batches its own documents, so which rows a
+  step holds depends on the process count; a checkpoint resumes with the process count it was written with.
+- Eval batches (held-out rows, the same every time) are the first rows of the packed held-out documents, sliced
+  per process like the synthetic rows, so every process count evaluates on the same rows.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
-from collections.abc import Callable, Iterable, Iterator
+import sys
+from collections.abc import Sequence
 
+import grain
 import numpy as np
 
 from twomamba_jax.train import niah, synthetic, text
 from twomamba_jax.train.tokenizers import make_tokenizer
 
 Batch = dict[str, np.ndarray]
+PREFETCH_BATCHES = 2  # made by a background thread while the device trains
+# Documents are read and tokenized ahead by a few threads (grain's default, 16 threads and 500 documents, is
+# more than a packed row stream needs).
+READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=128)
 
 
-def pack_documents(documents: Iterable[np.ndarray], seq_len: int, eos_id: int) -> Iterator[tuple]:
-    """Cuts the stream ``doc EOS doc EOS ...`` into rows of ``seq_len + 1`` tokens; every token lands in exactly one
-    row. Yields (tokens (seq_len + 1,), valid (seq_len + 1,) bool, segments (seq_len + 1,) int32); the last row is
-    padded with EOS, not valid. The EOS after each document is the boundary marker inside a row."""
-    width = seq_len + 1
-    flat, flat_segments = np.zeros(0, np.int32), np.zeros(0, np.int32)  # tokens not yet in a row
-    for segment, doc in enumerate(documents, start=1):
-        doc = np.append(np.asarray(doc, np.int32), eos_id)
-        flat = np.concatenate([flat, doc])
-        flat_segments = np.concatenate([flat_segments, np.full(doc.size, segment, np.int32)])
-        full = flat.size // width * width  # every whole row at once: linear in the tokens, however long the doc
-        for start in range(0, full, width):
-            row_segments = flat_segments[start:start + width]
-            yield flat[start:start + width], np.ones(width, bool), row_segments - row_segments[0] + 1
-        flat, flat_segments = flat[full:], flat_segments[full:]
-    if flat.size:
-        pad = width - flat.size
-        yield (np.concatenate([flat, np.full(pad, eos_id, np.int32)]),
-               np.arange(width) < flat.size,
-               np.concatenate([flat_segments - flat_segments[0] + 1, np.zeros(pad, np.int32)]))
-
-
-def _batch(rows: list[tuple]) -> Batch:
-    tokens = np.stack([r[0] for r in rows])
-    valid = np.stack([r[1] for r in rows])
-    segments = np.stack([r[2] for r in rows])
-    return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:],
-                loss_mask=(valid[:, 1:] & valid[:, :-1]).astype(np.float32), segment_ids=segments[:, :-1])
+def row_batch(tokens: np.ndarray, segments: np.ndarray, loss_mask: np.ndarray | None = None) -> Batch:
+    """A batch from rows of ``seq_len + 1`` tokens (``segments`` 0 on padding): the loss counts every target whose
+    input and target are both tokens, unless ``loss_mask`` (rows, seq_len) says which."""
+    valid = segments > 0
+    if loss_mask is None:
+        loss_mask = (valid[:, 1:] & valid[:, :-1]).astype(np.float32)
+    return dict(inputs=tokens[:, :-1].astype(np.int32), targets=tokens[:, 1:].astype(np.int32),
+                loss_mask=loss_mask, segment_ids=segments[:, :-1].astype(np.int32))
 
 
 class Dataset:
@@ -65,21 +63,30 @@ class Dataset:
         self.share_index, self.share_count = share_index, share_count
         self.local_batch_size = batch_size // share_count
 
-    def _mine(self, position: int) -> bool:
-        """Whether row ``position`` (0 to B - 1) of a global batch is in this process's share."""
-        return position // self.local_batch_size == self.share_index
+    def train_iterator(self) -> grain.DatasetIterator:
+        """This process's batches of steps 0, 1, ... (forever), with a checkpointable position."""
+        batches = self._train_rows().batch(self.local_batch_size, drop_remainder=True, batch_fn=self._stack)
+        if PREFETCH_BATCHES:
+            batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=PREFETCH_BATCHES)
+        return iter(batches)
 
-    def batches(self, start_step: int = 0) -> Iterator[Batch]:
-        """This process's batches of global steps ``start_step, start_step + 1, ...`` (forever)."""
+    def _train_rows(self) -> grain.IterDataset:
         raise NotImplementedError
+
+    def _stack(self, rows: Sequence[Batch]) -> Batch:
+        return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
 
     def eval_batches(self, num_batches: int) -> list[Batch]:
         """This process's eval batches: held-out rows, the same every time."""
         raise NotImplementedError
 
+    def _my_share(self, rows: list[Batch]) -> Batch:
+        """This process's rows of a global batch (a list of ``batch_size`` one-row batches)."""
+        return self._stack(rows[self.share_index * self.local_batch_size:][:self.local_batch_size])
+
 
 class SyntheticDataset(Dataset):
-    """Rows of a synthetic task (``synthetic.TASKS``), random access: any step is made directly."""
+    """Rows of a synthetic task (``synthetic.TASKS``), random access: any row is made directly."""
 
     has_accuracy = True
 
@@ -87,22 +94,26 @@ class SyntheticDataset(Dataset):
         super().__init__(**common)
         synthetic.check_task(task, seq_len=self.seq_len, vocab_size=vocab_size, num_kv_pairs=num_kv_pairs)
         self.vocab_size = vocab_size
-        self._make = functools.partial(synthetic.TASKS[task], seed, seq_len=self.seq_len, vocab_size=vocab_size,
-                                       num_kv_pairs=num_kv_pairs)
+        self._task, self._seed, self._num_kv_pairs = task, seed, num_kv_pairs
 
-    def _step(self, split: str, step: int) -> Batch:
-        first = step * self.batch_size + self.share_index * self.local_batch_size
-        rows = [self._make(split, i) for i in range(first, first + self.local_batch_size)]
-        ones = np.ones(self.seq_len + 1, bool)
-        batch = _batch([(tokens, ones, ones.astype(np.int32)) for tokens, _ in rows])
-        batch["loss_mask"] = np.stack([mask for _, mask in rows])  # only the recall targets count
-        return batch
+    def _row(self, split: str, index: int) -> Batch:
+        tokens, mask = synthetic.TASKS[self._task](self._seed, split, index, seq_len=self.seq_len,
+                                                    vocab_size=self.vocab_size, num_kv_pairs=self._num_kv_pairs)
+        batch = row_batch(tokens[None], np.ones((1, self.seq_len + 1), np.int32), mask[None].astype(np.float32))
+        return {key: value[0] for key, value in batch.items()}
 
-    def batches(self, start_step: int = 0) -> Iterator[Batch]:
-        return (self._step("train", step) for step in itertools.count(start_step))
+    def _global_row(self, local: int) -> int:
+        """The task row of this process's ``local``-th training row."""
+        step, position = divmod(local, self.local_batch_size)
+        return step * self.batch_size + self.share_index * self.local_batch_size + position
+
+    def _train_rows(self) -> grain.IterDataset:
+        rows = grain.MapDataset.range(sys.maxsize).map(lambda local: self._row("train", self._global_row(local)))
+        return rows.to_iter_dataset(READ_OPTIONS)
 
     def eval_batches(self, num_batches: int) -> list[Batch]:
-        return [self._step("eval", step) for step in range(num_batches)]
+        return [self._my_share([self._row("eval", step * self.batch_size + i) for i in range(self.batch_size)])
+                for step in range(num_batches)]
 
 
 class TextDataset(Dataset):
@@ -110,10 +121,12 @@ class TextDataset(Dataset):
 
     has_accuracy = False
 
-    def __init__(self, train_documents: Callable, eval_documents: Callable, tokenizer, *, niah_fraction: float = 0.0,
-                 seed: int = 0, **common):
+    def __init__(self, train_documents: Sequence[str], eval_documents: Sequence[str], tokenizer, *,
+                 niah_fraction: float = 0.0, seed: int = 0, **common):
         super().__init__(**common)
         self.tokenizer, self.vocab_size = tokenizer, tokenizer.vocab_size
+        if not len(train_documents):
+            raise ValueError("data.source: the training data has no documents")
         self._train_documents, self._eval_documents = train_documents, eval_documents
         if not 0.0 <= niah_fraction < 1.0:
             raise ValueError(f"data.niah_fraction: expected a fraction in [0, 1); got {niah_fraction}")
@@ -122,53 +135,45 @@ class TextDataset(Dataset):
                              f"prompt and its answer ({niah.min_length(tokenizer, with_answer=True)} tokens)")
         self._niah_fraction, self._seed = niah_fraction, seed
 
-    def _rows(self, documents: Iterable[str]) -> Iterator[tuple]:
-        tokens = (self.tokenizer.encode(doc) for doc in documents)
-        return pack_documents(tokens, self.seq_len, self.tokenizer.eos_id)
+    def _packed(self, documents: grain.MapDataset) -> grain.IterDataset:
+        """Rows of ``seq_len + 1`` tokens: {"tokens", "tokens_segment_ids", "tokens_positions"} (grain's packing;
+        the segment ids are 0 on the padding of a last, partial row)."""
+        eos = self.tokenizer.eos_id
+        tokens = documents.map(lambda doc: {"tokens": np.append(self.tokenizer.encode(doc), eos).astype(np.int32)})
+        return grain.experimental.ConcatThenSplitIterDataset(tokens.to_iter_dataset(READ_OPTIONS),
+                                                             length_struct={"tokens": self.seq_len + 1})
 
-    def _train_rows(self) -> Iterator[tuple]:
-        for epoch in itertools.count():
-            empty = True
-            for row in self._rows(self._train_documents(epoch)):
-                empty = False
-                yield row
-            if empty:
-                raise ValueError("data.source: the training data has no tokens")
+    def _train_rows(self) -> grain.IterDataset:
+        documents = grain.MapDataset.source(self._train_documents).shuffle(seed=self._seed).repeat()
+        rows = self._packed(documents[self.share_index::self.share_count])
+        if self._niah_fraction:
+            rows = rows.random_map(self._mixed, seed=self._seed + 2)
+        return rows.map(self._one_row)
 
-    def batches(self, start_step: int = 0) -> Iterator[Batch]:
-        # The stream is read from its start and the rows before start_step skipped: deterministic, O(position).
-        mine = []
-        for index, row in enumerate(self._train_rows()):
-            step, position = divmod(index, self.batch_size)
-            if step >= start_step and self._mine(position):
-                mine.append(self._mixed(index, row))
-            if position == self.batch_size - 1 and step >= start_step:
-                yield _batch(mine)
-                mine = []
+    def _one_row(self, row: dict) -> Batch:
+        batch = row_batch(row["tokens"][None], row["tokens_segment_ids"][None])
+        return {key: value[0] for key, value in batch.items()}
 
-    def _mixed(self, index: int, row: tuple) -> tuple:
-        """Training row ``index``, or, with probability ``niah_fraction`` (drawn from the seed and the index, so a
-        resumed run sees the same rows), a pass-key prompt built from the row's own text and ending with its
+    def _mixed(self, row: dict, rng: np.random.Generator) -> dict:
+        """The row, or, with probability ``niah_fraction`` (drawn from the seed and the row's place in the stream,
+        so a resumed run sees the same rows), a pass-key prompt built from the row's own text and ending with its
         answer (``niah.py``): one document, every token counted."""
-        if not self._niah_fraction:
-            return row
-        rng = np.random.default_rng([self._seed, 2, index])
         if rng.random() >= self._niah_fraction:
             return row
-        prompt = niah.build_prompt(row[0][row[1]], self.tokenizer, length=self.seq_len + 1, depth=rng.random(),
+        tokens = row["tokens"][row["tokens_segment_ids"] > 0]
+        prompt = niah.build_prompt(tokens, self.tokenizer, length=self.seq_len + 1, depth=rng.random(),
                                    seed=int(rng.integers(2**31)), with_answer=True)
-        ones = np.ones(self.seq_len + 1, bool)
-        return prompt.tokens, ones, ones.astype(np.int32)
+        return {"tokens": prompt.tokens, "tokens_segment_ids": np.ones(self.seq_len + 1, np.int32)}
 
     def eval_batches(self, num_batches: int) -> list[Batch]:
         """A held-out set with fewer rows than asked gives fewer batches (at least one)."""
-        rows = list(itertools.islice(self._rows(self._eval_documents()), num_batches * self.batch_size))
+        packed = self._packed(grain.MapDataset.source(self._eval_documents))
+        rows = [self._one_row(row) for row in itertools.islice(packed, num_batches * self.batch_size)]
         if len(rows) < self.batch_size:
             raise ValueError(f"data: the eval data has {len(rows)} rows of {self.seq_len + 1} tokens; one batch "
                              f"needs {self.batch_size} (lower data.batch_size or data.seq_len)")
         usable = len(rows) // self.batch_size
-        return [_batch([row for position, row in enumerate(rows[s * self.batch_size:(s + 1) * self.batch_size])
-                        if self._mine(position)]) for s in range(usable)]
+        return [self._my_share(rows[s * self.batch_size:(s + 1) * self.batch_size]) for s in range(usable)]
 
 
 def make_dataset(config, *, share_index: int = 0, share_count: int = 1) -> Dataset:
@@ -194,12 +199,12 @@ def make_dataset(config, *, share_index: int = 0, share_count: int = 1) -> Datas
                        seed=config.seed, **common)
 
 
-def text_documents(config) -> tuple[Callable, Callable]:
-    """(train documents per epoch, eval documents) of a text ``DataConfig.source`` (``text:`` or ``tfds:``)."""
+def text_documents(config) -> tuple[Sequence[str], Sequence[str]]:
+    """(train documents, eval documents) of a text ``DataConfig.source`` (``text:`` or ``tfds:``)."""
     kind, _, name = config.source.partition(":")
     if kind == "text" and name:
-        return text.text_files(name, seed=config.seed, eval_fraction=config.eval_fraction)
+        return text.text_files(name, eval_fraction=config.eval_fraction)
     if kind == "tfds" and name:
-        return text.tfds_dataset(name, seed=config.seed, eval_split=config.eval_split)
+        return text.tfds_dataset(name, data_dir=config.tfds_data_dir or None, eval_split=config.eval_split)
     raise ValueError(f"data.source: expected {sorted(synthetic.TASKS)}, 'tfds:NAME' or 'text:PATH_OR_GLOB'; "
                      f"got {config.source!r}")

@@ -163,7 +163,7 @@ def needle_in_a_haystack(trained: Trained, lengths: list[int], *, depths: list[f
         raise ValueError(f"--task niah: needs a model trained on text (data.source text:... or tfds:...); this run "
                          f"trained on {trained.config.data.source!r}")
     haystack, needed = [], max(lengths)
-    for document in text_documents(trained.config.data)[1]():
+    for document in text_documents(trained.config.data)[1]:
         haystack += [*tokenizer.encode(document), tokenizer.eos_id]
         if len(haystack) >= 2 * needed:
             break

@@ -263,7 +263,8 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_after: int | None = 
     config_file = workdir / "config.json"
     previous = json.loads(config_file.read_text()) if config_file.is_file() else None
     checkpointer = Checkpointer(workdir / "checkpoints", config.checkpoint)
-    restored = checkpointer.restore_latest(run.abstract_state, run.state_shardings, config.data.batch_size)
+    batches = run.dataset.train_iterator()
+    restored = checkpointer.restore_latest(run.abstract_state, run.state_shardings, config.data.batch_size, batches)
     if restored is not None and previous is not None and not config.allow_data_change:
         check_same_data(previous, config, int(jax.device_get(restored["step"])))
     if is_main:
@@ -284,7 +285,6 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_after: int | None = 
     pending, last, last_eval, compile_seconds = [], {}, None, 0.0
     step = start
     with jax.set_mesh(run.mesh), _StopRequest() as stop:
-        batches = run.dataset.batches(start)
         upcoming = run.global_batch(next(batches)) if step < config.steps else None
         if upcoming is not None:  # compiled before the clock starts: throughput counts training only
             compiling = time.perf_counter()
@@ -314,7 +314,7 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_after: int | None = 
                 logger.message(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval[1].items()))
             if step % config.checkpoint.every == 0 or done or stopping:
                 with logger.excluded(state):
-                    checkpointer.save(step, state, {"step": step, "next_row": step * config.data.batch_size})
+                    checkpointer.save(step, state, config.data.batch_size, batches)
             if stopping and not done:
                 logger.message(f"stopped at step {step}; rerun the same command to resume")
                 break
@@ -328,6 +328,7 @@ def train(config: TrainConfig, workdir: str | Path, *, stop_after: int | None = 
             fresh = last_eval is not None and last_eval[0] == step
             summary["eval"] = last_eval[1] if fresh else evaluate(run, eval_step, state["params"], eval_batches)
     checkpointer.close()
+    batches.close()
     if is_main:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         logger.message(f"done: step {step}/{config.steps} in {elapsed:.0f}s"
