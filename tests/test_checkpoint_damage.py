@@ -172,3 +172,22 @@ def test_a_config_mismatch_is_not_damage(baseline, tmp_path, key, value, message
     with pytest.raises(ValueError, match=message):
         train(_config(**{key: value}), workdir)
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
+
+
+def test_on_an_object_store_metrics_are_rewritten_and_a_damaged_checkpoint_is_copied_aside(
+        baseline, reference, tmp_path, monkeypatch):
+    """Where files cannot be appended to nor directories renamed (gs://), metrics.jsonl is written whole with each
+    record and a damaged checkpoint is copied aside file by file: the same outcome as on a local disk. Exercised
+    on a local directory treated as an object store."""
+    from twomamba_jax.train import checkpoint, metrics
+
+    monkeypatch.setattr(metrics, "is_remote", lambda location: True)
+    monkeypatch.setattr(checkpoint, "is_remote", lambda location: True)
+    workdir = shutil.copytree(baseline, tmp_path / "run")
+    checkpoints = workdir / "checkpoints"
+    files = sorted(p.relative_to(checkpoints / "4") for p in (checkpoints / "4").rglob("*") if p.is_file())
+    _garble(checkpoints / "4" / "data" / "metadata")
+    train(_config(), workdir)
+    assert sorted(p.relative_to(checkpoints / "4.damaged") for p in (checkpoints / "4.damaged").rglob("*")
+                  if p.is_file()) == files
+    assert _outcome(workdir) == reference

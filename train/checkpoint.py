@@ -35,13 +35,15 @@ from __future__ import annotations
 import json
 import logging
 import re
-from pathlib import Path
-
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
+
+from twomamba_jax.train.workdir import is_remote
+from twomamba_jax.train.workdir import path as workdir_path
 
 _logger = logging.getLogger(__name__)
 
@@ -56,11 +58,11 @@ _OUTCOME_BYTES = 1024  # room for one process's outcome in the allgather
 
 
 class Checkpointer:
-    def __init__(self, directory: Path, config):
+    def __init__(self, directory: epath.Path, config):
         if config.every <= 0 or config.keep <= 0:
             raise ValueError(f"checkpoint.every and checkpoint.keep: expected positive ints; got {config.every}, "
                              f"{config.keep}")
-        self._directory = Path(directory).absolute()
+        self._directory = workdir_path(directory)
         self._options = ocp.CheckpointManagerOptions(max_to_keep=config.keep,
                                                      enable_async_checkpointing=config.async_save)
         self._manager = self._open()
@@ -185,14 +187,14 @@ class Checkpointer:
             return None, f"state holds step {saved_step}"
         return state, None
 
-    def _move_aside(self, step: int) -> Path:
+    def _move_aside(self, step: int) -> epath.Path:
         """Renames ``<step>`` to ``<step>.damaged`` (``.damaged-2``, ... if taken) on process 0 and reopens the
         manager on every process, so that it neither lists nor keep-N-deletes the step."""
         number = 1
         if jax.process_index() == 0:
             while (self._directory / _damaged_name(step, number)).exists():
                 number += 1
-            (self._directory / str(step)).rename(self._directory / _damaged_name(step, number))
+            _move(self._directory / str(step), self._directory / _damaged_name(step, number))
         if jax.process_count() > 1:
             number = int(multihost_utils.broadcast_one_to_all(np.int32(number)))
             multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
@@ -206,6 +208,20 @@ class Checkpointer:
         self._state_handler.close()
         self._data_handler.close()
         self._iterator_handler.close()
+
+
+def _move(source: epath.Path, destination: epath.Path) -> None:
+    """Renames a directory; on an object store, where a directory is only a prefix of object names, copies each
+    file and then deletes the originals."""
+    if not is_remote(source):
+        source.rename(destination)
+        return
+    for directory, _, files in source.walk():
+        for name in files:
+            target = destination / (directory / name).relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (directory / name).copy(target)
+    source.rmtree()
 
 
 def _check_position(position: dict, batch_size: int) -> None:
@@ -240,7 +256,7 @@ def _gather_outcomes(outcome: str) -> list[str]:
     return [bytes(r).rstrip(b"\0").decode(errors="replace") for r in rows]
 
 
-def _check_files(path: Path) -> str | None:
+def _check_files(path: epath.Path) -> str | None:
     """What is missing or unreadable among the items and metadata files of a step directory (cheap, and names
     the file where orbax's own errors would not), or None."""
     for item in _ITEMS:
@@ -264,7 +280,7 @@ def _check_files(path: Path) -> str | None:
         manifest = path / "state/manifest.ocdbt"
         if not manifest.is_file():
             return "state/manifest.ocdbt is missing"  # tensorstore would only say the arrays do not exist
-        if manifest.stat().st_size == 0:
+        if manifest.stat().length == 0:
             return "state/manifest.ocdbt is empty"
     return None
 
@@ -316,7 +332,7 @@ def _short(error: BaseException) -> str:
     return _one_line(text)[:200]
 
 
-def _describe(error: BaseException, path: Path, item: str) -> str:
+def _describe(error: BaseException, path: epath.Path, item: str) -> str:
     """The damaged file (relative to the step directory ``path``) and the cause, from a failed restore of
     ``item``: a file named in the error, else the data file holding the array chunk that failed to read (from
     the OCDBT b-tree), else the item."""
@@ -325,27 +341,27 @@ def _describe(error: BaseException, path: Path, item: str) -> str:
              for match in re.findall(re.escape(str(path)) + r"/[^\s\"'\\]*", text)]
     files = [file for file in files if not file.endswith("/")]
     if files:
-        return f"{_relative(Path(files[-1]), path)}: {_short(error)}"
+        return f"{_relative(epath.Path(files[-1]), path)}: {_short(error)}"
     for text in texts:
         match = re.search(r'Error reading "([^"]+)" in OCDBT database at local file "([^"]+)"', text)
         if match:
             key, database = match.groups()
-            file = _ocdbt_value_file(Path(database), key)
-            return f"{_relative(file or Path(database), path)} (array {key.split('/')[0]}): {_short(error)}"
+            file = _ocdbt_value_file(epath.Path(database), key)
+            return f"{_relative(file or epath.Path(database), path)} (array {key.split('/')[0]}): {_short(error)}"
     return f"the {item} item ({item}/): {_short(error)}"
 
 
-def _relative(file: Path, path: Path) -> str:
+def _relative(file: epath.Path, path: epath.Path) -> str:
     return file.relative_to(path).as_posix() if file.is_relative_to(path) else str(file)
 
 
-def _ocdbt_value_file(database: Path, key: str) -> Path | None:
+def _ocdbt_value_file(database: epath.Path, key: str) -> epath.Path | None:
     """The file that holds ``key``'s value in the OCDBT database at ``database``, by walking its b-tree (keys in
     a node are relative to the common prefixes of the nodes above it); None when that cannot be read."""
     try:
         import tensorstore as ts
 
-        base = ts.KvStore.open(f"file://{database}/").result()
+        base = ts.KvStore.open(f"{database}/" if is_remote(database) else f"file://{database}/").result()
         location = ts.ocdbt.dump(base).result()["versions"][-1]["root"].get("location")
         prefix, wanted = b"", key.encode()
         while location:

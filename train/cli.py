@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from twomamba_jax.train.config import NAMED_CONFIGS, check, describe, load_config, override
 
@@ -72,9 +71,10 @@ def plot_main(argv: list[str] | None = None) -> int:
                         help="the PNG to write (default: curves.png in the first WORKDIR given)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     from twomamba_jax.train.plot import plot_runs
+    from twomamba_jax.train.workdir import path as workdir_path
 
     # Beside the run's metrics, not wherever the command happens to be run from.
-    output = args.output if args.output is not None else Path(args.workdirs[0]) / "curves.png"
+    output = args.output if args.output is not None else workdir_path(args.workdirs[0]) / "curves.png"
     try:
         path = plot_runs(args.workdirs, output)
     except (FileNotFoundError, ValueError) as error:

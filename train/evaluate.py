@@ -20,11 +20,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from twomamba_jax import nn
@@ -33,7 +34,9 @@ from twomamba_jax.ops.features import feature_size
 from twomamba_jax.train.data import make_dataset, text_documents
 from twomamba_jax.train.niah import build_prompt, is_correct
 from twomamba_jax.train.trainer import eval_totals, masked_sums
+from twomamba_jax.train.plot import save_figure
 from twomamba_jax.train.workdir import Trained, load
+from twomamba_jax.train.workdir import path as workdir_path
 
 TASKS = ("ppl", "decode", "niah", "mqar")
 ANSWER_TOKENS = 8  # generated per NIAH prompt: the key's digits and a little more (byte tokens: one per digit)
@@ -186,9 +189,9 @@ def needle_in_a_haystack(trained: Trained, lengths: list[int], *, depths: list[f
     return rows
 
 
-def run(workdir: str | Path, task: str, *, lengths: list[int] | None = None, batches: int | None = None,
+def run(workdir: str | os.PathLike, task: str, *, lengths: list[int] | None = None, batches: int | None = None,
         batch_size: int | None = None, steps: int = 32, depths: list[float] | None = None, trials: int = 4,
-        kv_pairs: list[int] | None = None, progress=print) -> Path:
+        kv_pairs: list[int] | None = None, progress=print) -> epath.Path:
     """Runs ``task`` on the newest checkpoint of ``workdir``; writes ``eval_TASK.json`` and ``eval_TASK.png``
     there and returns the JSON's path. Defaults: the training length, the run's batch size and eval batches."""
     if task not in TASKS:
@@ -220,14 +223,14 @@ def run(workdir: str | Path, task: str, *, lengths: list[int] | None = None, bat
                                     progress=progress)
     result = {"task": task, "step": trained.step, "mixer": config.model.mixer, "source": config.data.source,
               "train_length": config.data.seq_len, "results": rows}
-    path = Path(workdir) / f"eval_{task}.json"
+    path = workdir_path(workdir) / f"eval_{task}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     _plot(result, path.with_suffix(".png"))
     progress(f"wrote {path} and {path.with_suffix('.png').name}")
     return path
 
 
-def _plot(result: dict, output: Path) -> None:
+def _plot(result: dict, output: epath.Path) -> None:
     from matplotlib.figure import Figure  # not pyplot: leaves the caller's backend (a notebook's) as it is
 
     rows, mixer = result["results"], result["mixer"]
@@ -272,4 +275,4 @@ def _plot(result: dict, output: Path) -> None:
         speed.plot(contexts, [r["tokens_per_second"] for r in rows], "o-", label=mixer)
         speed.set(xscale="log", xlabel="context (tokens)", ylabel="tokens/s (batch 1)", title="decode speed")
     fig.tight_layout()
-    fig.savefig(output, dpi=120)
+    save_figure(fig, output)

@@ -13,9 +13,11 @@ import logging
 import math
 import sys
 import time
-from pathlib import Path
 
 import jax
+from etils import epath
+
+from twomamba_jax.train.workdir import is_remote
 
 _logger = logging.getLogger(__name__)
 
@@ -58,13 +60,15 @@ def _duration(seconds: float) -> str:
 class MetricsLogger:
     """Writes metrics of process 0 to ``workdir/metrics.jsonl`` (and TensorBoard) and prints progress lines."""
 
-    def __init__(self, workdir: Path, *, total_steps: int, start_step: int, tokens_per_step: int,
+    def __init__(self, workdir: epath.Path, *, total_steps: int, start_step: int, tokens_per_step: int,
                  flops_per_token: float, dtype: str = "bfloat16", enabled: bool = True, stream=sys.stdout):
         self.enabled, self.stream = enabled, stream
         self.total_steps, self.tokens_per_step, self.flops_per_token = total_steps, tokens_per_step, flops_per_token
         peak = peak_flops(jax.devices()[0], dtype)
         self.peak = peak * jax.device_count() if peak else None
         self.path = workdir / "metrics.jsonl"
+        # An object store cannot append: the whole file is written again with each record there.
+        self._lines = None if not is_remote(self.path) else []
         self._tensorboard = None
         self.excluded_seconds = 0.0  # evaluations and checkpoint saves so far
         self.start_clock(start_step)
@@ -109,13 +113,19 @@ class MetricsLogger:
             if record["step"] <= step:
                 lines.append(line)
         self.path.write_text("".join(line + "\n" for line in lines))
+        if self._lines is not None:
+            self._lines = lines
 
     def write(self, step: int, split: str, metrics: dict) -> None:
         if not self.enabled:
             return
         record = {"step": step, "split": split, **{k: float(v) for k, v in metrics.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self._lines is None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        else:
+            self._lines.append(json.dumps(record))
+            self.path.write_text("".join(line + "\n" for line in self._lines))
         if self._tensorboard is not None:
             for key, value in metrics.items():
                 self._tensorboard.add_scalar(f"{split}/{key}", float(value), step)

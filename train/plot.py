@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import io
 import json
-from pathlib import Path
+import os
+
+from etils import epath
+
+from twomamba_jax.train.workdir import path as workdir_path
 
 
-def read_metrics(workdir: str | Path) -> list[dict]:
-    path = Path(workdir) / "metrics.jsonl"
+def read_metrics(workdir: str | os.PathLike) -> list[dict]:
+    path = workdir_path(workdir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"workdirs: {workdir} has no metrics.jsonl (not a twomamba-train work directory?)")
     return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
-def plot_runs(workdirs: list[str], output: str | Path) -> Path:
+def plot_runs(workdirs: list[str], output: str | os.PathLike) -> epath.Path:
     """Train and eval loss of every run, and eval accuracy where the runs have it; returns the PNG's path."""
     from matplotlib.figure import Figure  # not pyplot: leaves the caller's backend (a notebook's) as it is
 
@@ -37,6 +42,13 @@ def plot_runs(workdirs: list[str], output: str | Path) -> Path:
         axes[0, 1].set(xlabel="step", ylabel="exact-match accuracy", ylim=(0, 1.02), title="eval accuracy")
         axes[0, 1].legend(fontsize=8)
     fig.tight_layout()
-    output = Path(output)
-    fig.savefig(output, dpi=120)
+    return save_figure(fig, output)
+
+
+def save_figure(fig, output: str | os.PathLike) -> epath.Path:
+    """``fig`` as a PNG at ``output`` (any epath location); returns its path."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    output = workdir_path(output)
+    output.write_bytes(buffer.getvalue())
     return output

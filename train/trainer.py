@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 import sys
 import threading
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,7 @@ from twomamba_jax.train.config import TrainConfig, to_dict
 from twomamba_jax.train.data import Batch, Dataset, make_dataset
 from twomamba_jax.train.metrics import MetricsLogger, train_flops_per_token
 from twomamba_jax.train.optim import make_optimizer
+from twomamba_jax.train.workdir import path as workdir_path
 
 PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -251,13 +252,13 @@ def check_same_data(previous: dict, config: TrainConfig, step: int) -> None:
                              f"--config.allow_data_change=true to resume with the new data")
 
 
-def train(config: TrainConfig, workdir: str | Path, *, stop_after: int | None = None, stream=sys.stdout) -> dict:
+def train(config: TrainConfig, workdir: str | os.PathLike, *, stop_after: int | None = None, stream=sys.stdout) -> dict:
     """Trains (or resumes, from the latest checkpoint in ``workdir``) to ``config.steps``; returns the summary.
 
     stop_after: stop (with a checkpoint) once this step is done, as if stopped by SIGTERM; for tests and
     time-boxed jobs.
     """
-    workdir = Path(workdir)
+    workdir = workdir_path(workdir)
     run = setup(config)
     is_main = jax.process_index() == 0
     config_file = workdir / "config.json"

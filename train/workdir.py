@@ -1,15 +1,17 @@
-"""A training work directory read back for use: its config, the model with the newest checkpoint's parameters, and
+"""Training work directories: ``path`` (any ``etils.epath`` location: a local directory or ``gs://bucket/...``) and
+``load``, a work directory read back for use: its config, the model with the newest checkpoint's parameters, and
 the tokenizer of its data."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import typing
-from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from twomamba_jax import nn
@@ -26,12 +28,25 @@ class Trained:
     tokenizer: object | None  # None for the synthetic tasks (their inputs are token ids)
 
 
-def load(workdir: str | Path) -> Trained:
+def path(location: str | os.PathLike) -> epath.Path:
+    """A work directory (or a file in one) as an ``epath.Path``: local paths made absolute, URIs (``gs://``,
+    ``s3://``) as they are. Everything the trainer writes goes through it, never bare ``open`` or ``pathlib``."""
+    location = os.fspath(location)
+    return epath.Path(location if is_remote(location) else os.path.abspath(location))
+
+
+def is_remote(location: str | os.PathLike) -> bool:
+    """Whether a location is an object store (``scheme://``), where files cannot be appended to or renamed
+    atomically."""
+    return "://" in os.fspath(location)
+
+
+def load(workdir: str | os.PathLike) -> Trained:
     """The newest checkpoint of a ``twomamba-train`` work directory, on the default device; a directory that is
     not one, or holds no checkpoint, is a ValueError saying so."""
     from twomamba_jax.train.trainer import model_config  # the trainer's own mapping from config to model
 
-    workdir = Path(workdir)
+    workdir = path(workdir)
     config_file = workdir / "config.json"
     if not config_file.is_file():
         raise ValueError(f"workdir: {str(workdir)!r} has no config.json (expected a twomamba-train work directory)")
@@ -39,7 +54,7 @@ def load(workdir: str | Path) -> Trained:
     checkpoints = workdir / "checkpoints"
     if not checkpoints.is_dir():
         raise _no_checkpoint(workdir)
-    with ocp.CheckpointManager(checkpoints.absolute()) as manager:
+    with ocp.CheckpointManager(checkpoints) as manager:
         step = manager.latest_step()
         if step is None:
             raise _no_checkpoint(workdir)
@@ -58,7 +73,7 @@ def load(workdir: str | Path) -> Trained:
     return Trained(config=config, model=nnx.merge(graphdef, abstract), step=step, tokenizer=tokenizer)
 
 
-def _no_checkpoint(workdir: Path) -> ValueError:
+def _no_checkpoint(workdir: epath.Path) -> ValueError:
     return ValueError(f"workdir: {str(workdir)!r} holds no checkpoint yet (train first: twomamba-train "
                       f"--workdir {workdir})")
 
