@@ -286,10 +286,17 @@ def _tile_weights(s, g_row, key_decay, row_max, *, power, normalize, scale, diag
         return p, jnp.exp2(row_max - new_max), new_max
     if diagonal:  # g_i - g_j, masked: exp(g_i) exp(-g_j) could overflow
         s = s * scale
-        decay = jnp.exp2(jnp.where(mask, jnp.minimum(rows_plus_cols(g_row, key_decay, tile), 0.0), -jnp.inf))
+        decay = diagonal_decay(rows_plus_cols(g_row, key_decay, tile), mask)
     else:  # one factor per key (<= 1); the rows' are in q'
         decay = lax.broadcast_in_dim(jnp.exp2(key_decay), tile, [1])
     return (s if power == 1 else s * s) * decay, None, row_max
+
+
+def diagonal_decay(log_decay, mask):
+    """``exp2(g_i - g_j)`` of a diagonal tile from its base-2 log-decays, exactly 0 where ``mask`` is False
+    (masked before the exponential: a positive difference there could overflow, and inf * 0 is NaN)."""
+    return jnp.exp2(jnp.where(mask, jnp.minimum(log_decay, 0.0), -jnp.inf))
+
 
 def rows_plus_cols(row_vector, col_vector, shape):
     """``row_vector[i] + col_vector[j]`` over a (rows, cols) tile in the wgmma layout."""

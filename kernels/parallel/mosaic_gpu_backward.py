@@ -10,11 +10,12 @@ makes dq, as FlashAttention-3 does: dS goes through shared memory into a fifth m
 and the (64, dk) product is added into a float32 dq in global memory by a TMA reduction (dq's sums run in no fixed
 order: not bitwise reproducible from run to run); both compute warpgroups add into the same array. The row sums of
 T are not summed per tile (a sum over a tile's keys crosses warps, through scratch that the two warpgroups would
-share) but come from the gradients (see ``_backward_power``). exp runs two kernels, as FlashAttention-2: a dq pass laid out as the forward (one program
-per 128-token decay block, 128-token key tiles walked back from the one before the diagonal, the diagonal last),
-which sums T's rows, and a dk/dv pass laid out as the powers' kernel, which sums its columns. (exp in the one
-kernel, its row sums through dS^T times a tile of ones, measured 1.41x-1.49x cuDNN's time against the two passes'
-1.32x-1.36x.) All read and write token-major (B, N, H, d) tiles; dq, dk, dv leave in the operands' dtypes.
+share) but come from the gradients (see ``_backward_power``). exp runs two kernels, as FlashAttention-2: a dq pass
+laid out as the forward (one program per 128-token decay block, 128-token key tiles walked back from the one before
+the diagonal, the diagonal last), which sums T's rows, and a dk/dv pass laid out as the powers' kernel, which sums
+its columns. (exp in the one kernel, its row sums through dS^T times a tile of ones, measured 1.41x-1.49x cuDNN's
+time against the two passes' 1.32x-1.36x.) All read and write token-major (B, N, H, d) tiles; dq, dk, dv leave in
+the operands' dtypes.
 
 Per tile, with W the weights, dW their cotangent and T = dW * W the log-decay cotangent (its row sums and column
 sums give the per-token cotangent):
@@ -42,9 +43,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from twomamba_jax.kernels.layout import heads_first
 from twomamba_jax.kernels.parallel.mosaic_gpu import (BLOCK, KEY_TILE, LOG2E, ROWS_PER_PROGRAM, causal_mask,
-                                                      decay_operands, fold_rows, head_indices, interpret_params,
-                                                      key_ring, launch, matmul, matmul_into, ring_copies,
-                                                      rows_plus_cols, scratch_types, smem_tile, stream)
+                                                      decay_operands, diagonal_decay, fold_rows, head_indices,
+                                                      interpret_params, key_ring, launch, matmul, matmul_into,
+                                                      ring_copies, rows_plus_cols, scratch_types, smem_tile,
+                                                      stream)
 
 _WGMMA = plgpu.Layout.WGMMA
 
@@ -276,8 +278,7 @@ def _power_tile(s, dp, kd_row, r, g_col, delta, *, power, scale, diagonal):
     shape = s.shape
     d_w = dp - lax.broadcast_in_dim(delta, shape, [1])
     if diagonal:  # g_i - g_j, masked: exp(g_i) exp(-g_j) could overflow
-        log_decay = jnp.minimum(rows_plus_cols(kd_row + r, g_col, shape), 0.0)
-        decay = jnp.exp2(jnp.where(causal_mask(shape, transposed=True), log_decay, -jnp.inf))
+        decay = diagonal_decay(rows_plus_cols(kd_row + r, g_col, shape), causal_mask(shape, transposed=True))
         s = s * scale
         grad_factor = decay * (power * scale)
     else:  # one factor per query (<= 1); the keys' are in k'
