@@ -39,14 +39,14 @@ PREFETCH_BATCHES = 2  # made by a background thread while the device trains
 READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=128)
 
 
-def row_batch(tokens: np.ndarray, segments: np.ndarray, loss_mask: np.ndarray | None = None) -> Batch:
-    """A batch from rows of ``seq_len + 1`` tokens (``segments`` 0 on padding): the loss counts every target whose
-    input and target are both tokens, unless ``loss_mask`` (rows, seq_len) says which."""
+def training_row(tokens: np.ndarray, segments: np.ndarray, loss_mask: np.ndarray | None = None) -> Batch:
+    """One row of a batch from ``seq_len + 1`` tokens (``segments`` 0 on padding): the loss counts every target
+    whose input and target are both tokens, unless ``loss_mask`` (seq_len,) says which."""
     valid = segments > 0
     if loss_mask is None:
-        loss_mask = (valid[:, 1:] & valid[:, :-1]).astype(np.float32)
-    return dict(inputs=tokens[:, :-1].astype(np.int32), targets=tokens[:, 1:].astype(np.int32),
-                loss_mask=loss_mask, segment_ids=segments[:, :-1].astype(np.int32))
+        loss_mask = (valid[1:] & valid[:-1]).astype(np.float32)
+    return dict(inputs=tokens[:-1].astype(np.int32), targets=tokens[1:].astype(np.int32),
+                loss_mask=loss_mask.astype(np.float32), segment_ids=segments[:-1].astype(np.int32))
 
 
 class Dataset:
@@ -99,8 +99,7 @@ class SyntheticDataset(Dataset):
     def _row(self, split: str, index: int) -> Batch:
         tokens, mask = synthetic.TASKS[self._task](self._seed, split, index, seq_len=self.seq_len,
                                                     vocab_size=self.vocab_size, num_kv_pairs=self._num_kv_pairs)
-        batch = row_batch(tokens[None], np.ones((1, self.seq_len + 1), np.int32), mask[None].astype(np.float32))
-        return {key: value[0] for key, value in batch.items()}
+        return training_row(tokens, np.ones(self.seq_len + 1, np.int32), mask)
 
     def _global_row(self, local: int) -> int:
         """The task row of this process's ``local``-th training row."""
@@ -151,8 +150,7 @@ class TextDataset(Dataset):
         return rows.map(self._one_row)
 
     def _one_row(self, row: dict) -> Batch:
-        batch = row_batch(row["tokens"][None], row["tokens_segment_ids"][None])
-        return {key: value[0] for key, value in batch.items()}
+        return training_row(row["tokens"], row["tokens_segment_ids"])
 
     def _mixed(self, row: dict, rng: np.random.Generator) -> dict:
         """The row, or, with probability ``niah_fraction`` (drawn from the seed and the row's place in the stream,
