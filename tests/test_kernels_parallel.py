@@ -34,12 +34,13 @@ CASES += [("tpu", 128, dtype, p, "softmax", True) for dtype in (jnp.float32, jnp
 CASES = [(*case, 2) for case in CASES]  # the last field: key heads (of 4 query heads)
 # The Hopper (Mosaic GPU) kernels in the Mosaic GPU interpreter (bfloat16, head dims multiples of 64, 128-token
 # programs and decay blocks, 128- and 64-token tiles: N = 130 gives two programs, diagonal and off-diagonal tiles
-# and a ragged end), forward and backward. Six cases (the interpreter takes ~30 s each): every power, normalized
-# and not, grouped keys (dk and dv summed in float32 after the kernel) and not (written by the kernel in bfloat16),
-# d 64 and 128, with and without decay.
+# and a ragged end), forward and backward: every power, normalized and not, grouped keys (dk and dv summed in float32
+# after the kernel) and not (written by the kernel in bfloat16), with and without decay, at d 64 (the powers' one
+# backward kernel) and 128 (their two-pass backward, as exp's). The interpreter takes ~30 s a case.
 CASES += [("mosaic_gpu", 64, jnp.bfloat16, p, n, True, kv) for p, n, kv in (
     (2, "softmax", 2), (2, None, 4), ("exp", "softmax", 2), ("exp", None, 4), (1, None, 2))]
-CASES += [("mosaic_gpu", 128, jnp.bfloat16, 2, "softmax", False, 2)]
+CASES += [("mosaic_gpu", 128, jnp.bfloat16, p, n, d, kv) for p, n, d, kv in (
+    (2, "softmax", True, 2), ("exp", None, True, 4), (1, None, False, 4))]
 BLOCKS = {"triton": 16, "tpu": 16, "mosaic_gpu": 128}
 LENGTHS = {"triton": 37, "tpu": 37, "mosaic_gpu": 130}
 
@@ -150,14 +151,15 @@ def test_tpu_kernels_lower_to_mosaic_on_cpu(power, normalize):
         assert f"twomamba_parallel_{kernel}" in text, kernel
 
 
-@pytest.mark.parametrize("power,kernels", [(2, ("forward", "backward")), ("exp", ("forward", "dq", "dkv"))])
-def test_hopper_kernels_take_token_major_arrays_without_transposes(power, kernels):
+@pytest.mark.parametrize("power,dim,kernels", [(2, 64, ("forward", "backward")), ("exp", 64, ("forward", "dq", "dkv")),
+                                              (2, 128, ("forward", "dq", "dkv"))])
+def test_hopper_kernels_take_token_major_arrays_without_transposes(power, dim, kernels):
     """Lowered for an H200 on CPU, forward + backward of the Mosaic GPU path calls its kernels (one backward kernel
-    for powers, two for exp) and transposes only per-token (B, N, H) vectors, never a (B, N, H, d) array: the
-    kernels read the model's layout."""
+    for powers at d = 64, two for exp and at d = 128) and transposes only per-token (B, N, H) vectors, never a
+    (B, N, H, d) array: the kernels read the model's layout."""
     device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
-    queries, keys = jax.ShapeDtypeStruct((2, 256, 4, 64), jnp.bfloat16), jax.ShapeDtypeStruct((2, 256, 2, 64),
-                                                                                                jnp.bfloat16)
+    queries, keys = jax.ShapeDtypeStruct((2, 256, 4, dim), jnp.bfloat16), jax.ShapeDtypeStruct((2, 256, 2, dim),
+                                                                                                 jnp.bfloat16)
 
     def loss(q, k, v, a):
         return jnp.sum(parallel_attention_pallas(q, k, v, a, power=power, normalize="softmax", scale=0.125,
@@ -203,7 +205,7 @@ def test_hopper_kernels_reuse_their_ring_slots(rng, power, normalize):
         assert rel_error(g, e) < GRADIENT_TOLERANCES[jnp.bfloat16], name
 
 
-@pytest.mark.parametrize("dim,dtype,expected", [(64, jnp.bfloat16, "mosaic_gpu"), (128, jnp.bfloat16, "triton"),
+@pytest.mark.parametrize("dim,dtype,expected", [(64, jnp.bfloat16, "mosaic_gpu"), (128, jnp.bfloat16, "mosaic_gpu"),
                                                 (32, jnp.bfloat16, "triton"), (64, jnp.float32, "triton")])
 def test_hopper_gpus_take_the_mosaic_gpu_kernels(monkeypatch, dim, dtype, expected):
     from twomamba_jax.ops import api

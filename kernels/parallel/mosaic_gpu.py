@@ -81,7 +81,9 @@ def forward(q, k, v, g_local, totals, *, power, normalize, scale, stages=2, inte
     own = {"q": ((BLOCK, dk), dtype), "g": ((BLOCK,), jnp.float32)}
     ring = {"k": ((KEY_TILE, dk), dtype), "v": ((KEY_TILE, dv), dtype), "kd": ((KEY_TILE,), jnp.float32)}
     scratch = scratch_types(ring, own, stages, dtype, interpret, staging_cols=KEY_TILE)
-    scratch.update(y_smem=smem_tile((2, BLOCK, dv), v.dtype), stat_smem=plgpu.SMEM((2, BLOCK), jnp.float32))
+    scratch.update(stat_smem=plgpu.SMEM((2, BLOCK), jnp.float32))
+    if (dv, v.dtype) != (dk, dtype):  # else y leaves through the query tile (shared memory at head dim 128)
+        scratch.update(y_smem=smem_tile((2, BLOCK, dv), v.dtype))
     if power != "exp":  # the folded queries, made by the kernel
         scratch.update(q_main_smem=smem_tile((2, BLOCK, dk), dtype))
     out_type = (jax.ShapeDtypeStruct((batch, padded, heads, dv), v.dtype),
@@ -208,8 +210,8 @@ def matmul_into(acc, a, b, staging=None):
 
 
 def _kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, y_ref, stat_ref, *, q_smem, k_smem, v_smem, kd_smem,
-            g_smem, y_smem, stat_smem, q_bar, g_bar, k_bar, v_bar, kd_bar, consumed_bar, power, normalize, scale,
-            num_heads, group, stages, dtype, dv, q_main_smem=None, staging_smem=None):
+            g_smem, stat_smem, q_bar, g_bar, k_bar, v_bar, kd_bar, consumed_bar, power, normalize, scale,
+            num_heads, group, stages, dtype, dv, y_smem=None, q_main_smem=None, staging_smem=None):
     head, batch, query_head, key_head = head_indices(num_heads, group)
     program, wg = lax.axis_index("rows"), lax.axis_index("wg")
     walk = program + 1  # key tiles p, p - 1, ..., 0: the diagonal first
@@ -262,10 +264,11 @@ def _kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, y_ref, stat_ref, *, q_sme
         stat = (row_max + jnp.log2(den)) / LOG2E if power == "exp" and normalize else den
         if normalize:
             acc = acc * lax.broadcast_in_dim(1.0 / jnp.maximum(den, NORMALIZER_EPS), acc.shape, [0])
-        y_smem.at[wg][...] = acc.astype(y_smem.dtype)
+        y_tile = (q_smem if y_smem is None else y_smem).at[wg]  # the walk's matmuls have read q
+        y_tile[...] = acc.astype(y_tile.dtype)
         stat_smem.at[wg][...] = stat
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(y_smem.at[wg], y_ref.at[batch, rows, query_head])
+        plgpu.copy_smem_to_gmem(y_tile, y_ref.at[batch, rows, query_head])
         plgpu.copy_smem_to_gmem(stat_smem.at[wg], stat_ref.at[head, rows])
         plgpu.wait_smem_to_gmem(0)
 

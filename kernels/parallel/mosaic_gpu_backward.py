@@ -10,12 +10,13 @@ makes dq, as FlashAttention-3 does: dS goes through shared memory into a fifth m
 and the (64, dk) product is added into a float32 dq in global memory by a TMA reduction (dq's sums run in no fixed
 order: not bitwise reproducible from run to run); both compute warpgroups add into the same array. The row sums of
 T are not summed per tile (a sum over a tile's keys crosses warps, through scratch that the two warpgroups would
-share) but come from the gradients (see ``_backward_power``). exp runs two kernels, as FlashAttention-2: a dq pass
-laid out as the forward (one program per 128-token decay block, 128-token key tiles walked back from the one before
-the diagonal, the diagonal last), which sums T's rows, and a dk/dv pass laid out as the powers' kernel, which sums
-its columns. (exp in the one kernel, its row sums through dS^T times a tile of ones, measured 1.41x-1.49x cuDNN's
-time against the two passes' 1.32x-1.36x.) All read and write token-major (B, N, H, d) tiles; dq, dk, dv leave in
-the operands' dtypes.
+share) but come from the gradients (see ``_backward_power``). exp, and powers at head dim 128 (where that kernel's
+accumulators do not fit a thread's registers), run two kernels, as FlashAttention-2 (``_backward_two_pass``): a dq
+pass laid out as the forward (one program per 128-token decay block, 128-token key tiles walked back from the one
+before the diagonal, the diagonal last), which sums T's rows, and a dk/dv pass laid out as the powers' kernel,
+which sums its columns. (exp in the one kernel, its row sums through dS^T times a tile of ones, measured
+1.41x-1.49x cuDNN's time against the two passes' 1.32x-1.36x.) All read and write token-major (B, N, H, d) tiles;
+dq, dk, dv leave in the operands' dtypes.
 
 Per tile, with W the weights, dW their cotangent and T = dW * W the log-decay cotangent (its row sums and column
 sums give the per-token cotangent):
@@ -26,6 +27,9 @@ sums give the per-token cotangent):
   factor per query, c_i = exp(g_i + r): with s' = k'.q, W = s'^p c and dS = p dW c s'^(p-1), dq = dS^T k' as it
   is and dk = exp(kd_j/p) scale (dS q), the row factor applied once at the end; diagonal tiles use the unscaled
   k (s = scale k.q) with a masked decay, dS carrying the scale, and add into the same dq;
+- powers in the two passes keep no folded copy (shared memory): every tile takes the unscaled s = q.k, off the
+  diagonal with the decay as the product of a per-query and a per-key factor, both <= 1 (scale^p in one of them),
+  W = s^p (factor) and dS = p s^(p-1) (factor) dW, so the diagonal and the other tiles add into one accumulator;
 - exp: W = exp2(s + g_i + kd_j + r - L_i) with s = scale log2(e) q.k and L the forward's log-normalizer (0 when
   unnormalized), ds = dW * W.
 Accumulators are updated in place by wgmma on the GPU (``matmul_into``).
@@ -49,6 +53,10 @@ from twomamba_jax.kernels.parallel.mosaic_gpu import (BLOCK, KEY_TILE, LOG2E, RO
                                                       stream)
 
 _WGMMA = plgpu.Layout.WGMMA
+# Head dims up to which the powers' backward is one kernel (dq added by TMA from the dk/dv walk): at 128 its five
+# accumulators (dk, dv, the dq product and two score tiles) exceed a thread's registers, and its tiles 227 KB of
+# shared memory; the two-pass kernels (as exp's) then run.
+FUSED_DQ_MAX_DIM = 64
 
 
 def backward(q, k, v, g_local, totals, d_out, stat, delta, *, power, normalize, scale, stages=2, interpret=False):
@@ -66,13 +74,17 @@ def backward(q, k, v, g_local, totals, d_out, stat, delta, *, power, normalize, 
     interpret = interpret_params(interpret)
     if power == "exp":
         log_normalizer = stat * LOG2E if normalize else jnp.zeros_like(stat)
-        return _backward_exp(q, k, v, g_local, totals, d_out.astype(q.dtype), log_normalizer, delta, scale=scale,
-                             stages=stages, interpret=interpret)
+        return _backward_two_pass(q, k, v, g_local, totals, d_out.astype(q.dtype), delta, log_normalizer,
+                                  power=power, scale=scale, stages=stages, interpret=interpret)
     if normalize:  # dW = (dy.v - delta) / den: fold the division into dy and delta
         per_token = stat.reshape(batch, heads, padded).transpose(0, 2, 1)[..., None]
         d_out, delta = d_out.astype(jnp.float32) / per_token, delta / stat
-    return _backward_power(q, k, v, g_local, totals, d_out.astype(q.dtype), delta, power=power, scale=scale,
-                           stages=stages, interpret=interpret)
+    d_out = d_out.astype(q.dtype)
+    if max(q.shape[-1], v.shape[-1]) > FUSED_DQ_MAX_DIM:
+        return _backward_two_pass(q, k, v, g_local, totals, d_out, delta, None, power=power, scale=scale,
+                                  stages=stages, interpret=interpret)
+    return _backward_power(q, k, v, g_local, totals, d_out, delta, power=power, scale=scale, stages=stages,
+                           interpret=interpret)
 
 
 def _backward_power(q, k, v, g_local, totals, d_out, delta, *, power, scale, stages, interpret):
@@ -131,7 +143,7 @@ def _power_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, dy_ref, delta_ref, 
     program, wg = lax.axis_index("rows"), lax.axis_index("wg")
     first_tile = 2 * program
     walk = num_blocks - first_tile
-    wait_tile = _stream_query_tiles(smem, stages, first_tile, walk, {"q": q_ref, "dy": dy_ref},
+    wait_tile = _stream_query_tiles(smem, stages, lambda step: first_tile + step, walk, {"q": q_ref, "dy": dy_ref},
                                     {"g": g_ref, "delta": delta_ref}, batch=batch, head=head, query_head=query_head)
 
     @pl.when(wg < 2)
@@ -175,7 +187,7 @@ def _power_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, dy_ref, delta_ref, 
             dq = matmul(ds_smem.transpose((1, 0)), keys, (BLOCK, dk))  # (queries, dk)
             plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
             rows = pl.ds((first_tile + step) * BLOCK, BLOCK)
-            _to_global([(dq, f32_smem, dq_copy.at[batch, rows, query_head], True, total)])
+            _add_to_global(dq, f32_smem, dq_copy.at[batch, rows, query_head], total)
             return dk_acc, dv_acc, r + t_ref[head, first_tile + step]
 
         @pl.when(wg == 1)  # query tile 2p precedes this warpgroup's keys
@@ -189,32 +201,40 @@ def _power_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, dy_ref, delta_ref, 
                                                                                             layout=_WGMMA)
         d_cols = jnp.sum(plgpu.load(k_smem, layout=_WGMMA).astype(jnp.float32) * dk_acc, axis=1) / power
         dk_out = smem["dk_smem"].at[wg] if "dk_smem" in smem else dk_diag_smem
-        _to_global([(dk_acc, dk_out, dk_ref.at[batch, cols, query_head], False, None),
-                    (dv_acc, smem["dv_smem"].at[wg], dv_ref.at[batch, cols, query_head], False, None),
-                    (d_cols, smem["cols_smem"].at[wg], cols_ref.at[head, cols], False, None)])
-        plgpu.wait_smem_to_gmem(0)
+        _to_global([(dk_acc, dk_out, dk_ref.at[batch, cols, query_head]),
+                    (dv_acc, smem["dv_smem"].at[wg], dv_ref.at[batch, cols, query_head]),
+                    (d_cols, smem["cols_smem"].at[wg], cols_ref.at[head, cols])])
 
 
-def _backward_exp(q, k, v, g_local, totals, d_out, log_normalizer, delta, *, scale, stages, interpret):
-    """exp: a dq pass laid out as the forward (128-token decay blocks and key tiles, which also sums T's rows) and
-    a dk/dv pass (64 keys per warpgroup, 64-token decay blocks and query tiles, which sums T's columns)."""
+def _backward_two_pass(q, k, v, g_local, totals, d_out, delta, log_normalizer, *, power, scale, stages,
+                       interpret):
+    """Two kernels, as FlashAttention-2: a dq pass laid out as the forward (one program per 128-token decay block,
+    128-token key tiles walked back from the one before the diagonal, the diagonal last), which sums T's rows, and
+    a dk/dv pass (64 keys per warpgroup, 64-token decay blocks and query tiles), which sums its columns. exp at
+    every head dim; powers where the fused kernel's registers do not suffice (head dims over
+    ``FUSED_DQ_MAX_DIM``): their tiles take the unscaled q.k with the decay as a product of a per-query and a
+    per-key factor (both <= 1), so neither pass keeps a folded copy of its own tile (shared memory at d = 128).
+    ``log_normalizer``: exp's (B H, Np) base-2 log-normalizer (zeros when unnormalized); None for powers."""
     batch, padded, heads, dk = q.shape
     kv_heads, dv, dtype = k.shape[2], v.shape[-1], q.dtype
     group = heads // kv_heads
     f32 = jnp.float32
+    vectors = ("g", "delta") if log_normalizer is None else ("g", "lse", "delta")
 
     def args(decay_blocks):  # each pass's operands, for its decay blocks
         key_decay, g_rows, block_totals = decay_operands(*decay_blocks)
-        return q, k, v, key_decay, g_rows, block_totals, d_out, log_normalizer, delta
+        per_token = {"g": g_rows, "lse": log_normalizer, "delta": delta}
+        return (q, k, v, key_decay, block_totals, d_out, *(per_token[name] for name in vectors))
 
-    options = dict(scale=scale, num_heads=heads, group=group, stages=stages, dk=dk, dv=dv,
-                   num_blocks=padded // BLOCK, interpret=interpret)
-    per_token = {name: ((BLOCK,), f32) for name in ("g", "lse", "delta")}
+    options = dict(power=power, scale=scale, vectors=vectors, num_heads=heads, group=group, stages=stages,
+                   interpret=interpret)
+    per_token = {name: ((BLOCK,), f32) for name in vectors}
     dq, d_rows = _launch(
         "twomamba_mosaic_dq", _dq_kernel, args((g_local, totals)),
         {"dq": ((batch, padded, heads, dk), dtype), "rows": ((batch * heads, padded), f32)},
         ring={"k": ((KEY_TILE, dk), dtype), "v": ((KEY_TILE, dv), dtype), "kd": ((KEY_TILE,), f32)},
-        own={"q": ((BLOCK, dk), dtype), "dy": ((BLOCK, dv), dtype), **per_token}, staging_cols=KEY_TILE, **options)
+        own={"q": ((BLOCK, dk), dtype), "dy": ((BLOCK, dv), dtype), **per_token}, staging_cols=KEY_TILE,
+        staged_in_own={"dq": "q"}, **options)
     # Per query head: the key heads of a group are summed after, in float32.
     dk_dtype, dv_dtype = (k.dtype, v.dtype) if group == 1 else (f32, f32)
     dk_, dv_, d_cols = _launch(
@@ -238,27 +258,41 @@ def _halve_blocks(g_local, totals):
     return g.reshape(g_local.shape), jnp.stack([first, totals - first], axis=-1).reshape(totals.shape[0], -1)
 
 
-def _launch(name, body, args, outputs, *, ring, own, interpret, stages, staging_cols, **options):
+def _launch(name, body, args, outputs, *, ring, own, interpret, stages, staging_cols, staged_in_own=None,
+            **options):
     """``body`` over (B H, 128-row program) with ``ring`` (name -> per-step tile) streamed by the memory
-    warpgroup, ``own`` tiles per compute warpgroup and ``outputs`` (name -> (shape, dtype)), each staged through
-    a shared-memory tile ``NAME_out_smem``."""
+    warpgroup, ``own`` tiles per compute warpgroup and ``outputs`` (name -> (shape, dtype)). Each output leaves
+    through a shared-memory tile: the own tile ``staged_in_own`` names for it (free once the walk is done), else
+    one allocated per (columns, dtype), ``out_tile(smem, columns, dtype)``, which outputs of the same kind share
+    one after the other (shared memory: at head dim 128 two float32 tiles would not fit)."""
     scratch = scratch_types(ring, own, stages, args[0].dtype, interpret, staging_cols=staging_cols)
+    staged_in_own = staged_in_own or {}
     for out, (shape, dtype) in outputs.items():
-        scratch[f"{out}_out_smem"] = (smem_tile((2, BLOCK, shape[-1]), dtype) if len(shape) == 4
-                                      else plgpu.SMEM((2, BLOCK), dtype))
+        if out not in staged_in_own:
+            scratch[_out_tile_name(shape[-1] if len(shape) == 4 else None, dtype)] = (
+                smem_tile((2, BLOCK, shape[-1]), dtype) if len(shape) == 4 else plgpu.SMEM((2, BLOCK), dtype))
     out_type = tuple(jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in outputs.values())
     kernel = functools.partial(body, stages=stages, **options)
     bh, padded = args[3].shape
     return launch(name, kernel, out_type, scratch, bh, padded, interpret)(*args)
 
 
-def _stream_query_tiles(smem, stages, first_tile, walk, tiles, vectors, *, batch, head, query_head):
-    """Starts the memory warpgroup on the 64-token query tiles ``first_tile``, ``first_tile + 1``, ... (``walk``
-    of them; the passes over query tiles): ``tiles`` (name -> (B, Np, H, d) ref, read at the query head) and
-    ``vectors`` (name -> (B H, Np) ref) each into its ring ``NAME_smem``. Returns ``wait_tile(slot)``."""
+def _out_tile_name(columns, dtype):
+    return f"out_{columns or 'vector'}_{jnp.dtype(dtype).name}_smem"
+
+
+def out_tile(smem, columns, dtype):
+    """A kernel's output staging tile of ``columns`` (None for per-token vectors) and ``dtype`` (see ``_launch``)."""
+    return smem[_out_tile_name(columns, dtype)]
+
+
+def _stream_query_tiles(smem, stages, tile_of_step, walk, tiles, vectors, *, batch, head, query_head):
+    """Starts the memory warpgroup on ``walk`` 64-token query tiles, ``tile_of_step(step)`` at each step (the passes
+    over query tiles): ``tiles`` (name -> (B, Np, H, d) ref, read at the query head) and ``vectors`` (name -> (B H,
+    Np) ref) each into its ring ``NAME_smem``. Returns ``wait_tile(slot)``."""
     ring = [(name, lambda rows, src=src: src.at[batch, rows, query_head]) for name, src in tiles.items()]
     ring += [(name, lambda rows, src=src: src.at[head, rows]) for name, src in vectors.items()]
-    issue, wait_tile = ring_copies(ring, smem, lambda step: first_tile + step, BLOCK)
+    issue, wait_tile = ring_copies(ring, smem, tile_of_step, BLOCK)
     pl.when(lax.axis_index("wg") == 2)(lambda: stream(walk, stages, smem["consumed_bar"], issue))
     return wait_tile
 
@@ -289,23 +323,60 @@ def _power_tile(s, dp, kd_row, r, g_col, delta, *, power, scale, diagonal):
     return w, (d_w * grad_factor if power == 1 else d_w * grad_factor * s)
 
 
-def _exp_tile(s, dp, log_decay, delta, lse, *, diagonal, transposed, row_offset):
-    """(W, dS) of one exp tile, dS = dW * W (also T, the log-decay cotangent); ``row_offset``: the first row's
-    index in the diagonal block (the tile's columns start at its beginning)."""
+def _tile_grads(s, dp, own_decay, other_decay, r, delta, lse, *, power, scale, diagonal, transposed, row_offset):
+    """(W, dS, T) of one tile of the two-pass backward from its unscaled q.k (or k.q when ``transposed``: rows are
+    keys) ``s`` and dy.v ``dp``: W the weights, dS the matmul operand of dq and dk (times ``_grad_scale`` after),
+    T = dW * W the log-decay cotangent. The tile's base-2 log-decay is ``own_decay[i] + other_decay[j] + r``: the
+    rows' part (the same for every tile of the walk), the columns' and the blocks' between (all <= 0 off the
+    diagonal); on the diagonal it is masked (``row_offset``: the first row's index in the diagonal block). Off the
+    diagonal the powers leave out the rows' factor ``_row_factor`` (no per-element exponential: one factor per
+    column), which the kernels apply to their accumulators after those tiles. ``delta``, ``lse`` (exp only) per
+    query."""
     shape = s.shape
     along = [1] if transposed else [0]  # the query axis of the tile
-    logits = s + log_decay - lax.broadcast_in_dim(lse, shape, along)
+    d_w = dp - lax.broadcast_in_dim(delta, shape, along)
+    mask = causal_mask(shape, transposed, row_offset) if diagonal else None
+    if power == "exp":
+        logits = s * (scale * LOG2E) + rows_plus_cols(own_decay, other_decay + r, shape) - lax.broadcast_in_dim(
+            lse, shape, along)
+        if diagonal:
+            logits = jnp.where(mask, logits, -jnp.inf)
+        w = jnp.exp2(logits)
+        t = d_w * w
+        return w, t, t
     if diagonal:
-        logits = jnp.where(causal_mask(shape, transposed, row_offset), logits, -jnp.inf)
-    w = jnp.exp2(logits)
-    return w, (dp - lax.broadcast_in_dim(delta, shape, along)) * w
+        factor = diagonal_decay(rows_plus_cols(own_decay, other_decay + r, shape), mask) * scale**power
+    else:
+        factor = lax.broadcast_in_dim(jnp.exp2(other_decay + r), shape, [1])
+    if power == 1:
+        w, d_s = s * factor, d_w * factor
+    else:
+        s_factor = s * factor
+        w, d_s = s * s_factor, d_w * s_factor * 2.0
+    return w, d_s, d_w * w
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, dy_ref, lse_ref, delta_ref, dq_ref, rows_ref, *, scale,
-               num_heads, group, stages, dk, dv, num_blocks, **smem):
-    del dv, num_blocks  # the dk/dv pass's
+def _row_factor(own_decay, power, scale):
+    """What the powers' off-diagonal tiles of ``_tile_grads`` leave out, per row (<= 1): applied once to the sums
+    over those tiles, which are linear in it."""
+    return scale**power * jnp.exp2(own_decay)
+
+
+def _times_rows(factor, *accumulators):
+    """Each (rows, ...) accumulator times ``factor`` (rows,) along its first axis."""
+    return tuple(x * (factor if x.ndim == 1 else lax.broadcast_in_dim(factor, x.shape, [0])) for x in accumulators)
+
+
+def _grad_scale(power, scale):
+    """What dq and dk are multiplied by after the walk: exp's dS is d(logits), the logits being scale q.k."""
+    return scale if power == "exp" else 1.0
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, kd_ref, t_ref, dy_ref, *refs, power, scale, vectors, num_heads, group,
+               stages, **smem):
     head, batch, query_head, key_head = head_indices(num_heads, group)
     program, wg = lax.axis_index("rows"), lax.axis_index("wg")
+    vector_refs, (dq_ref, rows_ref) = dict(zip(vectors, refs)), refs[len(vectors):]
     # Key tiles p - 1, ..., 0, then the diagonal p.
     tile_of_step = lambda step: jnp.where(step < program, program - 1 - step, program)
     issue, wait_tile = ring_copies(key_ring(k_ref, v_ref, kd_ref, head, batch, key_head), smem, tile_of_step)
@@ -316,13 +387,12 @@ def _dq_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, dy_ref, lse_ref, delta
     def _compute():
         plgpu.set_max_registers(232, action="increase")
         rows = pl.ds(program * KEY_TILE + wg * BLOCK, BLOCK)
-        _load_own(wg, [(src, smem[f"{name}_smem"], smem[f"{name}_bar"])
-                       for name, src in (("q", q_ref.at[batch, rows, query_head]),
-                                         ("dy", dy_ref.at[batch, rows, query_head]), ("g", g_ref.at[head, rows]),
-                                         ("lse", lse_ref.at[head, rows]), ("delta", delta_ref.at[head, rows]))])
-        row = functools.partial(plgpu.load, layout=_WGMMA.reduce(1))
-        g_row, lse, delta = row(smem["g_smem"].at[wg]), row(smem["lse_smem"].at[wg]), row(smem["delta_smem"].at[wg])
+        own = [("q", q_ref.at[batch, rows, query_head]), ("dy", dy_ref.at[batch, rows, query_head])]
+        own += [(name, vector_refs[name].at[head, rows]) for name in vectors]
+        _load_own(wg, [(src, smem[f"{name}_smem"], smem[f"{name}_bar"]) for name, src in own])
+        row = {name: plgpu.load(smem[f"{name}_smem"].at[wg], layout=_WGMMA.reduce(1)) for name in vectors}
         staging = smem["staging_smem"].at[wg] if "staging_smem" in smem else None
+        q_tile = smem["q_smem"].at[wg]
         tile = (BLOCK, KEY_TILE)
 
         def visit(step, carry, diagonal):
@@ -331,33 +401,47 @@ def _dq_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, dy_ref, lse_ref, delta
             wait_tile(slot)
             kd_col = plgpu.load(smem["kd_smem"].at[slot], layout=_WGMMA.reduce(0))
             k_tile = smem["k_smem"].at[slot]
-            s = matmul(smem["q_smem"].at[wg], k_tile.transpose((1, 0)), tile) * (scale * LOG2E)
+            s = matmul(q_tile, k_tile.transpose((1, 0)), tile)
             dp = matmul(smem["dy_smem"].at[wg], smem["v_smem"].at[slot].transpose((1, 0)), tile)
-            _, d_s = _exp_tile(s, dp, rows_plus_cols(g_row, kd_col + r, tile), delta, lse, diagonal=diagonal,
-                               transposed=False, row_offset=wg * BLOCK)
+            _, d_s, t = _tile_grads(s, dp, row["g"], kd_col, r, row["delta"], row.get("lse"), power=power,
+                                    scale=scale, diagonal=diagonal, transposed=False, row_offset=wg * BLOCK)
             dq = matmul_into(dq, d_s.astype(k_tile.dtype), k_tile, staging)
-            d_rows = d_rows + d_s.sum(axis=1)
+            d_rows = d_rows + t.sum(axis=1)
             plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
             return dq, d_rows, r + t_ref[head, tile_of_step(step)]
 
-        carry = (plgpu.layout_cast(jnp.zeros((BLOCK, dk), jnp.float32), _WGMMA),
+        carry = (plgpu.layout_cast(jnp.zeros((BLOCK, q_tile.shape[-1]), jnp.float32), _WGMMA),
                  plgpu.layout_cast(jnp.zeros((BLOCK,), jnp.float32), _WGMMA.reduce(1)), jnp.float32(0))
         dq, d_rows, _ = lax.fori_loop(jnp.int32(0), program, functools.partial(visit, diagonal=False), carry)
+        if power != "exp":
+            dq, d_rows = _times_rows(_row_factor(row["g"], power, scale), dq, d_rows)
         dq, d_rows, _ = visit(program, (dq, d_rows, -t_ref[head, program]), diagonal=True)
-        _to_global([(dq * scale, smem["dq_out_smem"].at[wg], dq_ref.at[batch, rows, query_head], False, None),
-                    (d_rows, smem["rows_out_smem"].at[wg], rows_ref.at[head, rows], False, None)])
-        plgpu.wait_smem_to_gmem(0)
+        _to_global([(dq * _grad_scale(power, scale), q_tile, dq_ref.at[batch, rows, query_head]),
+                    (d_rows, out_tile(smem, None, jnp.float32).at[wg], rows_ref.at[head, rows])])
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, dy_ref, lse_ref, delta_ref, dk_ref, dv_ref, cols_ref, *,
-                scale, num_heads, group, stages, dk, dv, num_blocks, **smem):
+def _dkv_kernel(q_ref, k_ref, v_ref, kd_ref, t_ref, dy_ref, *refs, power, scale, vectors, num_heads, group, stages,
+                **smem):
+    """Each compute warpgroup owns 64 keys (block 2p + wg) and walks the 64-token query tiles from its diagonal on.
+    exp visits the diagonal first: the memory warpgroup streams tiles 2p, 2p + 1, ..., the last (the second
+    warpgroup only releases tile 2p). The powers visit it last, since their off-diagonal sums take the rows' factor
+    before it: the stream is 2p + 2, ..., the last, then 2p + 1 (the first warpgroup's last tile off the diagonal,
+    the second's diagonal) and 2p (the first's diagonal; the second only releases it). exp has no rows' factor to
+    take, and keeps the order it was measured in."""
     head, batch, query_head, key_head = head_indices(num_heads, group)
     program, wg = lax.axis_index("rows"), lax.axis_index("wg")
+    vector_refs, (dk_ref, dv_ref, cols_ref) = dict(zip(vectors, refs)), refs[len(vectors):]
     first_tile = 2 * program
-    walk = num_blocks - first_tile
-    wait_tile = _stream_query_tiles(smem, stages, first_tile, walk, {"q": q_ref, "dy": dy_ref},
-                                    {"g": g_ref, "lse": lse_ref, "delta": delta_ref}, batch=batch, head=head,
-                                    query_head=query_head)
+    walk = dk_ref.shape[1] // BLOCK - first_tile
+    diagonal_last = power != "exp"
+    if diagonal_last:
+        tile_of_step = lambda step: jnp.where(step < walk - 2, first_tile + 2 + step, first_tile + walk - 1 - step)
+        diagonal_step, released_step = walk - 1 - wg, walk - 1
+    else:
+        tile_of_step = lambda step: first_tile + step
+        diagonal_step, released_step = wg, 0
+    wait_tile = _stream_query_tiles(smem, stages, tile_of_step, walk, {"q": q_ref, "dy": dy_ref}, vector_refs,
+                                    batch=batch, head=head, query_head=query_head)
 
     @pl.when(wg < 2)
     def _compute():
@@ -369,57 +453,80 @@ def _dkv_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, dy_ref, lse_ref, delt
                        (kd_ref.at[head, cols], smem["kd_smem"], smem["kd_bar"])])
         kd_row = plgpu.load(smem["kd_smem"].at[wg], layout=_WGMMA.reduce(1))
         staging = smem["staging_smem"].at[wg] if "staging_smem" in smem else None
+        k_tile, v_tile = smem["k_smem"].at[wg], smem["v_smem"].at[wg]
         tile = (BLOCK, BLOCK)
-        col = functools.partial(plgpu.load, layout=_WGMMA.reduce(0))
 
         def visit(step, carry, diagonal):
             dk_acc, dv_acc, d_cols, r = carry
             slot = lax.rem(step, jnp.int32(stages))
             wait_tile(slot)
             q_tile, dy_tile = smem["q_smem"].at[slot], smem["dy_smem"].at[slot]
-            g_col, lse, delta = (col(smem[f"{name}_smem"].at[slot]) for name in ("g", "lse", "delta"))
-            s = matmul(smem["k_smem"].at[wg], q_tile.transpose((1, 0)), tile) * (scale * LOG2E)
-            dp = matmul(smem["v_smem"].at[wg], dy_tile.transpose((1, 0)), tile)
-            w, d_s = _exp_tile(s, dp, rows_plus_cols(kd_row + r, g_col, tile), delta, lse, diagonal=diagonal,
-                               transposed=True, row_offset=0)
+            col = {name: plgpu.load(smem[f"{name}_smem"].at[slot], layout=_WGMMA.reduce(0)) for name in vectors}
+            s = matmul(k_tile, q_tile.transpose((1, 0)), tile)
+            dp = matmul(v_tile, dy_tile.transpose((1, 0)), tile)
+            # r: the decay of the blocks between (a running sum); with the diagonal last, the tile right after the
+            # keys' block comes after the others, and has none.
+            query_tile = tile_of_step(step)
+            if diagonal_last and not diagonal:
+                r = jnp.where(query_tile == block + 1, 0.0, r)
+            w, d_s, t = _tile_grads(s, dp, kd_row, col["g"], r, col["delta"], col.get("lse"), power=power,
+                                    scale=scale, diagonal=diagonal, transposed=True, row_offset=0)
             dv_acc = matmul_into(dv_acc, w.astype(dy_tile.dtype), dy_tile, staging)
             dk_acc = matmul_into(dk_acc, d_s.astype(q_tile.dtype), q_tile, staging)
-            d_cols = d_cols + d_s.sum(axis=1)
+            d_cols = d_cols + t.sum(axis=1)
             plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
-            return dk_acc, dv_acc, d_cols, r + t_ref[head, first_tile + step]
+            return dk_acc, dv_acc, d_cols, r + t_ref[head, query_tile]
 
-        @pl.when(wg == 1)  # query tile 2p precedes this warpgroup's keys
-        def _():
-            wait_tile(0)
-            plgpu.barrier_arrive(smem["consumed_bar"].at[0])
+        def release():  # query tile 2p precedes the second warpgroup's keys: it only releases its slot, in turn
+            slot = lax.rem(jnp.int32(released_step), jnp.int32(stages))
+            wait_tile(slot)
+            plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
 
-        carry = (plgpu.layout_cast(jnp.zeros((BLOCK, dk), jnp.float32), _WGMMA),
-                 plgpu.layout_cast(jnp.zeros((BLOCK, dv), jnp.float32), _WGMMA),
-                 plgpu.layout_cast(jnp.zeros((BLOCK,), jnp.float32), _WGMMA.reduce(1)), -t_ref[head, block])
-        carry = visit(wg, carry, diagonal=True)
-        dk_acc, dv_acc, d_cols, _ = lax.fori_loop(wg + 1, walk, functools.partial(visit, diagonal=False), carry)
-        _to_global([(dk_acc * scale, smem["dk_out_smem"].at[wg], dk_ref.at[batch, cols, query_head], False, None),
-                    (dv_acc, smem["dv_out_smem"].at[wg], dv_ref.at[batch, cols, query_head], False, None),
-                    (d_cols, smem["cols_out_smem"].at[wg], cols_ref.at[head, cols], False, None)])
-        plgpu.wait_smem_to_gmem(0)
+        zeros = [plgpu.layout_cast(jnp.zeros((BLOCK, k_tile.shape[-1]), jnp.float32), _WGMMA),
+                 plgpu.layout_cast(jnp.zeros((BLOCK, v_tile.shape[-1]), jnp.float32), _WGMMA),
+                 plgpu.layout_cast(jnp.zeros((BLOCK,), jnp.float32), _WGMMA.reduce(1))]
+        off_diagonal = functools.partial(visit, diagonal=False)
+        if diagonal_last:
+            carry = (*zeros, jnp.where(wg == 0, t_ref[head, first_tile + 1], 0.0))  # r of tile 2p + 2
+            dk_acc, dv_acc, d_cols, _ = lax.fori_loop(0, diagonal_step, off_diagonal, carry)
+            dk_acc, dv_acc, d_cols = _times_rows(_row_factor(kd_row, power, scale), dk_acc, dv_acc, d_cols)
+            dk_acc, dv_acc, d_cols, _ = visit(diagonal_step, (dk_acc, dv_acc, d_cols, -t_ref[head, block]),
+                                              diagonal=True)
+            pl.when(wg == 1)(release)
+        else:
+            pl.when(wg == 1)(release)
+            carry = visit(diagonal_step, (*zeros, -t_ref[head, block]), diagonal=True)
+            dk_acc, dv_acc, d_cols, _ = lax.fori_loop(diagonal_step + 1, walk, off_diagonal, carry)
+
+        _to_global([(dk_acc * _grad_scale(power, scale), out_tile(smem, dk_acc.shape[-1], dk_ref.dtype).at[wg],
+                     dk_ref.at[batch, cols, query_head]),
+                    (dv_acc, out_tile(smem, dv_acc.shape[-1], dv_ref.dtype).at[wg], dv_ref.at[batch, cols, query_head]),
+                    (d_cols, out_tile(smem, None, jnp.float32).at[wg], cols_ref.at[head, cols])])
 
 
 def _to_global(outputs):
-    """Each ``(value, smem, dst, add, total)``: ``value`` -> ``smem`` (once the copies before have left shared
-    memory) -> global ``dst``, added to it when ``add``: a TMA reduction on the GPU; the interpreter has none, so
-    there (``total`` = (a tile like ``smem``, a barrier)) ``dst`` is read, added to and written back (the warpgroup
-    is the only writer of ``dst`` while its program runs, and the interpreter runs programs one at a time)."""
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    interpret = any(add and total is not None for _, _, _, add, total in outputs)
-    for value, smem, dst, add, total in outputs:
-        if add and total is not None:
-            tile, bar = total
-            plgpu.copy_gmem_to_smem(dst, tile, bar)
-            plgpu.barrier_wait(bar)
-            value = value + tile[...]
+    """Each ``(value, smem, dst)`` in turn: ``value`` -> ``smem`` (once the copies before have read it: outputs
+    may share a tile) -> global ``dst``; then waits for the copies to land."""
+    for value, smem, dst in outputs:
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         smem[...] = value.astype(smem.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(smem, dst)
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _add_to_global(value, smem, dst, total):
+    """``dst += value`` through the tile ``smem``: a TMA reduction on the GPU; the interpreter has none, so there
+    (``total`` = (a tile like ``smem``, a barrier)) ``dst`` is read, added to and written back (the warpgroup is
+    the only writer of ``dst`` while its program runs, and the interpreter runs programs one at a time)."""
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    if total is not None:
+        tile, bar = total
+        plgpu.copy_gmem_to_smem(dst, tile, bar)
+        plgpu.barrier_wait(bar)
+        value = value + tile[...]
+    smem[...] = value.astype(smem.dtype)
     plgpu.commit_smem()
-    for _, smem, dst, add, total in outputs:
-        plgpu.copy_smem_to_gmem(smem, dst, reduction_op="add" if add and total is None else None)
-    if interpret:
+    plgpu.copy_smem_to_gmem(smem, dst, reduction_op=None if total is not None else "add")
+    if total is not None:
         plgpu.wait_smem_to_gmem(0)

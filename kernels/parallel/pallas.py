@@ -36,14 +36,12 @@ def unsupported_reason(q, k, v, *, power) -> str | None:
 
 
 def mosaic_gpu_unsupported_reason(q, k, v) -> str | None:
-    """Why the Hopper (Mosaic GPU) kernels are not used for these inputs (the Triton kernels then run), or None.
-
-    Head dim 64 only for now: the kernels take multiples of 64 (and pass the interpreter at 128), but at 128 the
-    backward's shared-memory tiles (~300 KB) exceed the 227 KB a Hopper block can have, and 128 has not run on a
-    GPU yet."""
+    """Why the Hopper (Mosaic GPU) kernels are not used for these inputs (the Triton kernels then run), or None:
+    head dims 64 and 128 (the kernels take multiples of 64, but their shared-memory tiles and registers are sized
+    for these two), bfloat16."""
     for name, dim in (("dk", q.shape[-1]), ("dv", v.shape[-1])):
-        if dim != 64:
-            return f"{name}={dim} (the wgmma kernels are dispatched for head dim 64)"
+        if dim not in (64, 128):
+            return f"{name}={dim} (the wgmma kernels are dispatched for head dims 64 and 128)"
     if q.dtype != jnp.bfloat16:
         return f"dtype {q.dtype} (the wgmma kernels take bfloat16)"
     return None
