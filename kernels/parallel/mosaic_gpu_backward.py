@@ -212,9 +212,10 @@ def _backward_two_pass(q, k, v, g_local, totals, d_out, delta, log_normalizer, *
     128-token key tiles walked back from the one before the diagonal, the diagonal last), which sums T's rows, and
     a dk/dv pass (64 keys per warpgroup, 64-token decay blocks and query tiles), which sums its columns. exp at
     every head dim; powers where the fused kernel's registers do not suffice (head dims over
-    ``FUSED_DQ_MAX_DIM``): their tiles take the unscaled q.k with the decay as a product of a per-query and a
-    per-key factor (both <= 1), so neither pass keeps a folded copy of its own tile (shared memory at d = 128).
-    ``log_normalizer``: exp's (B H, Np) base-2 log-normalizer (zeros when unnormalized); None for powers."""
+    ``FUSED_DQ_MAX_DIM``): their tiles take the unscaled q.k, off the diagonal with one decay factor per column,
+    the rows' factor applied to the sums after those tiles (see ``_tile_grads``), so neither pass keeps a folded
+    copy of its own tile (shared memory at d = 128). ``log_normalizer``: exp's (B H, Np) base-2 log-normalizer
+    (zeros when unnormalized); None for powers."""
     batch, padded, heads, dk = q.shape
     kv_heads, dv, dtype = k.shape[2], v.shape[-1], q.dtype
     group = heads // kv_heads
@@ -234,7 +235,7 @@ def _backward_two_pass(q, k, v, g_local, totals, d_out, delta, log_normalizer, *
         {"dq": ((batch, padded, heads, dk), dtype), "rows": ((batch * heads, padded), f32)},
         ring={"k": ((KEY_TILE, dk), dtype), "v": ((KEY_TILE, dv), dtype), "kd": ((KEY_TILE,), f32)},
         own={"q": ((BLOCK, dk), dtype), "dy": ((BLOCK, dv), dtype), **per_token}, staging_cols=KEY_TILE,
-        staged_in_own={"dq": "q"}, **options)
+        in_own_tiles=("dq",), **options)
     # Per query head: the key heads of a group are summed after, in float32.
     dk_dtype, dv_dtype = (k.dtype, v.dtype) if group == 1 else (f32, f32)
     dk_, dv_, d_cols = _launch(
@@ -258,17 +259,16 @@ def _halve_blocks(g_local, totals):
     return g.reshape(g_local.shape), jnp.stack([first, totals - first], axis=-1).reshape(totals.shape[0], -1)
 
 
-def _launch(name, body, args, outputs, *, ring, own, interpret, stages, staging_cols, staged_in_own=None,
+def _launch(name, body, args, outputs, *, ring, own, interpret, stages, staging_cols, in_own_tiles=(),
             **options):
     """``body`` over (B H, 128-row program) with ``ring`` (name -> per-step tile) streamed by the memory
     warpgroup, ``own`` tiles per compute warpgroup and ``outputs`` (name -> (shape, dtype)). Each output leaves
-    through a shared-memory tile: the own tile ``staged_in_own`` names for it (free once the walk is done), else
-    one allocated per (columns, dtype), ``out_tile(smem, columns, dtype)``, which outputs of the same kind share
-    one after the other (shared memory: at head dim 128 two float32 tiles would not fit)."""
+    through a shared-memory tile: one of the kernel's own tiles for those ``in_own_tiles`` names (free once the
+    walk is done), else one allocated per (columns, dtype), ``_out_tile(smem, columns, dtype)``, which outputs of
+    the same kind share one after the other (shared memory: at head dim 128 two float32 tiles would not fit)."""
     scratch = scratch_types(ring, own, stages, args[0].dtype, interpret, staging_cols=staging_cols)
-    staged_in_own = staged_in_own or {}
     for out, (shape, dtype) in outputs.items():
-        if out not in staged_in_own:
+        if out not in in_own_tiles:
             scratch[_out_tile_name(shape[-1] if len(shape) == 4 else None, dtype)] = (
                 smem_tile((2, BLOCK, shape[-1]), dtype) if len(shape) == 4 else plgpu.SMEM((2, BLOCK), dtype))
     out_type = tuple(jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in outputs.values())
@@ -281,7 +281,7 @@ def _out_tile_name(columns, dtype):
     return f"out_{columns or 'vector'}_{jnp.dtype(dtype).name}_smem"
 
 
-def out_tile(smem, columns, dtype):
+def _out_tile(smem, columns, dtype):
     """A kernel's output staging tile of ``columns`` (None for per-token vectors) and ``dtype`` (see ``_launch``)."""
     return smem[_out_tile_name(columns, dtype)]
 
@@ -417,7 +417,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, kd_ref, t_ref, dy_ref, *refs, power, scale, 
             dq, d_rows = _times_rows(_row_factor(row["g"], power, scale), dq, d_rows)
         dq, d_rows, _ = visit(program, (dq, d_rows, -t_ref[head, program]), diagonal=True)
         _to_global([(dq * _grad_scale(power, scale), q_tile, dq_ref.at[batch, rows, query_head]),
-                    (d_rows, out_tile(smem, None, jnp.float32).at[wg], rows_ref.at[head, rows])])
+                    (d_rows, _out_tile(smem, None, jnp.float32).at[wg], rows_ref.at[head, rows])])
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, kd_ref, t_ref, dy_ref, *refs, power, scale, vectors, num_heads, group, stages,
@@ -498,10 +498,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, kd_ref, t_ref, dy_ref, *refs, power, scale,
             carry = visit(diagonal_step, (*zeros, -t_ref[head, block]), diagonal=True)
             dk_acc, dv_acc, d_cols, _ = lax.fori_loop(diagonal_step + 1, walk, off_diagonal, carry)
 
-        _to_global([(dk_acc * _grad_scale(power, scale), out_tile(smem, dk_acc.shape[-1], dk_ref.dtype).at[wg],
-                     dk_ref.at[batch, cols, query_head]),
-                    (dv_acc, out_tile(smem, dv_acc.shape[-1], dv_ref.dtype).at[wg], dv_ref.at[batch, cols, query_head]),
-                    (d_cols, out_tile(smem, None, jnp.float32).at[wg], cols_ref.at[head, cols])])
+        staged = lambda x, ref: _out_tile(smem, x.shape[-1] if x.ndim == 2 else None, ref.dtype).at[wg]
+        _to_global([(dk_acc * _grad_scale(power, scale), staged(dk_acc, dk_ref), dk_ref.at[batch, cols, query_head]),
+                    (dv_acc, staged(dv_acc, dv_ref), dv_ref.at[batch, cols, query_head]),
+                    (d_cols, staged(d_cols, cols_ref), cols_ref.at[head, cols])])
 
 
 def _to_global(outputs):
