@@ -10,11 +10,12 @@ import jax
 import jax.numpy as jnp
 
 from twomamba_jax.ops.chunked import chunked_attention
+from twomamba_jax.ops.numerics import with_document_starts, zero_log_decay
 from twomamba_jax.ops.recurrent import recurrent_step
 from twomamba_jax.ops.reference import reference_attention
 from twomamba_jax.ops.state import AttentionState, check_cache_room, check_state
 from twomamba_jax.ops.validation import (check_non_negative_weights, check_normalize, check_positive_int, check_power,
-                                         check_qkv, check_scale)
+                                         check_qkv, check_scale, check_segment_ids)
 
 IMPLS = ("auto", "reference", "chunked", "associative", "pallas", "pallas_chunked", "pallas_parallel")
 _logger = logging.getLogger(__name__)
@@ -144,6 +145,7 @@ def decayed_attention(
     initial_state: AttentionState | None = None,
     return_state: bool = False,
     max_len: int | None = None,
+    segment_ids: jax.Array | None = None,
 ):
     """Causal decayed attention ``y_i = sum_{j<=i} f(s_ij) exp(g_i - g_j) v_j`` (optionally / its row sum).
 
@@ -176,6 +178,11 @@ def decayed_attention(
       return_state: also return the state after the last token, for ``decayed_attention_step``.
       max_len: power "exp" only, without ``initial_state``: the capacity of the KV cache returned with
         ``return_state`` (default N, i.e. full; give room for the tokens still to be decoded).
+      segment_ids: (B, N) integers, the document of each token of packed rows (a new document wherever the id
+        changes): no token attends to an earlier document, applied as a decay of exactly zero at each document
+        start (with or without ``log_decay``), so ``initial_state`` reaches only the first document and the
+        returned state holds only the last. The Pallas kernels do not take it yet: "pallas*" and "auto" then
+        run "chunked" (powers) or "reference" (exp), said once.
 
     Returns:
       y: (B, N, H, dv) in q's dtype, or ``(y, state)`` with ``return_state=True``.
@@ -201,6 +208,12 @@ def decayed_attention(
         if power == "exp":
             check_cache_room("initial_state", initial_state.keys.shape[1], initial_state.length, length)
     scale = 1.0 / math.sqrt(dk) if scale is None else float(scale)
+    if segment_ids is not None:
+        check_segment_ids(segment_ids, batch, length)
+        log_decay = with_document_starts(zero_log_decay(q) if log_decay is None else log_decay, segment_ids)
+        if impl in ("pallas_parallel", "pallas_chunked"):
+            impl = "reference" if power == "exp" else "chunked"
+            _log_fallback("segment_ids (document masking)", impl, requested)
 
     common = dict(power=power, normalize=normalize, scale=scale, initial_state=initial_state,
                   return_state=return_state)

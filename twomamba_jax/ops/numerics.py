@@ -61,5 +61,18 @@ def row_segment_sums(log_decay: jax.Array, rows: jax.Array) -> jax.Array:
 
 
 def suffix_sums(log_decay: jax.Array) -> jax.Array:
-    """``out[..., j] = sum_{t > j} a_t`` along the last axis: the log-decay from token j to the last token."""
-    return jnp.flip(jnp.cumsum(jnp.flip(log_decay, -1), -1), -1) - log_decay
+    """``out[..., j] = sum_{t > j} a_t`` along the last axis: the log-decay from token j to the last token
+    (summed, not a difference: exact where some a_t is -inf)."""
+    from_token = jnp.flip(jnp.cumsum(jnp.flip(log_decay, -1), -1), -1)
+    return jnp.concatenate([from_token[..., 1:], jnp.zeros_like(from_token[..., :1])], -1)
+
+
+def with_document_starts(log_decay: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """``log_decay`` (B, N, H) with -inf at each document start of ``segment_ids`` (B, N) (a token whose id
+    differs from the one before): a decay of exactly zero there, so nothing before a document reaches it.
+
+    Every dense and chunked form takes such a log-decay exactly: they sum decays between tokens, or mask pairs
+    whose span holds a -inf (``ChunkDecay``), and never subtract two sums that both hold one."""
+    starts = jnp.concatenate([jnp.zeros_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+                             axis=1)
+    return jnp.where(starts[..., None], -jnp.inf, log_decay)

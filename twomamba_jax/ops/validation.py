@@ -98,3 +98,11 @@ def check_non_negative_weights(q, k, *, power, normalize) -> None:
         if bool(np.any(np.asarray(x) < 0)):
             raise ValueError(f"{name}: power=1 with normalize='softmax' needs entries >= 0 (e.g. after a ReLU), "
                              "since the normalizer sum_j q_i.k_j can cross zero otherwise; got negative entries")
+
+
+def check_segment_ids(segment_ids, batch: int, length: int) -> None:
+    """segment_ids: a (B, N) integer array, one document id per token."""
+    shape, dtype = getattr(segment_ids, "shape", None), getattr(segment_ids, "dtype", None)
+    if shape != (batch, length) or dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"segment_ids: expected a (B, N) = {(batch, length)} integer array (one document id per "
+                         f"token); got {type(segment_ids).__name__} of shape {shape} and dtype {dtype}")
