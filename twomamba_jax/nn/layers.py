@@ -81,8 +81,11 @@ class CausalConv(nnx.Module):
         """Zero history (B, w - 1, *channels): the conv sees zeros before the first token."""
         return jnp.zeros((batch_size, self.window - 1, *self.kernel.shape[1:]), dtype)
 
-    def __call__(self, x: jax.Array, history: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-        """x: (B, T, *channels); history: the w - 1 inputs before x (None = zeros).
+    def __call__(self, x: jax.Array, history: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """x: (B, T, *channels); history: the w - 1 inputs before x (None = zeros); segment_ids: (B, T) integers,
+        the document of each token (a new one wherever the id changes): no tap reaches an earlier document (the
+        history counts as the first token's).
 
         Returns (u (B, T, *channels), the new history: the last w - 1 inputs).
         """
@@ -92,7 +95,15 @@ class CausalConv(nnx.Module):
         length = x.shape[1]
         kernel = self.kernel[...].astype(x.dtype)
         offset = self.window - 1
-        u = sum(kernel[s] * padded[:, offset - s: offset - s + length] for s in range(self.window))
+        taps = [padded[:, offset - s: offset - s + length] for s in range(self.window)]
+        if segment_ids is not None:
+            ids = jnp.concatenate([jnp.repeat(segment_ids[:, :1], offset, axis=1), segment_ids], axis=1)
+            # Tap s of token t reads token t - s, which belongs to t's document if no id changes in between.
+            changes = jnp.cumsum(jnp.concatenate([jnp.zeros_like(ids[:, :1]), ids[:, 1:] != ids[:, :-1]], 1), 1)
+            for s in range(1, self.window):
+                same = changes[:, offset - s: offset - s + length] == changes[:, offset:]
+                taps[s] = jnp.where(same.reshape(same.shape + (1,) * (x.ndim - 2)), taps[s], 0)
+        u = sum(kernel[s] * tap for s, tap in enumerate(taps))
         if self.bias is not None:
             u = u + self.bias[...].astype(x.dtype)
         return u, padded[:, padded.shape[1] - offset:]

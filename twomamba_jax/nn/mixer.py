@@ -17,7 +17,7 @@ from twomamba_jax import ops
 from twomamba_jax.nn import initializers as inits
 from twomamba_jax.nn.layers import CausalConv, RMSNorm, check_model_input, check_norm_eps
 from twomamba_jax.nn.partitioning import per_head
-from twomamba_jax.ops.validation import check_power
+from twomamba_jax.ops.validation import check_power, check_segment_ids
 
 NORMS = ("softmax", "output")
 DECAYS = ("none", "original", "softplus")
@@ -130,9 +130,11 @@ class DecayedAttention(nnx.Module):
         self.out = inits.make_param(rngs, inits.linear_weight(init, num_heads * head_dim),
                                     (num_heads, head_dim, model_dim), (*heads, "embed"), param_dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: (B, N, M) -> (B, N, M)."""
-        return self._mix(x, cache=None)[0]
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """x: (B, N, M) -> (B, N, M). segment_ids: (B, N) integers, the document of each token of packed rows (a
+        new one wherever the id changes): nothing of an earlier document reaches a token, through the attention
+        core (``ops.decayed_attention(segment_ids=...)``) or the conv."""
+        return self._mix(x, cache=None, segment_ids=segment_ids)[0]
 
     def init_cache(self, batch_size: int, max_len: int) -> MixerCache:
         """Empty decoding state; ``max_len`` bounds the KV cache of power "exp" (other powers keep a fixed state)."""
@@ -150,14 +152,16 @@ class DecayedAttention(nnx.Module):
     def _normalize(self):
         return "softmax" if self.config.norm == "softmax" else None
 
-    def _mix(self, x, cache: MixerCache | None):
+    def _mix(self, x, cache: MixerCache | None, segment_ids=None):
         check_model_input(x, self.model_dim)
+        if segment_ids is not None:
+            check_segment_ids(segment_ids, *x.shape[:2])
         cfg, dtype = self.config, self.dtype
         x = x.astype(dtype)
         p = jnp.einsum("bnm,mshd->bnshd", x, self.qkv[...].astype(dtype))
         conv_history = None
         if self.conv is not None:
-            p, conv_history = self.conv(p, None if cache is None else cache.conv)
+            p, conv_history = self.conv(p, None if cache is None else cache.conv, segment_ids)
             if cfg.conv_activation == "silu":
                 p = jax.nn.silu(p)
         q, k, v = p[:, :, 0], p[:, :, 1], p[:, :, 2]
@@ -182,9 +186,9 @@ class DecayedAttention(nnx.Module):
         if cache is None:
             core = functools.partial(ops.decayed_attention, chunk_size=cfg.chunk_size, impl=cfg.impl, **kwargs)
             if log_decay is None:
-                y = per_head(core, q, k, v)
+                y = per_head(core, q, k, v, segment_ids=segment_ids)
             else:
-                y = per_head(core, q, k, v, log_decay)
+                y = per_head(core, q, k, v, log_decay, segment_ids=segment_ids)
             state = None
         elif x.shape[1] == 1:
             y, state = ops.decayed_attention_step(q[:, 0], k[:, 0], v[:, 0],

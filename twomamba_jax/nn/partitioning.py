@@ -32,13 +32,18 @@ def batch_sharded(x):
     return jax.lax.with_sharding_constraint(x, P(batch, *([None] * (x.ndim - 1))))
 
 
-def per_head(core, *arrays):
+def per_head(core, *arrays, segment_ids=None):
     """``core(*arrays)`` with every array laid out (B, N, H, ...) (per-head scalars (B, N, H)); the result is
-    (B, N, H, d). Under a mesh each device runs ``core`` on its batch rows and heads."""
+    (B, N, H, d). Under a mesh each device runs ``core`` on its batch rows and heads. ``segment_ids`` (B, N),
+    when given, goes to ``core`` as that keyword, split by rows only."""
     mesh = _current_mesh()
+    extra = () if segment_ids is None else (segment_ids,)
+    run = core if segment_ids is None else (lambda *xs: core(*xs[:-1], segment_ids=xs[-1]))
     if mesh is None:
-        return core(*arrays)
+        return run(*arrays, *extra)
     batch = tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names) or None
     heads = TENSOR_AXIS if TENSOR_AXIS in mesh.axis_names else None
-    specs = tuple(P(batch, None, heads, *([None] * (x.ndim - 3))) for x in arrays)
-    return jax.shard_map(core, in_specs=specs, out_specs=P(batch, None, heads, None), check_vma=False)(*arrays)
+    specs = tuple(P(batch, None, heads, *([None] * (x.ndim - 3))) for x in arrays) + tuple(P(batch, None)
+                                                                                          for _ in extra)
+    return jax.shard_map(run, in_specs=specs, out_specs=P(batch, None, heads, None), check_vma=False)(*arrays,
+                                                                                                     *extra)
