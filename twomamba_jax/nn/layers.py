@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from twomamba_jax.nn import initializers as inits
+from twomamba_jax.ops.numerics import document_starts
 
 
 def check_norm_eps(name: str, eps) -> None:
@@ -97,11 +98,11 @@ class CausalConv(nnx.Module):
         offset = self.window - 1
         taps = [padded[:, offset - s: offset - s + length] for s in range(self.window)]
         if segment_ids is not None:
-            ids = jnp.concatenate([jnp.repeat(segment_ids[:, :1], offset, axis=1), segment_ids], axis=1)
-            # Tap s of token t reads token t - s, which belongs to t's document if no id changes in between.
-            changes = jnp.cumsum(jnp.concatenate([jnp.zeros_like(ids[:, :1]), ids[:, 1:] != ids[:, :-1]], 1), 1)
+            # Tap s of token t reads token t - s, which belongs to t's document if no document starts in between
+            # (the history, padded with 0, counts as the first document).
+            document = jnp.pad(jnp.cumsum(document_starts(segment_ids), axis=1), ((0, 0), (offset, 0)))
             for s in range(1, self.window):
-                same = changes[:, offset - s: offset - s + length] == changes[:, offset:]
+                same = document[:, offset - s: offset - s + length] == document[:, offset:]
                 taps[s] = jnp.where(same.reshape(same.shape + (1,) * (x.ndim - 2)), taps[s], 0)
         u = sum(kernel[s] * tap for s, tap in enumerate(taps))
         if self.bias is not None:

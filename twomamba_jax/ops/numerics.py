@@ -73,6 +73,10 @@ def with_document_starts(log_decay: jax.Array, segment_ids: jax.Array) -> jax.Ar
 
     Every dense and chunked form takes such a log-decay exactly: they sum decays between tokens, or mask pairs
     whose span holds a -inf (``ChunkDecay``), and never subtract two sums that both hold one."""
-    starts = jnp.concatenate([jnp.zeros_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
-                             axis=1)
-    return jnp.where(starts[..., None], -jnp.inf, log_decay)
+    return jnp.where(document_starts(segment_ids)[..., None], -jnp.inf, log_decay)
+
+
+def document_starts(segment_ids: jax.Array) -> jax.Array:
+    """(B, N) bool: True where a token's id differs from the one before (the first token starts nothing)."""
+    return jnp.concatenate([jnp.zeros_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+                           axis=1)
