@@ -138,6 +138,14 @@ def fold_rows(src, dst, factor):
     plgpu.commit_smem()
 
 
+def longest_first(num_programs):
+    """This program's 128-row block when the blocks with the longest causal walks (the last ones) run first: the
+    GPU starts programs in grid order, and with the longest last a final wave of them keeps a few SMs busy while
+    the rest idle (by list scheduling, 9% / 6% / 3% over the ideal at 2k / 4k / 8k tokens with 64 heads on 132
+    SMs; under 2% longest first)."""
+    return num_programs - 1 - lax.axis_index("rows")
+
+
 def head_indices(num_heads, group):
     """(the program's head of B H, its batch, its query head, its key head) in a kernel over ("heads", ...)."""
     head = lax.axis_index("heads")
@@ -213,7 +221,10 @@ def _kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, y_ref, stat_ref, *, q_sme
             g_smem, stat_smem, q_bar, g_bar, k_bar, v_bar, kd_bar, consumed_bar, power, normalize, scale,
             num_heads, group, stages, dtype, dv, y_smem=None, q_main_smem=None, staging_smem=None):
     head, batch, query_head, key_head = head_indices(num_heads, group)
-    program, wg = lax.axis_index("rows"), lax.axis_index("wg")
+    # Powers run their longest programs first (see longest_first); exp keeps the grid order, in which it measured
+    # 4-5% faster on the H200 at 8k tokens.
+    program = lax.axis_index("rows") if power == "exp" else longest_first(t_ref.shape[1])
+    wg = lax.axis_index("wg")
     walk = program + 1  # key tiles p, p - 1, ..., 0: the diagonal first
 
     smem = {"k_smem": k_smem, "k_bar": k_bar, "v_smem": v_smem, "v_bar": v_bar, "kd_smem": kd_smem, "kd_bar": kd_bar}
