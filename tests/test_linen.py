@@ -28,9 +28,15 @@ def test_linen_adapter_matches_nnx_module(rng):
     grads = jax.grad(lambda v: jnp.sum(layer.apply(v, x) ** 2))(variables)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
 
+    # Document masks pass through the bridge: two documents per row, as the NNX module gives them.
+    segment_ids = jnp.asarray([[1] * 4 + [2] * 5] * 2)
+    np.testing.assert_allclose(layer.apply(variables, x, segment_ids=segment_ids),
+                               module(x, segment_ids=segment_ids), rtol=1e-6, atol=1e-6)
+
 
 def test_other_adapters_build(rng):
     x = jnp.asarray(rng.standard_normal((1, 5, 32)), jnp.float32)
     for layer in (linen.softmax_attention_linen(32, 2, 16), linen.mamba2_linen(32, nn.Mamba2Config(head_dim=16))):
         variables = layer.init(jax.random.key(0), x)
         assert layer.apply(variables, x).shape == x.shape
+        assert layer.apply(variables, x, segment_ids=jnp.asarray([[1, 1, 2, 2, 2]])).shape == x.shape

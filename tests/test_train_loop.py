@@ -15,7 +15,7 @@ import pytest
 from twomamba_jax.train.cli import parse_train_args
 from twomamba_jax.train.config import (CheckpointConfig, DataConfig, EvalConfig, ModelConfig, OptimConfig,
                                        TrainConfig, load_config, override)
-from twomamba_jax.train.trainer import train
+from twomamba_jax.train.trainer import masked_sums, setup, train
 
 
 def _small(steps=8, **data):
@@ -112,6 +112,32 @@ def test_text_sources_tokenizers_and_their_errors(tmp_path):
     config = override(override(_small(steps=4), "data.source", f"text:{corpus}"), "data.seq_len", "16")
     summary = train(config, tmp_path / "text")
     assert summary["step"] == 4 and "accuracy" not in summary["eval"] and summary["eval"]["perplexity"] > 1
+
+
+def test_packed_text_is_masked_per_document_unless_cross_document(tmp_path):
+    """Text rows hold several documents: by default the train and eval steps give the model the rows' segment ids
+    (the eval loss is the masked model's); ``data.cross_document=true`` lets documents see each other."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"doc {i}: " + "a b c " * (i % 4 + 1) for i in range(400)))
+    config = override(override(_small(), "data.source", f"text:{corpus}"), "data.seq_len", "48")
+    sums = {}
+    for cross in ("false", "true"):
+        run = setup(override(config, "data.cross_document", cross))
+        params = run.init_state()["params"]
+        batch = run.global_batch(run.dataset.eval_batches(1)[0])
+        assert int(batch["segment_ids"].max()) > 1  # several documents a row
+        sums[cross] = np.asarray(run.eval_step()(params, batch))
+        with jax.set_mesh(run.mesh):
+            model = nnx.merge(run.graphdef, params)
+            ids = batch["segment_ids"] if cross == "false" else None
+            expected = np.asarray(masked_sums(model(batch["inputs"], segment_ids=ids), batch))
+        np.testing.assert_allclose(sums[cross], expected, rtol=3e-6)
+    # At initialization the model is near uniform: the mask moves the loss sum by ~1e-4 of itself.
+    assert abs(sums["false"][0] - sums["true"][0]) > 3e-5 * abs(sums["true"][0])
 
 
 def test_command_line_stops_on_sigterm_resumes_and_plots(tmp_path):

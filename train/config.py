@@ -46,6 +46,8 @@ class DataConfig:
     eval_split: str = _field("validation", "tfds: split to evaluate on (text files: the last eval_fraction)")
     eval_fraction: float = _field(0.05, "text files: fraction of documents held out for eval")
     niah_fraction: float = _field(0.0, "text: fraction of training rows made pass-key retrieval prompts with answers")
+    cross_document: bool = _field(False, "text: let tokens see the earlier documents packed into their row (off: "
+                                         "each document is masked to itself)")
 
 
 @dataclasses.dataclass

@@ -54,6 +54,7 @@ class Dataset:
 
     vocab_size: int
     has_accuracy: bool  # synthetic tasks: exact-match accuracy on the masked targets
+    packs_documents: bool  # rows hold several documents (text): the model can mask each to itself
 
     def __init__(self, *, seq_len: int, batch_size: int, share_index: int, share_count: int):
         if batch_size % share_count:
@@ -89,6 +90,7 @@ class SyntheticDataset(Dataset):
     """Rows of a synthetic task (``synthetic.TASKS``), random access: any row is made directly."""
 
     has_accuracy = True
+    packs_documents = False
 
     def __init__(self, task: str, *, seed: int, vocab_size: int, num_kv_pairs: int, **common):
         super().__init__(**common)
@@ -119,6 +121,7 @@ class TextDataset(Dataset):
     """Packed rows of tokenized documents, epoch after epoch (each epoch in its own seeded order)."""
 
     has_accuracy = False
+    packs_documents = True
 
     def __init__(self, train_documents: Sequence[str], eval_documents: Sequence[str], tokenizer, *,
                  niah_fraction: float = 0.0, seed: int = 0, **common):

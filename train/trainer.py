@@ -110,8 +110,10 @@ class Setup:
         accumulate = self.config.optim.accumulate
         graphdef, optimizer, schedule = self.graphdef, self.optimizer, self.schedule
 
+        apply = self.apply_model
+
         def loss_sum(params, batch):
-            loss, count, correct = masked_sums(nnx.merge(graphdef, params)(batch["inputs"]), batch)
+            loss, count, correct = masked_sums(apply(nnx.merge(graphdef, params), batch), batch)
             return loss, (count, correct)
 
         def step(state, batch):
@@ -143,8 +145,14 @@ class Setup:
 
     def eval_step(self):
         """The jitted eval: (params, batch) -> (loss sum, count, exact matches)."""
-        graphdef = self.graphdef
-        return jax.jit(lambda params, batch: masked_sums(nnx.merge(graphdef, params)(batch["inputs"]), batch))
+        graphdef, apply = self.graphdef, self.apply_model
+        return jax.jit(lambda params, batch: masked_sums(apply(nnx.merge(graphdef, params), batch), batch))
+
+    def apply_model(self, model: nn.LanguageModel, batch: dict) -> jax.Array:
+        """The logits of a batch: packed text with each document masked to itself (its rows' ``segment_ids``),
+        unless ``data.cross_document``; synthetic rows are one sequence each."""
+        masked = self.dataset.packs_documents and not self.config.data.cross_document
+        return model(batch["inputs"], segment_ids=batch["segment_ids"] if masked else None)
 
 
 def setup(config: TrainConfig, devices=None) -> Setup:

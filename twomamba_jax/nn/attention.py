@@ -58,6 +58,13 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+def _causal_attention(q, k, v, segment_ids=None, *, implementation):
+    """Causal ``jax.nn.dot_product_attention`` on (B, N, H, d), masked to each token's own document where
+    ``segment_ids`` (B, N) is given (a boolean (B, 1, N, N) mask, which cuDNN and XLA both take)."""
+    mask = None if segment_ids is None else (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=implementation)
+
+
 class SoftmaxAttention(nnx.Module):
     """Standard causal multi-head attention: (B, N, M) -> (B, N, M)."""
 
@@ -84,12 +91,16 @@ class SoftmaxAttention(nnx.Module):
         self.out = inits.make_param(rngs, inits.linear_weight(init, num_heads * head_dim),
                                     (num_heads, head_dim, model_dim), ("heads", "head_dim", "embed"), param_dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: (B, N, M) -> (B, N, M)."""
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """x: (B, N, M) -> (B, N, M). segment_ids: (B, N) integers, the document of each token of packed rows (a
+        token attends only to earlier tokens of its own document), or None. RoPE needs no restart per document:
+        its scores depend on relative positions only."""
         check_model_input(x, self.model_dim)
+        if segment_ids is not None:
+            ops.validation.check_segment_ids(segment_ids, *x.shape[:2])
         q, k, v = self._project(x, jnp.arange(x.shape[1]))
-        core = functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation=self._implementation(q))
-        y = per_head(core, q, k, v)
+        core = functools.partial(_causal_attention, implementation=self._implementation(q))
+        y = per_head(core, q, k, v, segment_ids=segment_ids)
         return self._merge(y)
 
     def init_cache(self, batch_size: int, max_len: int) -> AttentionCache:

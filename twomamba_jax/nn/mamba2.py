@@ -60,11 +60,13 @@ class Mamba2Cache(NamedTuple):
     ssm: ops.RecurrentState
 
 
-def ssd(x, dt, A, B, C, *, chunk_size=ops.DEFAULT_CHUNK_SIZE, impl="auto", initial_state=None, return_state=False):
+def ssd(x, dt, A, B, C, *, chunk_size=ops.DEFAULT_CHUNK_SIZE, impl="auto", initial_state=None, return_state=False,
+        segment_ids=None):
     """Mamba-2's SSD: ``h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T``, ``y_t = h_t C_t`` (no D, no gate).
 
     x: (B, N, H, p); dt: (B, N, H) > 0; A: (H,) < 0; B, C: (B, N, G, n) with G dividing H.
     It is decayed attention with power 1, queries C, keys B, values x * dt, log-decay A * dt and scale 1.
+    segment_ids: (B, N) document ids of packed rows (the state restarts at each document), or None.
     Returns y (B, N, H, p), or (y, RecurrentState) with ``return_state``.
     """
     heads, groups = x.shape[2], B.shape[2]
@@ -78,8 +80,8 @@ def ssd(x, dt, A, B, C, *, chunk_size=ops.DEFAULT_CHUNK_SIZE, impl="auto", initi
     core = functools.partial(ops.decayed_attention, power=1, normalize=None, scale=1.0, chunk_size=chunk_size,
                              impl=impl, initial_state=initial_state, return_state=return_state)
     if initial_state is None and not return_state:  # the training path: per head under a mesh
-        return per_head(core, queries, keys, values, log_decay)
-    return core(queries, keys, values, log_decay)
+        return per_head(core, queries, keys, values, log_decay, segment_ids=segment_ids)
+    return core(queries, keys, values, log_decay, segment_ids=segment_ids)
 
 
 class Mamba2(nnx.Module):
@@ -119,9 +121,10 @@ class Mamba2(nnx.Module):
         self.out_proj = inits.make_param(rngs, inits.linear_weight(init, d_inner), (d_inner, model_dim),
                                          ("mlp", "embed"), param_dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: (B, N, M) -> (B, N, M)."""
-        return self._forward(x, cache=None)[0]
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """x: (B, N, M) -> (B, N, M). segment_ids: (B, N) integers, the document of each token of packed rows (no
+        state or convolution tap carries across a document start), or None."""
+        return self._forward(x, cache=None, segment_ids=segment_ids)[0]
 
     def init_cache(self, batch_size: int, max_len: int) -> Mamba2Cache:
         """Empty decoding state (``max_len`` is unused: the SSM state has a fixed size)."""
@@ -137,15 +140,17 @@ class Mamba2(nnx.Module):
         """Advance over x: (B, T, M), T >= 1. Returns (y (B, T, M), cache)."""
         return self._forward(x, cache=cache)
 
-    def _forward(self, x, cache: Mamba2Cache | None):
+    def _forward(self, x, cache: Mamba2Cache | None, segment_ids=None):
         check_model_input(x, self.model_dim)
+        if segment_ids is not None:
+            ops.validation.check_segment_ids(segment_ids, *x.shape[:2])
         cfg, dtype = self.config, self.dtype
         batch, length, _ = x.shape
         x = x.astype(dtype)
         proj = x @ self.in_proj[...].astype(dtype)
         sizes = [self.d_mlp, self.d_mlp, self.d_ssm, self.conv.kernel.shape[-1]]
         z0, x0, z, xbc, dt_raw = jnp.split(proj, list(_cumulative(sizes)), axis=-1)
-        xbc, conv_history = self.conv(xbc, None if cache is None else cache.conv)
+        xbc, conv_history = self.conv(xbc, None if cache is None else cache.conv, segment_ids)
         xbc = jax.nn.silu(xbc)
         group_width = cfg.num_groups * cfg.d_state
         xs, B, C = jnp.split(xbc, [self.d_ssm, self.d_ssm + group_width], axis=-1)
@@ -158,7 +163,7 @@ class Mamba2(nnx.Module):
 
         common = dict(chunk_size=cfg.chunk_size, impl=cfg.impl)
         if cache is None:
-            y, state = ssd(xs, dt, A, B, C, **common), None
+            y, state = ssd(xs, dt, A, B, C, segment_ids=segment_ids, **common), None
         else:
             y, state = ssd(xs, dt, A, B, C, initial_state=cache.ssm, return_state=True, **common)
         D = self.D[...].astype(dtype)

@@ -74,9 +74,10 @@ class Block(nnx.Module):
         self.mlp = SwiGLU(config.model_dim, config.mlp_dim, init=config.init, dtype=config.dtype,
                           param_dtype=config.param_dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: (B, N, M), the float32 residual stream; the mixer and MLP compute in the config's dtype."""
-        x = batch_sharded(x + self.mixer(self.mixer_norm(x)).astype(x.dtype))
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """x: (B, N, M), the float32 residual stream; the mixer and MLP compute in the config's dtype;
+        segment_ids: (B, N) document ids for the mixer, or None."""
+        x = batch_sharded(x + self.mixer(self.mixer_norm(x), segment_ids).astype(x.dtype))
         return batch_sharded(x + self.mlp(self.mlp_norm(x)).astype(x.dtype))
 
     def step(self, x: jax.Array, cache):
@@ -97,12 +98,17 @@ class LanguageModel(nnx.Module):
         self.lm_head = inits.make_param(rngs, inits.normal(), (config.model_dim, config.vocab_size),
                                         ("embed", "vocab"), config.param_dtype)
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        """tokens: (B, N) integer ids -> logits (B, N, vocab_size) float32."""
+    def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """tokens: (B, N) integer ids -> logits (B, N, vocab_size) float32. segment_ids: (B, N) integers, the
+        document of each token of packed rows: no token sees an earlier document of its row (every mixer masks
+        attention, and stops states and convolutions, at document starts); None: each row is one sequence."""
         x = self._embed(tokens)
-        apply = nnx.remat(lambda block, x: block(x)) if self.config.remat else (lambda block, x: block(x))
+        if segment_ids is not None:
+            ops.validation.check_segment_ids(segment_ids, *tokens.shape)
+        run = lambda block, x, ids: block(x, ids)
+        apply = nnx.remat(run) if self.config.remat else run
         for block in self.blocks:
-            x = apply(block, x)
+            x = apply(block, x, segment_ids)
         return self._logits(x)
 
     def init_cache(self, batch_size: int, max_len: int) -> tuple:
@@ -123,9 +129,11 @@ class LanguageModel(nnx.Module):
             raise ValueError(f"tokens: expected an integer array of shape (B, N); got "
                              f"{getattr(tokens, 'shape', type(tokens).__name__)} {getattr(tokens, 'dtype', '')}")
         vocab = self.config.vocab_size
-        if not isinstance(tokens, jax.core.Tracer) and tokens.size and not (
-                0 <= int(tokens.min()) and int(tokens.max()) < vocab):
-            raise ValueError(f"tokens: expected ids in [0, {vocab}); got [{int(tokens.min())}, {int(tokens.max())}]")
+        if not isinstance(tokens, jax.core.Tracer) and tokens.size:
+            with jax.ensure_compile_time_eval():  # concrete ids closed over by a jitted function are checked too
+                low, high = int(tokens.min()), int(tokens.max())
+            if not 0 <= low <= high < vocab:
+                raise ValueError(f"tokens: expected ids in [0, {vocab}); got [{low}, {high}]")
         residual_dtype = jnp.promote_types(self.config.dtype, jnp.float32)
         return batch_sharded(jnp.take(self.embed[...], tokens, axis=0).astype(residual_dtype))
 
