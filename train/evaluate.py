@@ -33,7 +33,7 @@ from twomamba_jax.generate import compiled_steps, generate
 from twomamba_jax.ops.features import feature_size
 from twomamba_jax.train.data import make_dataset, text_documents
 from twomamba_jax.train.niah import build_prompt, is_correct
-from twomamba_jax.train.trainer import eval_totals, masked_sums
+from twomamba_jax.train.trainer import eval_totals, masked_sums, masks_documents
 from twomamba_jax.train.plot import save_figure
 from twomamba_jax.train.workdir import Trained, load
 from twomamba_jax.train.workdir import path as workdir_path
@@ -45,11 +45,11 @@ ANSWER_TOKENS = 8  # generated per NIAH prompt: the key's digits and a little mo
 def perplexity(trained: Trained, lengths: list[int], *, batches: int, batch_size: int, progress=print) -> list[dict]:
     """One row per context length: {"length", "loss", "perplexity", "tokens"} (and "accuracy" for the synthetic
     tasks), over up to ``batches`` eval batches of ``batch_size`` rows."""
-    evaluate = _evaluator(trained.model)
     rows = []
     for number, length in enumerate(lengths, start=1):
         started = time.perf_counter()
         dataset = make_dataset(dataclasses.replace(trained.config.data, seq_len=length, batch_size=batch_size))
+        evaluate = _evaluator(trained.model, masks_documents(dataset, trained.config.data))
         loss, count, correct = evaluate(dataset.eval_batches(batches))
         row = {"length": length, "loss": loss, "perplexity": float(np.exp(min(loss, 50.0))), "tokens": count}
         if dataset.has_accuracy:
@@ -74,7 +74,7 @@ def recall(trained: Trained, lengths: list[int], *, kv_pairs: list[int], batches
                 raise ValueError(f"--kv-pairs: {pairs} pairs need 1 <= pairs < vocab_size / 2 = "
                                  f"{data.vocab_size // 2} and --lengths of at least {2 * pairs + 1}; got length "
                                  f"{length}")
-    evaluate = _evaluator(trained.model)
+    evaluate = _evaluator(trained.model, masked=False)  # one sequence a row
     rows = []
     for length in lengths:
         started = time.perf_counter()
@@ -90,10 +90,13 @@ def recall(trained: Trained, lengths: list[int], *, kv_pairs: list[int], batches
     return rows
 
 
-def _evaluator(model):
-    """batches -> (mean loss, masked token count, exact-match rate) of ``model`` over them."""
+def _evaluator(model, masked):
+    """batches -> (mean loss, masked token count, exact-match rate) of ``model`` over them; ``masked``: each
+    document of a row seen alone (the rows' segment ids), as the run trained (``masks_documents``)."""
     graphdef, params = nnx.split(model)
-    sums = jax.jit(lambda params, batch: masked_sums(nnx.merge(graphdef, params)(batch["inputs"]), batch))
+    apply = lambda params, batch: nnx.merge(graphdef, params)(batch["inputs"], segment_ids=(
+        batch["segment_ids"] if masked else None))
+    sums = jax.jit(lambda params, batch: masked_sums(apply(params, batch), batch))
     return functools.partial(eval_totals, sums, params)
 
 

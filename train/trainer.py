@@ -149,10 +149,15 @@ class Setup:
         return jax.jit(lambda params, batch: masked_sums(apply(nnx.merge(graphdef, params), batch), batch))
 
     def apply_model(self, model: nn.LanguageModel, batch: dict) -> jax.Array:
-        """The logits of a batch: packed text with each document masked to itself (its rows' ``segment_ids``),
-        unless ``data.cross_document``; synthetic rows are one sequence each."""
-        masked = self.dataset.packs_documents and not self.config.data.cross_document
-        return model(batch["inputs"], segment_ids=batch["segment_ids"] if masked else None)
+        """The logits of a batch, documents masked as ``masks_documents`` says."""
+        return model(batch["inputs"], segment_ids=batch["segment_ids"] if masks_documents(
+            self.dataset, self.config.data) else None)
+
+
+def masks_documents(dataset: Dataset, data_config) -> bool:
+    """Whether the model sees each document of a row alone (given the rows' ``segment_ids``): for packed text,
+    unless ``data.cross_document``; synthetic rows are one sequence each."""
+    return dataset.packs_documents and not data_config.cross_document
 
 
 def setup(config: TrainConfig, devices=None) -> Setup:
