@@ -18,6 +18,28 @@ def random_qkv(rng, batch=2, length=37, heads=3, key_dim=8, value_dim=5, dtype=j
     return cast(q), cast(k), cast(v), (None if log_decay is None else jnp.asarray(log_decay, jnp.float64))
 
 
+def segment_ids(starts, length):
+    """(rows, length) int32 document ids from each row's document starts (``starts[row]``, the first 0): 1 for
+    the first document of a row, 2 for the next, ..."""
+    ids = np.zeros((len(starts), length), np.int32)
+    for row, row_starts in enumerate(starts):
+        for start in row_starts:
+            ids[row, start:] += 1
+    return jnp.asarray(ids)
+
+
+def each_document_alone(fn, arrays, starts):
+    """``fn(*pieces)`` on each document of each row alone, the pieces being the document's (1, tokens, ...)
+    slices of ``arrays`` (None passed as it is), put back in place along the tokens' axis."""
+    length = next(x for x in arrays if x is not None).shape[1]
+    rows = []
+    for row, row_starts in enumerate(starts):
+        ends = (*row_starts[1:], length)
+        rows.append(jnp.concatenate([fn(*(None if x is None else x[row:row + 1, s:e] for x in arrays))
+                                     for s, e in zip(row_starts, ends)], axis=1))
+    return jnp.concatenate(rows, axis=0)
+
+
 def rel_error(x, y) -> float:
     """Frobenius-norm relative error ||x - y|| / ||y||, in float64."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)

@@ -5,33 +5,15 @@ attention (a segment mask) and Mamba-2 (its conv and SSD stopped at document sta
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import nnx
-from helpers import rel_error
+from helpers import each_document_alone, rel_error, segment_ids
 
 from twomamba_jax import nn, presets
 
 # Row 0: documents of 3, 1, 8 and 12 tokens; row 1: one document.
 STARTS = [(0, 3, 4, 12), (0,)]
 LENGTH, VOCAB, TOLERANCE = 24, 40, 1e-6
-
-
-def _segment_ids():
-    ids = np.zeros((len(STARTS), LENGTH), np.int32)
-    for row, starts in enumerate(STARTS):
-        for start in starts:
-            ids[row, start:] += 1
-    return jnp.asarray(ids)
-
-
-def _alone(model, tokens):
-    """Each document of each row through the model alone, put back in place."""
-    rows = []
-    for row, starts in enumerate(STARTS):
-        ends = (*starts[1:], LENGTH)
-        rows.append(jnp.concatenate([model(tokens[row:row + 1, s:e]) for s, e in zip(starts, ends)], axis=1))
-    return jnp.concatenate(rows, axis=0)
 
 
 @pytest.mark.parametrize("mixer", ["2mamba", "2mamba-e", "softmax", "mamba2"])
@@ -41,8 +23,8 @@ def test_packed_rows_equal_each_document_alone(rng, mixer):
     model = nn.LanguageModel(config, rngs=nnx.Rngs(0))
     tokens = jnp.asarray(rng.integers(0, VOCAB, (len(STARTS), LENGTH)))
     cotangent = jnp.asarray(rng.standard_normal((len(STARTS), LENGTH, VOCAB)))
-    packed = lambda model: model(tokens, segment_ids=_segment_ids())
-    alone = lambda model: _alone(model, tokens)
+    packed = lambda model: model(tokens, segment_ids=segment_ids(STARTS, LENGTH))
+    alone = lambda model: each_document_alone(model, (tokens,), STARTS)
     loss = lambda fn: jax.jit(nnx.grad(lambda model: jnp.sum(fn(model) * cotangent)))
 
     assert rel_error(packed(model), alone(model)) < TOLERANCE

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import rel_error
+from helpers import each_document_alone, rel_error, segment_ids
 
 from twomamba_jax import ops
 
@@ -23,11 +23,7 @@ LENGTH, TOLERANCE = 40, 1e-10
 
 
 def _segment_ids():
-    ids = np.zeros((len(STARTS), LENGTH), np.int32)
-    for row, starts in enumerate(STARTS):
-        for start in starts:
-            ids[row, start:] += 1
-    return jnp.asarray(ids * 7 + 3)  # any integers: only changes matter
+    return segment_ids(STARTS, LENGTH) * 7 + 3  # any integers: only changes matter
 
 
 def _inputs(rng, power, normalize, decay):
@@ -41,14 +37,8 @@ def _inputs(rng, power, normalize, decay):
 
 def _per_document(q, k, v, a, **options):
     """Each document of each row alone, by the dense form, put back in place."""
-    rows = []
-    for row, starts in enumerate(STARTS):
-        ends = (*starts[1:], LENGTH)
-        pieces = [ops.decayed_attention(*(x[row:row + 1, s:e] for x in (q, k, v)),
-                                        None if a is None else a[row:row + 1, s:e], impl="reference", **options)
-                  for s, e in zip(starts, ends)]
-        rows.append(jnp.concatenate(pieces, axis=1))
-    return jnp.concatenate(rows, axis=0)
+    return each_document_alone(functools.partial(ops.decayed_attention, impl="reference", **options),
+                               (q, k, v, a), STARTS)
 
 
 # exp has only the dense form here (and the flash-style kernels).
@@ -130,12 +120,7 @@ def test_mixer_on_packed_documents_equals_the_mixer_on_each(rng, preset):
     x = jnp.asarray(rng.standard_normal((len(STARTS), LENGTH, 16)))
     cotangent = jnp.asarray(rng.standard_normal(x.shape))
 
-    def alone(mixer, x):
-        rows = []
-        for row, starts in enumerate(STARTS):
-            ends = (*starts[1:], LENGTH)
-            rows.append(jnp.concatenate([mixer(x[row:row + 1, s:e]) for s, e in zip(starts, ends)], axis=1))
-        return jnp.concatenate(rows, axis=0)
+    alone = lambda mixer, x: each_document_alone(mixer, (x,), STARTS)
 
     packed = lambda mixer, x: mixer(x, segment_ids=_segment_ids())
     loss = lambda fn: lambda mixer, x: jnp.sum(fn(mixer, x) * cotangent)

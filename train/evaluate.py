@@ -33,7 +33,7 @@ from twomamba_jax.generate import compiled_steps, generate
 from twomamba_jax.ops.features import feature_size
 from twomamba_jax.train.data import make_dataset, text_documents
 from twomamba_jax.train.niah import build_prompt, is_correct
-from twomamba_jax.train.trainer import eval_totals, masked_sums, masks_documents
+from twomamba_jax.train.trainer import eval_totals, masked_sums, masks_documents, model_logits
 from twomamba_jax.train.plot import save_figure
 from twomamba_jax.train.workdir import Trained, load
 from twomamba_jax.train.workdir import path as workdir_path
@@ -94,9 +94,7 @@ def _evaluator(model, masked):
     """batches -> (mean loss, masked token count, exact-match rate) of ``model`` over them; ``masked``: each
     document of a row seen alone (the rows' segment ids), as the run trained (``masks_documents``)."""
     graphdef, params = nnx.split(model)
-    apply = lambda params, batch: nnx.merge(graphdef, params)(batch["inputs"], segment_ids=(
-        batch["segment_ids"] if masked else None))
-    sums = jax.jit(lambda params, batch: masked_sums(apply(params, batch), batch))
+    sums = jax.jit(lambda params, batch: masked_sums(model_logits(nnx.merge(graphdef, params), batch, masked), batch))
     return functools.partial(eval_totals, sums, params)
 
 

@@ -110,10 +110,10 @@ class Setup:
         accumulate = self.config.optim.accumulate
         graphdef, optimizer, schedule = self.graphdef, self.optimizer, self.schedule
 
-        apply = self.apply_model
+        masked = masks_documents(self.dataset, self.config.data)
 
         def loss_sum(params, batch):
-            loss, count, correct = masked_sums(apply(nnx.merge(graphdef, params), batch), batch)
+            loss, count, correct = masked_sums(model_logits(nnx.merge(graphdef, params), batch, masked), batch)
             return loss, (count, correct)
 
         def step(state, batch):
@@ -145,19 +145,20 @@ class Setup:
 
     def eval_step(self):
         """The jitted eval: (params, batch) -> (loss sum, count, exact matches)."""
-        graphdef, apply = self.graphdef, self.apply_model
-        return jax.jit(lambda params, batch: masked_sums(apply(nnx.merge(graphdef, params), batch), batch))
-
-    def apply_model(self, model: nn.LanguageModel, batch: dict) -> jax.Array:
-        """The logits of a batch, documents masked as ``masks_documents`` says."""
-        return model(batch["inputs"], segment_ids=batch["segment_ids"] if masks_documents(
-            self.dataset, self.config.data) else None)
+        graphdef, masked = self.graphdef, masks_documents(self.dataset, self.config.data)
+        return jax.jit(lambda params, batch: masked_sums(model_logits(nnx.merge(graphdef, params), batch, masked),
+                                                         batch))
 
 
 def masks_documents(dataset: Dataset, data_config) -> bool:
     """Whether the model sees each document of a row alone (given the rows' ``segment_ids``): for packed text,
     unless ``data.cross_document``; synthetic rows are one sequence each."""
     return dataset.packs_documents and not data_config.cross_document
+
+
+def model_logits(model: nn.LanguageModel, batch: dict, masked: bool) -> jax.Array:
+    """The logits of a batch; ``masked``: each document of a row seen alone (the rows' ``segment_ids``)."""
+    return model(batch["inputs"], segment_ids=batch["segment_ids"] if masked else None)
 
 
 def setup(config: TrainConfig, devices=None) -> Setup:

@@ -103,9 +103,7 @@ class LanguageModel(nnx.Module):
         document of each token of packed rows: no token sees an earlier document of its row (every mixer masks
         attention, and stops states and convolutions, at document starts); None: each row is one sequence."""
         x = self._embed(tokens)
-        if segment_ids is not None:
-            ops.validation.check_segment_ids(segment_ids, *tokens.shape)
-        run = lambda block, x, ids: block(x, ids)
+        run = lambda block, x, ids: block(x, ids)  # each mixer checks the ids
         apply = nnx.remat(run) if self.config.remat else run
         for block in self.blocks:
             x = apply(block, x, segment_ids)
