@@ -159,12 +159,15 @@ class DecayedAttention(nnx.Module):
         cfg, dtype = self.config, self.dtype
         x = x.astype(dtype)
         p = jnp.einsum("bnm,mshd->bnshd", x, self.qkv[...].astype(dtype))
-        conv_history = None
-        if self.conv is not None:
-            p, conv_history = self.conv(p, None if cache is None else cache.conv, segment_ids)
-            if cfg.conv_activation == "silu":
-                p = jax.nn.silu(p)
         q, k, v = p[:, :, 0], p[:, :, 1], p[:, :, 2]
+        conv_history = None
+        if self.conv is not None:  # q, k and v each by their own filters (see CausalConv's part)
+            history = (None,) * 3 if cache is None else (cache.conv[:, :, i] for i in range(3))
+            (q, k, v), histories = zip(*(self.conv(u, h, segment_ids, part=i)
+                                         for i, (u, h) in enumerate(zip((q, k, v), history))))
+            conv_history = None if cache is None else jnp.stack(histories, axis=2)
+            if cfg.conv_activation == "silu":
+                q, k, v = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v)
 
         # Decays and dt in float32 (or wider) whatever the compute dtype (SPEC section 2, numerics).
         f32 = jnp.promote_types(dtype, jnp.float32)
