@@ -1,8 +1,8 @@
 """Document masking (``segment_ids``): packed rows give, document by document, what each document gives alone,
 values and gradients of q, k, v and the log-decay, for every variant and every jnp form (dense, chunked, and
 associative: chunks that hold one, several or no document starts, documents of one token), in float64 (1e-10);
-the state goes in to the first document only and comes out of the last only. The Pallas kernels do not take
-segment ids yet, and fall back with one log line."""
+the state goes in to the first document only and comes out of the last only. The Pallas kernels take segment ids
+for 16-bit operands (``tests/test_kernels_segments.py``); float32 requests fall back with one log line."""
 
 import functools
 import logging
@@ -98,7 +98,8 @@ def test_kernels_fall_back_and_bad_segment_ids_are_refused(rng, caplog):
     options = dict(power=2, normalize="softmax", segment_ids=_segment_ids())
     with caplog.at_level(logging.WARNING):
         y = ops.decayed_attention(q, k, v, a, impl="pallas", **options)
-    assert "segment_ids (document masking); using impl='chunked'" in caplog.text
+    assert "segment_ids with float32 operands (the kernels mask documents for 16-bit ones); using impl='chunked'" \
+        in caplog.text
     assert rel_error(y, ops.decayed_attention(q, k, v, a, impl="chunked", **options)) < 1e-6
     for bad, what in ((_segment_ids()[:, :-1], "shape (2, 39)"), (_segment_ids().astype(jnp.float32), "float32")):
         with pytest.raises(ValueError, match=r"segment_ids: expected a \(B, N\) = \(2, 40\) integer array.*"

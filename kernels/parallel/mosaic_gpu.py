@@ -56,7 +56,7 @@ def smem_tile(shape, dtype):
     return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, columns)), plgpu.SwizzleTransform(128)))
 
 
-def forward(q, k, v, g_local, totals, *, power, normalize, scale, stages=2, interpret=False):
+def forward(q, k, v, g_local, totals, *, power, normalize, scale, low_part=False, stages=2, interpret=False):
     """The flash-style forward on Hopper, on token-major operands (as the model holds them: no transposes).
 
     q: (B, Np, H, dk); k: (B, Np, Hk, dk) and v: (B, Np, Hk, dv) with Hk dividing H (query head h reads key head
@@ -64,7 +64,9 @@ def forward(q, k, v, g_local, totals, *, power, normalize, scale, stages=2, inte
     (B H, Np / 128) each block's log-decay. Np a multiple of 128, dk and dv multiples of 64, q/k/v bfloat16 (or
     float16); ``scale`` multiplies q.k. ``interpret``: True (or ``plgpu.InterpretGPUParams``) runs the kernel in
     the Mosaic GPU interpreter. Returns y (B, Np, H, dv) in v's dtype and the statistic (B H, Np) float32 (see the
-    module docstring).
+    module docstring); with ``low_part`` (powers) also what y's rounding left out, y_low = y_f32 - y in v's
+    dtype, after y: y + y_low carries ~16 bits of y's float32 value, for the backward (shared memory at head dim
+    128 has no room for a float32 y tile; y_low leaves through the folded queries' tile).
     """
     batch, padded, heads, dk = q.shape
     if padded % ROWS_PER_PROGRAM:
@@ -82,12 +84,16 @@ def forward(q, k, v, g_local, totals, *, power, normalize, scale, stages=2, inte
     ring = {"k": ((KEY_TILE, dk), dtype), "v": ((KEY_TILE, dv), dtype), "kd": ((KEY_TILE,), jnp.float32)}
     scratch = scratch_types(ring, own, stages, dtype, interpret, staging_cols=KEY_TILE)
     scratch.update(stat_smem=plgpu.SMEM((2, BLOCK), jnp.float32))
-    if (dv, v.dtype) != (dk, dtype):  # else y leaves through the query tile (shared memory at head dim 128)
+    if (dv, v.dtype) != (dk, dtype):  # else y (and y_low) leave through the query tiles (shared memory at 128)
         scratch.update(y_smem=smem_tile((2, BLOCK, dv), v.dtype))
+        if low_part:
+            scratch.update(y_low_smem=smem_tile((2, BLOCK, dv), v.dtype))
     if power != "exp":  # the folded queries, made by the kernel
         scratch.update(q_main_smem=smem_tile((2, BLOCK, dk), dtype))
-    out_type = (jax.ShapeDtypeStruct((batch, padded, heads, dv), v.dtype),
-                jax.ShapeDtypeStruct((batch * heads, padded), jnp.float32))
+    elif low_part:
+        raise ValueError("low_part: for powers (exp's backward needs no more of y than its dtype)")
+    y_type = jax.ShapeDtypeStruct((batch, padded, heads, dv), v.dtype)
+    out_type = (y_type, *([y_type] if low_part else []), jax.ShapeDtypeStruct((batch * heads, padded), jnp.float32))
     return launch("twomamba_mosaic_forward", kernel, out_type, scratch, batch * heads, padded, interpret)(
         q, k, v, key_decay, g_rows, totals)
 
@@ -217,9 +223,11 @@ def matmul_into(acc, a, b, staging=None):
     return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, a, b))(plgpu.ACC.init(acc))
 
 
-def _kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, y_ref, stat_ref, *, q_smem, k_smem, v_smem, kd_smem,
+def _kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, y_ref, *refs, q_smem, k_smem, v_smem, kd_smem,
             g_smem, stat_smem, q_bar, g_bar, k_bar, v_bar, kd_bar, consumed_bar, power, normalize, scale,
-            num_heads, group, stages, dtype, dv, y_smem=None, q_main_smem=None, staging_smem=None):
+            num_heads, group, stages, dtype, dv, y_smem=None, y_low_smem=None, q_main_smem=None,
+            staging_smem=None):
+    y_low_ref, stat_ref = refs if len(refs) == 2 else (None, *refs)
     head, batch, query_head, key_head = head_indices(num_heads, group)
     # Powers run their longest programs first (see longest_first); exp keeps the grid order, in which it measured
     # 4-5% faster on the H200 at 8k tokens.
@@ -261,8 +269,10 @@ def _kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, y_ref, stat_ref, *, q_sme
             if rescale is not None:
                 acc = acc * lax.broadcast_in_dim(rescale, acc.shape, [0])
                 den = den * rescale
-            den = den + p.sum(axis=1)
-            acc = matmul_into(acc, p.astype(dtype), v_smem.at[slot], staging)
+            p_matmul = p.astype(dtype)
+            # Normalized powers sum the weights as the matmul reads them (see pallas._normalized_cotangents).
+            den = den + (p_matmul.astype(jnp.float32) if normalize and power != "exp" else p).sum(axis=1)
+            acc = matmul_into(acc, p_matmul, v_smem.at[slot], staging)
             plgpu.barrier_arrive(consumed_bar.at[slot])
             return acc, den, row_max, r + t_ref[head, program - step]
 
@@ -275,11 +285,17 @@ def _kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, y_ref, stat_ref, *, q_sme
         stat = (row_max + jnp.log2(den)) / LOG2E if power == "exp" and normalize else den
         if normalize:
             acc = acc * lax.broadcast_in_dim(1.0 / jnp.maximum(den, NORMALIZER_EPS), acc.shape, [0])
-        y_tile = (q_smem if y_smem is None else y_smem).at[wg]  # the walk's matmuls have read q
-        y_tile[...] = acc.astype(y_tile.dtype)
+        y_tile = (q_smem if y_smem is None else y_smem).at[wg]  # the walk's matmuls have read q and q'
+        y = acc.astype(y_tile.dtype)
+        y_tile[...] = y
+        if y_low_ref is not None:
+            y_low_tile = (q_main_smem if y_low_smem is None else y_low_smem).at[wg]
+            y_low_tile[...] = (acc - y.astype(jnp.float32)).astype(y_low_tile.dtype)
         stat_smem.at[wg][...] = stat
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(y_tile, y_ref.at[batch, rows, query_head])
+        if y_low_ref is not None:
+            plgpu.copy_smem_to_gmem(y_low_tile, y_low_ref.at[batch, rows, query_head])
         plgpu.copy_smem_to_gmem(stat_smem.at[wg], stat_ref.at[head, rows])
         plgpu.wait_smem_to_gmem(0)
 

@@ -21,8 +21,8 @@ dq, dk, dv leave in the operands' dtypes.
 Per tile, with W the weights, dW their cotangent and T = dW * W the log-decay cotangent (its row sums and column
 sums give the per-token cotangent):
 
-- normalized powers divide by the normalizer: dy and delta arrive divided by it, so dW = dy'.v - delta' and
-  dv = W^T dy' as for unnormalized ones;
+- normalized powers divide by the normalizer: dy and delta arrive divided by it (``pallas._normalized_cotangents``),
+  so dW = dy'.v - delta' and dv = W^T dy' as for unnormalized ones;
 - off-diagonal power tiles use the keys folded in the kernel, k' = scale k exp(kd/p) (once per program), and one
   factor per query, c_i = exp(g_i + r): with s' = k'.q, W = s'^p c and dS = p dW c s'^(p-1), dq = dS^T k' as it
   is and dk = exp(kd_j/p) scale (dS q), the row factor applied once at the end; diagonal tiles use the unscaled
@@ -63,22 +63,18 @@ def backward(q, k, v, g_local, totals, d_out, stat, delta, *, power, normalize, 
     """Gradients of the flash-style attention on token-major operands: (dq, dk, dv, row sums, column sums).
 
     q, k, v, g_local, totals as ``mosaic_gpu.forward`` takes them (128-token decay blocks); d_out: (B, Np, H, dv)
-    the output's cotangent; stat: (B H, Np) the forward's statistic (for normalized powers clipped at eps); delta:
-    (B H, Np) ``dy . y`` (0 where the normalizer was clipped, 0 when unnormalized). Returns dq (B, Np, H, dk) in
-    q's dtype, dk, dv (B, Np, Hk, d) in k's and v's dtypes, and the row and column sums of the log-decay cotangent
-    (B H, Np) float32.
+    the output's cotangent; stat: (B H, Np) the forward's statistic; delta: (B H, Np) ``dy . y`` (0 when
+    unnormalized). For normalized powers d_out and delta arrive divided by the normalizer (dW = dy'.v - delta'),
+    stat unused. Returns dq (B, Np, H, dk) in q's dtype, dk, dv (B, Np, Hk, d) in k's and v's dtypes, and the row
+    and column sums of the log-decay cotangent (B H, Np) float32.
     """
-    batch, padded, heads, _ = q.shape
-    if padded % ROWS_PER_PROGRAM:
+    if q.shape[1] % ROWS_PER_PROGRAM:
         raise ValueError(f"q: the Mosaic GPU kernels take whole {ROWS_PER_PROGRAM}-row programs; got {q.shape}")
     interpret = interpret_params(interpret)
     if power == "exp":
         log_normalizer = stat * LOG2E if normalize else jnp.zeros_like(stat)
         return _backward_two_pass(q, k, v, g_local, totals, d_out.astype(q.dtype), delta, log_normalizer,
                                   power=power, scale=scale, stages=stages, interpret=interpret)
-    if normalize:  # dW = (dy.v - delta) / den: fold the division into dy and delta
-        per_token = stat.reshape(batch, heads, padded).transpose(0, 2, 1)[..., None]
-        d_out, delta = d_out.astype(jnp.float32) / per_token, delta / stat
     d_out = d_out.astype(q.dtype)
     if max(q.shape[-1], v.shape[-1]) > FUSED_DQ_MAX_DIM:
         return _backward_two_pass(q, k, v, g_local, totals, d_out, delta, None, power=power, scale=scale,

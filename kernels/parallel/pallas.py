@@ -1,7 +1,8 @@
 """``parallel_attention_pallas``: the flash-style kernels joined to their backward by custom_vjp.
 
-Residuals are the inputs, the output and one float32 statistic per token (the normalizer, or the log-normalizer
-for normalized exp); nothing of size N^2 is ever stored. The log-decay cotangent per token is the row sums minus
+Residuals are the inputs, the output (in float32 for normalized powers: see ``_normalized_cotangents``) and one
+float32 statistic per token (the normalizer, or the log-normalizer for normalized exp); nothing of size N^2 is
+ever stored. The log-decay cotangent per token is the row sums minus
 the column sums of ``dW * W`` (from the two backward kernels), turned into the cotangent of ``a`` by a reverse
 cumulative sum (g = cumsum(a)).
 """
@@ -74,23 +75,30 @@ def _pad_tokens(x, padded):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _attention(q, k, v, log_decay, config):
-    return _forward(q, k, v, log_decay, config)[0]
+    return _forward(q, k, v, log_decay, config)[0][0]
 
 
-def _forward(q, k, v, log_decay, config):
-    """y (B, N, H, dv) and the per-token statistic (B H, Np)."""
+def _normalized_power(config):
+    return config.normalize is not None and config.power != "exp"
+
+
+def _forward(q, k, v, log_decay, config, precise=False):
+    """(y, ...) and the per-token statistic (B H, Np): y (B, N, H, dv) in v's dtype, or with ``precise`` (for
+    the backward of normalized powers) y's float32 value as parts that sum to it: (y in float32) from the Triton
+    and TPU kernels, (y, what its rounding left out) in v's dtype from the Hopper ones."""
     batch, length, heads, _ = q.shape
     padded = _padded_length(length, config)
     g_local, totals = _decay(log_decay, padded, config.block)
     options = dict(power=config.power, normalize=config.normalize, interpret=config.interpret)
     if config.backend == "mosaic_gpu":  # token-major operands, as they come
-        y, stat = mosaic_gpu.forward(*(_pad_tokens(x, padded) for x in (q, k, v)), g_local, totals,
-                                     scale=config.scale, **options)
-        return y[:, :length], stat
+        *parts, stat = mosaic_gpu.forward(*(_pad_tokens(x, padded) for x in (q, k, v)), g_local, totals,
+                                          scale=config.scale, low_part=precise, **options)
+        return tuple(y[:, :length] for y in parts), stat
     kernels = _HEADS_FIRST[config.backend]
     y, stat = kernels.forward(*_heads_first(q, k, v, config.scale, padded), g_local, totals, block=config.block,
-                              num_heads=heads, group=heads // k.shape[2], **options)
-    return heads_last(y, batch, length), stat
+                              num_heads=heads, group=heads // k.shape[2],
+                              y_dtype=jnp.float32 if precise else v.dtype, **options)
+    return (heads_last(y, batch, length),), stat
 
 
 def _heads_first(q, k, v, scale, padded):
@@ -100,20 +108,21 @@ def _heads_first(q, k, v, scale, padded):
 
 
 def _attention_fwd(q, k, v, log_decay, config):
-    y, stat = _forward(q, k, v, log_decay, config)
-    return y, (q, k, v, log_decay, y, stat)
+    # Normalized powers keep y's float32 value for the backward's delta (see _normalized_cotangents).
+    y_parts, stat = _forward(q, k, v, log_decay, config, precise=_normalized_power(config))
+    return y_parts[0].astype(v.dtype), (q, k, v, log_decay, y_parts, stat)
 
 
 def _attention_bwd(config, residuals, d_y):
-    q, k, v, log_decay, y, stat = residuals
+    q, k, v, log_decay, y_parts, stat = residuals
+    y = sum(part.astype(jnp.float32) for part in y_parts)
     batch, length, heads, _ = q.shape
     padded = stat.shape[1]
     g_local, totals = _decay(log_decay, padded, config.block)
-    if config.normalize:
+    if _normalized_power(config):
+        d_y, delta, stat = _normalized_cotangents(d_y, y, stat, q.dtype)
+    elif config.normalize:
         delta = heads_first(jnp.sum(d_y.astype(jnp.float32) * y.astype(jnp.float32), axis=-1), padded)
-        if config.power != "exp":  # y = numerator / max(normalizer, eps): no gradient through a clipped normalizer
-            delta = jnp.where(stat > NORMALIZER_EPS, delta, 0.0)
-            stat = jnp.maximum(stat, NORMALIZER_EPS)
     else:
         delta = jnp.zeros_like(stat)
     options = dict(power=config.power, normalize=config.normalize, interpret=config.interpret)
@@ -142,6 +151,25 @@ def _attention_bwd(config, residuals, d_y):
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _normalized_cotangents(d_y, y, stat, dtype):
+    """(dy', delta', the clipped normalizer) of a normalized power: the backward kernels take
+    dW_ij = dy'_i . v_j - delta'_i with dy' = dy / den as their matmuls read it (rounded to ``dtype``) and
+    delta' = dy' . y, y (float32) as the forward computed it before rounding (``_forward``'s ``precise``).
+
+    Both from the same rounded dy', and y and den from the same rounded weights (the forward sums the normalizer
+    from the weights its matmul reads), so that the two terms cancel where they should: a row with one weight
+    (a document's first token) has y = v, dW = 0 and no gradient into q and k, where the kernel's rounding
+    otherwise came back multiplied by 2 / s (dS = 2 s dW, den = s^2): dq errors of the order of the whole
+    gradient for a small s. y = numerator / max(den, eps): no gradient through a clipped normalizer."""
+    batch, padded = y.shape[0], stat.shape[1]
+    clipped = stat <= NORMALIZER_EPS
+    stat = jnp.maximum(stat, NORMALIZER_EPS)
+    per_token = heads_last(stat, batch, y.shape[1])[..., None]  # (B, N, H, 1)
+    d_y = (d_y.astype(jnp.float32) / per_token).astype(dtype)
+    delta = heads_first(jnp.sum(d_y.astype(jnp.float32) * y, axis=-1), padded)
+    return d_y, jnp.where(clipped, 0.0, delta), stat
 
 
 def parallel_attention_pallas(q, k, v, log_decay=None, *, power, normalize, scale, block_size=None,

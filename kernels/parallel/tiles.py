@@ -49,16 +49,15 @@ def score_and_decay_grads(s, diff, d_weights, w, power):
 def tile_grads(s, diff, d_out_dot_v, stat, delta, power, normalize):
     """(the weights as the output sees them, d s, the log-decay cotangent) of one tile in the backward.
 
-    d_out_dot_v: (BQ, BK) ``dy_i . v_j``; stat: (BQ, 1) the forward's statistic (log-normalizer for normalized
-    exp, the normalizer clipped at eps for powers); delta: (BQ, 1) ``dy . y`` (0 where the normalizer was clipped).
+    d_out_dot_v: (BQ, BK) ``dy_i . v_j``; stat: (BQ, 1) the forward's log-normalizer (normalized exp); delta:
+    (BQ, 1) ``dy . y`` (0 when unnormalized). Normalized powers take dy and delta already divided by the normalizer
+    (``pallas._normalized_cotangents``), so that dW = dy'.v - delta' and their weights are seen as they are.
     """
     if power == "exp":
         w = weights(s, diff, power, stat if normalize else None)  # normalized exp: already divided
         d_weights = d_out_dot_v - delta if normalize else d_out_dot_v
-        seen = w
     else:
         w = weights(s, diff, power)
-        d_weights = (d_out_dot_v - delta) / stat if normalize else d_out_dot_v
-        seen = w / stat if normalize else w
+        d_weights = d_out_dot_v - delta
     d_s, through_decay = score_and_decay_grads(s, diff, d_weights, w, power)
-    return seen, d_s, through_decay
+    return w, d_s, through_decay

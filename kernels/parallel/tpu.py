@@ -66,7 +66,7 @@ class _Layout:
         return pl.BlockSpec((None, 1, self.num_blocks), lambda h, i, j: (h, 0, 0))
 
 
-def forward(q, k, v, g_local, totals, *, power, normalize, block, num_heads, group, interpret=False):
+def forward(q, k, v, g_local, totals, *, power, normalize, block, num_heads, group, y_dtype=None, interpret=False):
     """See ``triton.forward``: same arguments (bar the Triton tuning knobs), same results."""
     lay = _Layout(q, k, v, g_local, totals, block, num_heads, group)
     online_softmax = power == "exp" and normalize
@@ -94,9 +94,9 @@ def forward(q, k, v, g_local, totals, *, power, normalize, block, num_heads, gro
                 den[...] = den[...] * rescale + jnp.sum(p, axis=1, keepdims=True)
                 running_max[...] = new_max
             else:
-                w = weights(s, diff, power)
-                acc[...] += dot(w.astype(v_j.dtype), v_j)
-                den[...] += jnp.sum(w, axis=1, keepdims=True)
+                w = weights(s, diff, power).astype(v_j.dtype)  # the normalizer sums what the matmul reads
+                acc[...] += dot(w, v_j)
+                den[...] += jnp.sum(w.astype(_F32), axis=1, keepdims=True)
 
         @pl.when(j == lay.num_blocks - 1)
         def _():
@@ -108,7 +108,7 @@ def forward(q, k, v, g_local, totals, *, power, normalize, block, num_heads, gro
 
     y, stat = pl.pallas_call(
         kernel,
-        out_shape=(jax.ShapeDtypeStruct((lay.bh, lay.padded, lay.dv), v.dtype),
+        out_shape=(jax.ShapeDtypeStruct((lay.bh, lay.padded, lay.dv), y_dtype or v.dtype),
                    jax.ShapeDtypeStruct((lay.bh, lay.padded, 1), _F32)),
         grid=(lay.bh, lay.num_blocks, lay.num_blocks),
         in_specs=[lay.tokens(lay.dk, query), lay.tokens(lay.dk, key, kv=True), lay.tokens(lay.dv, key, kv=True),

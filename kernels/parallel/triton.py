@@ -32,12 +32,12 @@ def _positions(block_index, block):
     return block_index * block + jax.lax.broadcasted_iota(jnp.int32, (block,), 0)
 
 
-def forward(q, k, v, g_local, totals, *, power, normalize, block, num_heads, group, interpret=False,
+def forward(q, k, v, g_local, totals, *, power, normalize, block, num_heads, group, y_dtype=None, interpret=False,
             num_warps=4, num_stages=2):
     """q: (BH, Np, dk) pre-scaled; k: (BH / group, Np, dk); v: (BH / group, Np, dv); g_local: (BH, Np) float32
-    block-local cumulative log-decays; totals: (BH, nb) each block's log-decay. Returns y (BH, Np, dv) in v's dtype
-    and a per-token statistic (BH, Np) float32 for the backward: the log-normalizer for normalized exp, the
-    normalizer otherwise."""
+    block-local cumulative log-decays; totals: (BH, nb) each block's log-decay. Returns y (BH, Np, dv) in
+    ``y_dtype`` (default v's) and a per-token statistic (BH, Np) float32 for the backward: the log-normalizer for
+    normalized exp, the normalizer otherwise (summed from the weights as the matmul reads them)."""
     bh, padded, _ = q.shape
     dv = v.shape[-1]
     online_softmax = power == "exp" and normalize
@@ -65,9 +65,9 @@ def forward(q, k, v, g_local, totals, *, power, normalize, block, num_heads, gro
                 den = den * rescale + jnp.sum(p, axis=1)
                 running_max = new_max
             else:
-                w = weights(s, diff, power)
-                acc = acc + dot(w.astype(v_j.dtype), v_j)
-                den = den + jnp.sum(w, axis=1)
+                w = weights(s, diff, power).astype(v_j.dtype)
+                acc = acc + dot(w, v_j)
+                den = den + jnp.sum(w.astype(jnp.float32), axis=1)
             offset = offset + t_ref[head, jnp.maximum(j - 1, 0)]  # the block the walk enters next
             return acc, den, running_max, offset
 
@@ -79,7 +79,8 @@ def forward(q, k, v, g_local, totals, *, power, normalize, block, num_heads, gro
         y_ref[head, rows, :] = acc.astype(y_ref.dtype)
         stat_ref[head, rows] = running_max + jnp.log(den) if online_softmax else den
 
-    out_shape = (jax.ShapeDtypeStruct((bh, padded, dv), v.dtype), jax.ShapeDtypeStruct((bh, padded), jnp.float32))
+    out_shape = (jax.ShapeDtypeStruct((bh, padded, dv), y_dtype or v.dtype),
+                 jax.ShapeDtypeStruct((bh, padded), jnp.float32))
     return pl.pallas_call(kernel, out_shape=out_shape, grid=(bh, padded // block), interpret=interpret,
                           compiler_params=_params(num_warps, num_stages), name="twomamba_parallel_forward")(
         q, k, v, g_local, totals)

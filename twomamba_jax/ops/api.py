@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from twomamba_jax.ops.chunked import chunked_attention
-from twomamba_jax.ops.numerics import with_document_starts, zero_log_decay
+from twomamba_jax.ops.numerics import KERNEL_DOCUMENT_START, with_document_starts, zero_log_decay
 from twomamba_jax.ops.recurrent import recurrent_step
 from twomamba_jax.ops.reference import reference_attention
 from twomamba_jax.ops.state import AttentionState, check_cache_room, check_state
@@ -181,8 +181,11 @@ def decayed_attention(
       segment_ids: (B, N) integers, the document of each token of packed rows (a new document wherever the id
         changes): no token attends to an earlier document, applied as a decay of exactly zero at each document
         start (with or without ``log_decay``), so ``initial_state`` reaches only the first document and the
-        returned state holds only the last. The Pallas kernels do not take it yet: "pallas*" and "auto" then
-        run "chunked" (powers) or "reference" (exp), said once.
+        returned state holds only the last. The Pallas kernels take it for 16-bit operands, as a log-decay of
+        ``KERNEL_DOCUMENT_START`` (-256: weights across a start are exactly 0 in them as well; within-document
+        weights after a start carry up to ~5e-4 relative error, below bfloat16's rounding); with float32
+        operands "pallas*" and "auto" run "chunked" (powers) or "reference" (exp) instead, and so does a
+        normalized power that would run the chunked kernels, said once.
 
     Returns:
       y: (B, N, H, dv) in q's dtype, or ``(y, state)`` with ``return_state=True``.
@@ -208,20 +211,28 @@ def decayed_attention(
         if power == "exp":
             check_cache_room("initial_state", initial_state.keys.shape[1], initial_state.length, length)
     scale = 1.0 / math.sqrt(dk) if scale is None else float(scale)
+    kernel_log_decay = log_decay  # what the Pallas kernels take
     if segment_ids is not None:
         check_segment_ids(segment_ids, batch, length)
-        log_decay = with_document_starts(zero_log_decay(q) if log_decay is None else log_decay, segment_ids)
-        if impl in ("pallas_parallel", "pallas_chunked"):
+        log_decay = zero_log_decay(q) if log_decay is None else log_decay
+        kernel_log_decay = with_document_starts(log_decay, segment_ids, KERNEL_DOCUMENT_START)
+        log_decay = with_document_starts(log_decay, segment_ids)
+        if impl in ("pallas_parallel", "pallas_chunked") and jnp.dtype(q.dtype).itemsize > 2:
             impl = "reference" if power == "exp" else "chunked"
-            _log_fallback("segment_ids (document masking)", impl, requested)
+            _log_fallback(f"segment_ids with {q.dtype} operands (the kernels mask documents for 16-bit ones)",
+                          impl, requested)
 
     common = dict(power=power, normalize=normalize, scale=scale, initial_state=initial_state,
                   return_state=return_state)
     if impl == "pallas_parallel":
         kernel = _kernel("parallel", q, k, v, power=power, requested=requested)
         if kernel is not None:
-            return kernel(q, k, v, log_decay, power=power, normalize=normalize, scale=scale)
+            return kernel(q, k, v, kernel_log_decay, power=power, normalize=normalize, scale=scale)
         impl = "reference" if power == "exp" else "pallas_chunked"
+    if impl == "pallas_chunked" and segment_ids is not None and normalize:
+        impl = "chunked"
+        _log_fallback("segment_ids with a normalized power (the chunked kernels' normalizer cotangent amplifies "
+                      "rounding at each document's first tokens)", impl, requested, "chunked Pallas")
     k, v = _ungroup(k, v, heads)  # only the flash-style kernels read grouped keys in place
     kernel = None
     if impl == "pallas_chunked":
@@ -229,7 +240,7 @@ def decayed_attention(
     if impl == "reference":
         out = reference_attention(q, k, v, log_decay, max_len=max_len, **common)
     elif kernel is not None:
-        out = kernel(q, k, v, log_decay, chunk_size=chunk_size, **common)
+        out = kernel(q, k, v, kernel_log_decay, chunk_size=chunk_size, **common)
     else:
         state_pass = "associative" if impl == "associative" else "scan"
         out = chunked_attention(q, k, v, log_decay, chunk_size=chunk_size, state_pass=state_pass, **common)

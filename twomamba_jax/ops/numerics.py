@@ -67,13 +67,25 @@ def suffix_sums(log_decay: jax.Array) -> jax.Array:
     return jnp.concatenate([from_token[..., 1:], jnp.zeros_like(from_token[..., :1])], -1)
 
 
-def with_document_starts(log_decay: jax.Array, segment_ids: jax.Array) -> jax.Array:
-    """``log_decay`` (B, N, H) with -inf at each document start of ``segment_ids`` (B, N) (a token whose id
-    differs from the one before): a decay of exactly zero there, so nothing before a document reaches it.
+# The log-decay the Pallas kernels take at a document start, for 16-bit operands: a finite stand-in for -inf. The
+# kernels difference block-local cumulative sums (-inf - -inf is NaN), and every factor they exponentiate is <= 0,
+# so exp(-256) = 0 in float32 (below its smallest subnormal, as is exp(-256 / 2) for the powers' square-root
+# factors) zeroes every weight across a start exactly, exp's too unless its scores spread over 150 within a row.
+# The price: a block's sums then carry c * 256 after c starts, and g_i - g_j of two tokens after them loses bits
+# below that magnitude's float32 spacing, 3e-5 for one start in a block and 5e-4 for 16 (relative weight error,
+# against bfloat16's 4e-3 rounding): fine for 16-bit operands, not for float32 ones (which the jnp forms take).
+KERNEL_DOCUMENT_START = -256.0
+
+
+def with_document_starts(log_decay: jax.Array, segment_ids: jax.Array, at_start: float = -jnp.inf) -> jax.Array:
+    """``log_decay`` (B, N, H) with ``at_start`` (-inf: a decay of exactly zero) at each document start of
+    ``segment_ids`` (B, N) (a token whose id differs from the one before), so nothing before a document reaches
+    it.
 
     Every dense and chunked form takes such a log-decay exactly: they sum decays between tokens, or mask pairs
-    whose span holds a -inf (``ChunkDecay``), and never subtract two sums that both hold one."""
-    return jnp.where(document_starts(segment_ids)[..., None], -jnp.inf, log_decay)
+    whose span holds a -inf (``ChunkDecay``), and never subtract two sums that both hold one. The kernels take
+    ``KERNEL_DOCUMENT_START`` instead."""
+    return jnp.where(document_starts(segment_ids)[..., None], at_start, log_decay)
 
 
 def document_starts(segment_ids: jax.Array) -> jax.Array:
