@@ -1,10 +1,9 @@
 """``parallel_attention_pallas``: the flash-style kernels joined to their backward by custom_vjp.
 
-Residuals are the inputs, the output (in float32 for normalized powers: see ``_normalized_cotangents``) and one
-float32 statistic per token (the normalizer, or the log-normalizer for normalized exp); nothing of size N^2 is
-ever stored. The log-decay cotangent per token is the row sums minus
-the column sums of ``dW * W`` (from the two backward kernels), turned into the cotangent of ``a`` by a reverse
-cumulative sum (g = cumsum(a)).
+Residuals are the inputs, the output (for normalized powers its float32 value: see ``_normalized_cotangents``) and
+one float32 statistic per token (the normalizer, or the log-normalizer for normalized exp); nothing of size N^2
+is ever stored. The log-decay cotangent per token is the row sums minus the column sums of ``dW * W`` (from the
+backward kernels), turned into the cotangent of ``a`` by a reverse cumulative sum (g = cumsum(a)).
 """
 
 from __future__ import annotations
