@@ -2,6 +2,7 @@
 
     python benchmarks/kernels.py                     # the PERF.md shapes (an accelerator is expected)
     python benchmarks/kernels.py --smoke             # tiny shapes, e.g. on CPU, to check the script itself
+    python benchmarks/kernels.py --documents 400     # packed rows: documents of ~400 tokens, masked (segment_ids)
 
 For each mixer core (2Mamba: power 2, softmax norm, decay; Mamba-2S core: power 1, no norm, decay; 2Mamba-E: exp,
 softmax norm, decay) and shape it times every path (the flash-style and the chunked Pallas kernels, the jnp chunked
@@ -13,7 +14,9 @@ FLOPs of causal softmax attention at that shape: 2 B H N^2 d forward, 3.5x that 
 relative Frobenius errors of the output and of dq, dk, dv and the log-decay's gradient (for a fixed random output
 cotangent) against the jnp chunked form
 (the dense form for exp, where it fits) on the same inputs upcast to float32, at full matmul precision (both tested
-against the float64 oracle on CPU).
+against the float64 oracle on CPU). With ``--documents MEAN`` every decayed path (and its reference) masks rows
+packed with documents of MEAN tokens on average (exponential lengths, seeded), through ``segment_ids``; cuDNN
+stays unmasked, the yardstick of the same shapes.
 """
 
 from __future__ import annotations
@@ -73,6 +76,15 @@ def _attention_mgpu(q, k, v, a):
     return attention_mgpu.attention(q, k, v, config).astype(jnp.bfloat16)
 
 
+def _segment_ids(batch, length, mean):
+    """(B, N) int32 ids of rows packed with documents of ``mean`` tokens on average (exponential lengths)."""
+    rng = np.random.default_rng(7)
+    lengths = np.maximum(1, rng.exponential(mean, (batch, length)).astype(int))  # more than enough documents
+    starts = np.cumsum(lengths, axis=1) - lengths
+    ids = np.stack([np.searchsorted(row, np.arange(length), side="right") for row in starts])
+    return jnp.asarray(ids, jnp.int32)
+
+
 def _rel(x, y):
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     return float(np.linalg.norm(x - y) / np.linalg.norm(y))
@@ -88,13 +100,18 @@ def main():
     parser.add_argument("--cores", nargs="+", default=list(CORES), choices=list(CORES))
     parser.add_argument("--shapes", nargs="+", default=None, help="BxN pairs, e.g. 4x2048 1x32768")
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
+    parser.add_argument("--documents", type=int, default=None, metavar="MEAN",
+                        help="mask rows packed with documents of MEAN tokens on average (segment_ids)")
     args = parser.parse_args()
+    if args.documents is not None and args.documents < 1:
+        parser.error(f"--documents: expected a positive mean document length; got {args.documents}")
     shapes = SMOKE_SHAPES if args.smoke else PERF_SHAPES
     if args.shapes:
         shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes]
     heads, dim, dtype = args.heads, args.dim, jnp.bfloat16
     device = jax.devices()[0]
-    print(f"{device.device_kind}, jax {jax.__version__}, H={heads}, d={dim}, bf16, chunk {args.chunk_size}; "
+    masked = "" if args.documents is None else f", documents of ~{args.documents} tokens masked (cuDNN unmasked)"
+    print(f"{device.device_kind}, jax {jax.__version__}, H={heads}, d={dim}, bf16, chunk {args.chunk_size}{masked}; "
           "errors vs jnp chunked float32 (highest precision)")
     print("| B x N | path | fwd ms | fwd+bwd ms | fwd / cuDNN | fwd+bwd / cuDNN | TFLOP/s-eq (fwd+bwd) | rel err y | "
           "rel err dq dk dv da |")
@@ -104,6 +121,7 @@ def main():
         input_sets = [_inputs(seed, batch, length, heads, dim, dtype) for seed in range(ROTATIONS)]
         cotangent = jnp.asarray(np.random.default_rng(99).standard_normal((batch, length, heads, dim)), jnp.float32)
         flops = 2 * batch * heads * length**2 * dim
+        ids = None if args.documents is None else _segment_ids(batch, length, args.documents)
         paths = {}
         if jax.default_backend() == "gpu":  # the yardsticks first: every row is also a ratio to cuDNN's times
             paths["softmax cuDNN"] = (lambda q, k, v, a: jax.nn.dot_product_attention(
@@ -117,11 +135,13 @@ def main():
                 if core["power"] == "exp" and impl in ("pallas_chunked", "chunked"):
                     continue  # no finite state
                 if impl == "pallas_parallel_triton":
+                    if ids is not None:
+                        continue  # the kernel alone takes no segment ids (decayed_attention makes their log-decay)
                     paths[f"{core_name} {impl}"] = (lambda q, k, v, a, core=core: parallel_attention_pallas(
                         q, k, v, a, scale=1 / np.sqrt(q.shape[-1]), backend="triton", **core), core)
                     continue
                 paths[f"{core_name} {impl}"] = (lambda q, k, v, a, impl=impl, core=core: ops.decayed_attention(
-                    q, k, v, a, impl=impl, chunk_size=args.chunk_size, **core), core)
+                    q, k, v, a, impl=impl, chunk_size=args.chunk_size, segment_ids=ids, **core), core)
 
         oracles, yardstick = {}, None
         with_cotangent = [(*inputs, cotangent) for inputs in input_sets]
@@ -148,7 +168,8 @@ def main():
                 if key is not None and key not in oracles:
                     q, k, v, a = (x.astype(jnp.float32) for x in input_sets[0])
                     with jax.default_matmul_precision("highest"):
-                        exact = lambda q, k, v, a: ops.decayed_attention(q, k, v, a, impl=exact_impl, **core)
+                        exact = lambda q, k, v, a: ops.decayed_attention(q, k, v, a, impl=exact_impl,
+                                                                         segment_ids=ids, **core)
                         oracles[key] = (jax.jit(exact)(q, k, v, a), jax.jit(jax.grad(
                             lambda q, k, v, a: jnp.sum(exact(q, k, v, a) * cotangent), argnums=(0, 1, 2, 3)))(
                                 q, k, v, a))
