@@ -121,7 +121,7 @@ def _attention_bwd(config, residuals, d_y):
     if _normalized_power(config):
         d_y, delta, stat = _normalized_cotangents(d_y, y, stat, q.dtype)
     elif config.normalize:
-        delta = heads_first(jnp.sum(d_y.astype(jnp.float32) * y.astype(jnp.float32), axis=-1), padded)
+        delta = heads_first(jnp.sum(d_y.astype(jnp.float32) * y, axis=-1), padded)
     else:
         delta = jnp.zeros_like(stat)
     options = dict(power=config.power, normalize=config.normalize, interpret=config.interpret)
