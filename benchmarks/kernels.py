@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from twomamba_jax import ops
+from twomamba_jax.kernels.chunked import chunked_attention_pallas
 from twomamba_jax.kernels.parallel import parallel_attention_pallas
 
 PERF_SHAPES = [(4, 2048), (4, 8192), (1, 32768)]
@@ -37,8 +38,10 @@ SMOKE_SHAPES = [(1, 256)]
 CORES = {"2mamba": dict(power=2, normalize="softmax"), "power1": dict(power=1, normalize=None),
          "2mamba-e": dict(power="exp", normalize="softmax")}
 # "pallas_parallel_triton": the flash-style kernels forced onto the Triton lowering (on Hopper "pallas_parallel"
-# runs the Mosaic GPU forward and backward).
-IMPLS = ("pallas_parallel", "pallas_parallel_triton", "pallas_chunked", "chunked", "reference")
+# runs the Mosaic GPU forward and backward); "pallas_chunked_hopper": the chunked Hopper forward (power 2, d 64;
+# its backward is the Triton kernels').
+IMPLS = ("pallas_parallel", "pallas_parallel_triton", "pallas_chunked", "pallas_chunked_hopper", "chunked",
+         "reference")
 DENSE_MAX_BYTES = 24 * 2**30
 ROTATIONS = 3
 
@@ -139,6 +142,13 @@ def main():
                         continue  # the kernel alone takes no segment ids (decayed_attention makes their log-decay)
                     paths[f"{core_name} {impl}"] = (lambda q, k, v, a, core=core: parallel_attention_pallas(
                         q, k, v, a, scale=1 / np.sqrt(q.shape[-1]), backend="triton", **core), core)
+                    continue
+                if impl == "pallas_chunked_hopper":
+                    if ids is not None or core["power"] != 2 or dim != 64:
+                        continue  # power 2 at d = 64 only, and no segment ids (as above)
+                    paths[f"{core_name} {impl}"] = (lambda q, k, v, a, core=core: chunked_attention_pallas(
+                        q, k, v, a, scale=1 / np.sqrt(q.shape[-1]), chunk_size=64, backend="mosaic_gpu",
+                        interpret=jax.default_backend() == "cpu", **core), core)
                     continue
                 paths[f"{core_name} {impl}"] = (lambda q, k, v, a, impl=impl, core=core: ops.decayed_attention(
                     q, k, v, a, impl=impl, chunk_size=args.chunk_size, segment_ids=ids, **core), core)

@@ -5,7 +5,10 @@ float32 like the GPU with IEEE dots); bfloat16 inputs 1e-2 (operands rounded to 
 Gradients run through the backward kernels (states recomputed, state cotangents in reverse, per-chunk grads).
 The GPU (Triton) kernels run through ``decayed_attention(impl="pallas_chunked")``, which picks them on CPU; the
 TPU (Mosaic) kernels run in the TPU interpreter, which fills uninitialized VMEM with NaN, on a subset of the
-cases (it is slower): every head dim and dtype for the two main variants, the others at d = 64.
+cases (it is slower): every head dim and dtype for the two main variants, the others at d = 64. The Hopper
+forward (Mosaic GPU, power 2, d = 64, bfloat16, 64-token chunks) runs in the Mosaic GPU interpreter (~15 s a case)
+at N = 130 (three chunks, the last ragged), differentiated through the Triton kernels, and is lowered for an H200
+on CPU (Mosaic GPU's own layout inference and wgmma / TMA checks).
 """
 
 import functools
@@ -18,6 +21,8 @@ from helpers import random_qkv, rel_error, tree_rel_error
 
 from twomamba_jax import ops
 from twomamba_jax.kernels.chunked import chunked_attention_pallas, unsupported_reason
+from twomamba_jax.kernels.chunked import mosaic_gpu as hopper
+from twomamba_jax.ops.numerics import KERNEL_DOCUMENT_START, with_document_starts
 
 TOLERANCES = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 
@@ -31,20 +36,27 @@ def _tpu_pallas(q, k, v, a, **kw):
                                     interpret=True, **kw)
 
 
-KERNELS = {"triton": _pallas, "tpu": _tpu_pallas}
+def _hopper_pallas(q, k, v, a, **kw):
+    return chunked_attention_pallas(q, k, v, a, scale=1 / math.sqrt(q.shape[-1]), chunk_size=64,
+                                    backend="mosaic_gpu", interpret=True, **kw)
+
+
+KERNELS = {"triton": _pallas, "tpu": _tpu_pallas, "mosaic_gpu": _hopper_pallas}
 VARIANTS = [(2, "softmax", True), (2, None, False), (1, None, True), (1, "softmax", False)]
 CASES = [("triton", dim, dtype, *variant) for dim in (32, 64, 128) for dtype in (jnp.float32, jnp.bfloat16)
          for variant in VARIANTS]
 CASES += [("tpu", dim, dtype, *variant) for dim in (32, 64, 128) for dtype in (jnp.float32, jnp.bfloat16)
           for variant in VARIANTS if dim == 64 or variant in (VARIANTS[0], VARIANTS[2])]
+CASES += [("mosaic_gpu", 64, jnp.bfloat16, *variant) for variant in VARIANTS[:2]]
 
 
 @pytest.mark.parametrize("backend,dim,dtype,power,normalize,decay", CASES)
 def test_values_states_and_gradients_match_the_oracle(rng, backend, dim, dtype, power, normalize, decay):
-    q, k, v, a = random_qkv(rng, batch=1, length=37, heads=2, key_dim=dim, value_dim=dim // 2, dtype=dtype,
+    length, value_dim = (130, dim) if backend == "mosaic_gpu" else (37, dim // 2)
+    q, k, v, a = random_qkv(rng, batch=1, length=length, heads=2, key_dim=dim, value_dim=value_dim, dtype=dtype,
                             decay=decay, non_negative=(power == 1 and normalize == "softmax"))
     a = None if a is None else a.astype(jnp.float32)
-    prefix = random_qkv(rng, batch=1, length=5, heads=2, key_dim=dim, value_dim=dim // 2,
+    prefix = random_qkv(rng, batch=1, length=5, heads=2, key_dim=dim, value_dim=value_dim,
                         non_negative=(power == 1 and normalize == "softmax"))
     _, state0 = ops.decayed_attention(*prefix, power=power, normalize=normalize, return_state=True)
     state0 = jax.tree.map(lambda s: s.astype(jnp.float32), state0)
@@ -140,8 +152,59 @@ def test_kernels_lower_for_the_gpu_on_cpu():
 
 def test_unknown_backend_is_refused(rng):
     q, k, v, a = random_qkv(rng, batch=1, length=9, heads=1, key_dim=16, value_dim=16, dtype=jnp.float32)
-    with pytest.raises(ValueError, match="backend: expected one of \\('triton', 'tpu'\\); got 'cuda'"):
+    with pytest.raises(ValueError, match="backend: expected one of \\('triton', 'tpu', 'mosaic_gpu'\\); got 'cuda'"):
         chunked_attention_pallas(q, k, v, a, power=2, normalize=None, scale=0.25, chunk_size=16, backend="cuda")
+    for (dim, dtype, power, chunk), message in [
+            ((16, jnp.bfloat16, 2, 64), "backend='mosaic_gpu': head dims dk=16, dv=16 \\(the Hopper chunked kernels "
+                                        "take 64\\)"),
+            ((64, jnp.float32, 2, 64), "backend='mosaic_gpu': dtypes q=float32"),
+            ((64, jnp.bfloat16, 1, 64), "backend='mosaic_gpu': power=1 \\(the Hopper chunked kernels take power 2\\)"),
+            ((64, jnp.bfloat16, 2, 32), "chunk_size: the 'mosaic_gpu' kernels take 64; got 32")]:
+        q, k, v, a = random_qkv(rng, batch=1, length=9, heads=1, key_dim=dim, value_dim=dim, dtype=dtype)
+        with pytest.raises(ValueError, match=message):
+            chunked_attention_pallas(q, k, v, a, power=power, normalize=None, scale=0.25, chunk_size=chunk,
+                                     backend="mosaic_gpu")
+
+
+def test_hopper_forward_reads_grouped_keys_and_stops_at_document_starts(rng):
+    """Two query heads over one key head; the rows hold documents starting at tokens 0, 70 and 100 (the kernels'
+    -256 log-decay at each start, as decayed_attention passes it): output, normalizer and final states against
+    the oracle given the segment ids."""
+    q, k, v, a = random_qkv(rng, batch=1, length=130, heads=2, key_dim=64, value_dim=64, dtype=jnp.bfloat16,
+                            decay=True)
+    k, v = k[:, :, :1], v[:, :, :1]
+    ids = jnp.asarray([[0] * 70 + [1] * 30 + [2] * 30], jnp.int32)
+    upcast = lambda x: x.astype(jnp.float64)
+    oracle = lambda values, **options: ops.decayed_attention(upcast(q), upcast(k), values, upcast(a), power=2,
+                                                             segment_ids=ids, impl="reference", **options)
+    y_ref, den_ref = oracle(upcast(v), normalize=None), oracle(jnp.ones_like(upcast(v)), normalize=None)
+    _, state_ref = oracle(upcast(v), normalize="softmax", return_state=True)
+    masked = with_document_starts(a.astype(jnp.float32), ids, at_start=KERNEL_DOCUMENT_START)
+    zeros = hopper.to_full(jnp.zeros((2, 2080, 64)), jnp.zeros((2, 2080)))
+    y, den, numerator, normalizer = hopper.forward(q, k, v, masked, *zeros, scale=1 / 8, interpret=True)
+    numerator, normalizer = hopper.to_symmetric(numerator, normalizer)
+    assert rel_error(y, y_ref) < 1e-2
+    assert rel_error(den.reshape(2, 130).T, den_ref[0, :, :, 0]) < 1e-2
+    assert rel_error(numerator, state_ref.numerator.reshape(2, 2080, 64)) < 1e-2
+    assert rel_error(normalizer, state_ref.normalizer.reshape(2, 2080)) < 1e-2
+
+
+def test_hopper_kernels_lower_for_an_h200_on_cpu():
+    """Pallas -> Mosaic GPU lowering of the Hopper forward, and Triton of its backward, for an H200 without a GPU:
+    Mosaic GPU's layout inference and its wgmma / TMA shape checks run here."""
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
+    tokens = jax.ShapeDtypeStruct((1, 200, 2, 64), jnp.bfloat16)
+
+    def loss(q, k, v, a):
+        return jnp.sum(chunked_attention_pallas(q, k, v, a, power=2, normalize="softmax", scale=0.125, chunk_size=64,
+                                                backend="mosaic_gpu").astype(jnp.float32))
+
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
+        lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).trace(
+            tokens, tokens, tokens, jax.ShapeDtypeStruct((1, 200, 2), jnp.float32)).lower(lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    for kernel in ("chunked_numerator", "chunked_normalizer", "chunk_states", "chunk_state_grads", "chunk_grads"):
+        assert f"twomamba_{kernel}" in text, kernel
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])

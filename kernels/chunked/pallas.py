@@ -1,6 +1,7 @@
 """``chunked_attention_pallas``: the chunked algorithm on the Pallas kernels, joined to a backward by custom_vjp.
 
-Forward: ``state_pass`` then ``chunk_outputs``. Backward: ``state_pass`` again (recomputing the per-chunk states
+Forward: ``state_pass`` then ``chunk_outputs`` (on Hopper GPUs optionally the fused kernels of ``mosaic_gpu.py``,
+whose states never leave the chip; their backward is the Triton one below). Backward: ``state_pass`` again (recomputing the per-chunk states
 is one cheap pass, so the forward keeps none of its B H (N/C) F dv states as residuals; the backward
 holds them and their cotangents, twice that, while it runs), ``state_pass(reverse=True)`` (the state cotangents,
 chunks in reverse) and ``chunk_grads`` (dq, dk, dv and the log-decay cotangent, chunks in parallel); the
@@ -15,6 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from twomamba_jax.kernels.chunked import mosaic_gpu as hopper_kernels
 from twomamba_jax.kernels.chunked import tpu as tpu_kernels
 from twomamba_jax.kernels.chunked import triton as triton_kernels
 from twomamba_jax.kernels.chunked.features import feature_indices
@@ -26,6 +28,12 @@ from twomamba_jax.ops.state import RecurrentState, init_state
 
 KERNEL_CHUNKS = (16, 32, 64, 128)
 BACKENDS = {"triton": triton_kernels, "tpu": tpu_kernels}
+HOPPER = "mosaic_gpu"  # the Hopper forward (mosaic_gpu.py), differentiated by the Triton kernels
+
+
+def _kernels(config):
+    """The module whose state_pass / chunk_outputs / chunk_grads run for ``config``."""
+    return BACKENDS["triton" if config.backend == HOPPER else config.backend]
 
 
 def unsupported_reason(q, k, v, *, power, chunk_size) -> str | None:
@@ -64,7 +72,7 @@ class _Prepared(NamedTuple):
 
 def _kernel_options(q, config: _Config):
     dk = q.shape[-1]
-    block = dk if config.power == 1 else BACKENDS[config.backend].power2_feature_block(feature_size(dk, 2))
+    block = dk if config.power == 1 else _kernels(config).power2_feature_block(feature_size(dk, 2))
     return dict(power=config.power, chunk_size=config.chunk_size, feature_block=block, interpret=config.interpret)
 
 
@@ -99,22 +107,40 @@ def _prepare(q, k, v, log_decay, numerator0, normalizer0, config: _Config, featu
 
 def _states(p: _Prepared, config: _Config, options):
     ones = jnp.ones_like(p.key_decay)
-    return BACKENDS[config.backend].state_pass(p.k, p.v, p.key_decay, ones, p.chunk_decay, *p.pairs,
+    return _kernels(config).state_pass(p.k, p.v, p.key_decay, ones, p.chunk_decay, *p.pairs,
                                                p.numerator0, p.normalizer0, reverse=False, **options)
 
 
 def _forward(q, k, v, log_decay, numerator0, normalizer0, config: _Config):
     """Returns ((y, final numerator, final normalizer), the normalizer of every token (BH, Np))."""
+    if config.backend == HOPPER:
+        return _forward_hopper(q, k, v, log_decay, numerator0, normalizer0, config)
     batch, length, heads, dk = q.shape
     features = feature_size(dk, config.power)
     options = _kernel_options(q, config)
     p = _prepare(q, k, v, log_decay, numerator0, normalizer0, config, options["feature_block"])
     numerators, normalizers, numerator, normalizer = _states(p, config, options)
-    y, token_normalizer = BACKENDS[config.backend].chunk_outputs(
+    y, token_normalizer = _kernels(config).chunk_outputs(
         p.q, p.k, p.v, p.gamma, numerators, normalizers, *p.pairs, normalize=config.normalize, **options)
     numerator = numerator[:, :features].reshape(batch, heads, features, -1)
     normalizer = normalizer[:, :features].reshape(batch, heads, features)
     return (heads_last(y, batch, length), numerator, normalizer), token_normalizer
+
+
+def _forward_hopper(q, k, v, log_decay, numerator0, normalizer0, config: _Config):
+    """``_forward`` on the Hopper kernels: states in the full layout inside, symmetric outside."""
+    batch, length, heads, _ = q.shape
+    flat = lambda x: x.reshape(batch * heads, *x.shape[2:])
+    y, den, numerator, normalizer = hopper_kernels.forward(
+        q, k, v, log_decay, *hopper_kernels.to_full(flat(numerator0), flat(normalizer0)), scale=config.scale,
+        interpret=config.interpret)
+    if config.normalize:
+        y = y / jnp.maximum(den, NORMALIZER_EPS).reshape(batch, heads, length).transpose(0, 2, 1)[..., None]
+    numerator, normalizer = hopper_kernels.to_symmetric(numerator, normalizer)
+    padded = -(-length // config.chunk_size) * config.chunk_size
+    token_normalizer = jnp.pad(den, [(0, 0), (0, padded - length)])
+    return ((y.astype(v.dtype), numerator.reshape(numerator0.shape), normalizer.reshape(normalizer0.shape)),
+            token_normalizer)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -136,7 +162,7 @@ def _attention_bwd(config, residuals, cotangents):
     options = _kernel_options(q, config)
     p = _prepare(q, k, v, log_decay, numerator0, normalizer0, config, options["feature_block"])
     numerators, normalizers, _, _ = _states(p, config, options)
-    kernels = BACKENDS[config.backend]
+    kernels = _kernels(config)
 
     padded = p.q.shape[1]
     d_y = heads_first(d_y.astype(jnp.float32), padded)
@@ -176,12 +202,19 @@ def chunked_attention_pallas(q, k, v, log_decay, *, power, normalize, scale, chu
                              return_state=False, backend="triton", interpret=False):
     """Same contract as ``twomamba_jax.ops.chunked.chunked_attention``, on the Pallas kernels.
 
-    The caller checks ``unsupported_reason`` first. ``backend``: "triton" (the GPU kernels of ``triton.py``) or
-    "tpu" (the Mosaic kernels of ``tpu.py``); both give the same results. ``interpret=True`` runs them in Pallas
-    interpret mode (the TPU interpreter for "tpu"), on any machine.
+    The caller checks ``unsupported_reason`` first. ``backend``: "triton" (the GPU kernels of ``triton.py``),
+    "tpu" (the Mosaic kernels of ``tpu.py``) or "mosaic_gpu" (Hopper: the forward of ``mosaic_gpu.py``, for power
+    2, head dim 64, bfloat16, chunk_size 64; the backward is the Triton kernels'); all give the same results up to
+    rounding. ``interpret=True`` runs them in Pallas interpret mode (the TPU or Mosaic GPU interpreter for those),
+    on any machine.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {tuple(BACKENDS)}; got {backend!r}")
+    if backend not in (*BACKENDS, HOPPER):
+        raise ValueError(f"backend: expected one of {(*BACKENDS, HOPPER)}; got {backend!r}")
+    if backend == HOPPER:
+        if reason := hopper_kernels.unsupported_reason(q, k, v, power=power):
+            raise ValueError(f"backend={HOPPER!r}: {reason}")
+        if chunk_size != hopper_kernels.CHUNK:
+            raise ValueError(f"chunk_size: the {HOPPER!r} kernels take {hopper_kernels.CHUNK}; got {chunk_size}")
     batch, _, heads, dk = q.shape
     dv = v.shape[-1]
     if log_decay is None:

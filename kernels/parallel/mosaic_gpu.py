@@ -159,11 +159,14 @@ def head_indices(num_heads, group):
     return head, lax.div(head, jnp.int32(num_heads)), query_head, lax.div(query_head, jnp.int32(group))
 
 
-def stream(walk, stages, consumed_bar, issue):
+def stream(walk, stages, consumed_bar, issue, prologue=None):
     """The memory warpgroup: for each step of the walk, once its ring slot is free, ``issue(step, slot)`` starts
     the step's TMA copies; then it waits for the last slots to be consumed (so that every phase of every barrier
-    is observed, as the interpreter checks)."""
+    is observed, as the interpreter checks). ``prologue()`` runs first, once the warpgroup has handed its
+    registers to the compute warpgroups (which wait for them)."""
     plgpu.set_max_registers(40, action="decrease")
+    if prologue is not None:
+        prologue()
 
     @pl.loop(0, walk)
     def _(step):
@@ -220,6 +223,14 @@ def matmul_into(acc, a, b, staging=None):
         staging[...] = a
         plgpu.commit_smem()
         return acc + matmul(staging, b, acc.shape)
+    return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, a, b))(plgpu.ACC.init(acc))
+
+
+def matmul_add(acc, a, b, interpret):
+    """``acc + a @ b`` by wgmma, ``a`` and ``b`` shared-memory refs: in place on the GPU (as ``matmul_into``); the
+    interpreter, which has no run_state, adds a fresh product."""
+    if interpret:
+        return acc + matmul(a, b, acc.shape)
     return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, a, b))(plgpu.ACC.init(acc))
 
 

@@ -183,7 +183,7 @@ def _power_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, dy_ref, delta_ref, 
             dq = matmul(ds_smem.transpose((1, 0)), keys, (BLOCK, dk))  # (queries, dk)
             plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
             rows = pl.ds((first_tile + step) * BLOCK, BLOCK)
-            _add_to_global(dq, f32_smem, dq_copy.at[batch, rows, query_head], total)
+            add_to_global(dq, f32_smem, dq_copy.at[batch, rows, query_head], total)
             return dk_acc, dv_acc, r + t_ref[head, first_tile + step]
 
         @pl.when(wg == 1)  # query tile 2p precedes this warpgroup's keys
@@ -197,7 +197,7 @@ def _power_kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, dy_ref, delta_ref, 
                                                                                             layout=_WGMMA)
         d_cols = jnp.sum(plgpu.load(k_smem, layout=_WGMMA).astype(jnp.float32) * dk_acc, axis=1) / power
         dk_out = smem["dk_smem"].at[wg] if "dk_smem" in smem else dk_diag_smem
-        _to_global([(dk_acc, dk_out, dk_ref.at[batch, cols, query_head]),
+        to_global([(dk_acc, dk_out, dk_ref.at[batch, cols, query_head]),
                     (dv_acc, smem["dv_smem"].at[wg], dv_ref.at[batch, cols, query_head]),
                     (d_cols, smem["cols_smem"].at[wg], cols_ref.at[head, cols])])
 
@@ -412,7 +412,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, kd_ref, t_ref, dy_ref, *refs, power, scale, 
         if power != "exp":
             dq, d_rows = _times_rows(_row_factor(row["g"], power, scale), dq, d_rows)
         dq, d_rows, _ = visit(program, (dq, d_rows, -t_ref[head, program]), diagonal=True)
-        _to_global([(dq * _grad_scale(power, scale), q_tile, dq_ref.at[batch, rows, query_head]),
+        to_global([(dq * _grad_scale(power, scale), q_tile, dq_ref.at[batch, rows, query_head]),
                     (d_rows, _out_tile(smem, None, jnp.float32).at[wg], rows_ref.at[head, rows])])
 
 
@@ -495,12 +495,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, kd_ref, t_ref, dy_ref, *refs, power, scale,
             dk_acc, dv_acc, d_cols, _ = lax.fori_loop(diagonal_step + 1, walk, off_diagonal, carry)
 
         staged = lambda x, ref: _out_tile(smem, x.shape[-1] if x.ndim == 2 else None, ref.dtype).at[wg]
-        _to_global([(dk_acc * _grad_scale(power, scale), staged(dk_acc, dk_ref), dk_ref.at[batch, cols, query_head]),
+        to_global([(dk_acc * _grad_scale(power, scale), staged(dk_acc, dk_ref), dk_ref.at[batch, cols, query_head]),
                     (dv_acc, staged(dv_acc, dv_ref), dv_ref.at[batch, cols, query_head]),
                     (d_cols, staged(d_cols, cols_ref), cols_ref.at[head, cols])])
 
 
-def _to_global(outputs):
+def to_global(outputs):
     """Each ``(value, smem, dst)`` in turn: ``value`` -> ``smem`` (once the copies before have read it: outputs
     may share a tile) -> global ``dst``; then waits for the copies to land."""
     for value, smem, dst in outputs:
@@ -511,7 +511,7 @@ def _to_global(outputs):
     plgpu.wait_smem_to_gmem(0)
 
 
-def _add_to_global(value, smem, dst, total):
+def add_to_global(value, smem, dst, total):
     """``dst += value`` through the tile ``smem``: a TMA reduction on the GPU; the interpreter has none, so there
     (``total`` = (a tile like ``smem``, a barrier)) ``dst`` is read, added to and written back (the warpgroup is
     the only writer of ``dst`` while its program runs, and the interpreter runs programs one at a time)."""
