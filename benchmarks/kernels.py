@@ -38,8 +38,7 @@ SMOKE_SHAPES = [(1, 256)]
 CORES = {"2mamba": dict(power=2, normalize="softmax"), "power1": dict(power=1, normalize=None),
          "2mamba-e": dict(power="exp", normalize="softmax")}
 # "pallas_parallel_triton": the flash-style kernels forced onto the Triton lowering (on Hopper "pallas_parallel"
-# runs the Mosaic GPU forward and backward); "pallas_chunked_hopper": the chunked Hopper forward (power 2, d 64;
-# its backward is the Triton kernels').
+# runs the Mosaic GPU forward and backward); "pallas_chunked_hopper": the chunked Hopper kernels (power 2, d 64).
 IMPLS = ("pallas_parallel", "pallas_parallel_triton", "pallas_chunked", "pallas_chunked_hopper", "chunked",
          "reference")
 DENSE_MAX_BYTES = 24 * 2**30

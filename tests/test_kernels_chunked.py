@@ -6,9 +6,9 @@ Gradients run through the backward kernels (states recomputed, state cotangents 
 The GPU (Triton) kernels run through ``decayed_attention(impl="pallas_chunked")``, which picks them on CPU; the
 TPU (Mosaic) kernels run in the TPU interpreter, which fills uninitialized VMEM with NaN, on a subset of the
 cases (it is slower): every head dim and dtype for the two main variants, the others at d = 64. The Hopper
-forward (Mosaic GPU, power 2, d = 64, bfloat16, 64-token chunks) runs in the Mosaic GPU interpreter (~15 s a case)
-at N = 130 (three chunks, the last ragged), differentiated through the Triton kernels, and is lowered for an H200
-on CPU (Mosaic GPU's own layout inference and wgmma / TMA checks).
+kernels (Mosaic GPU, power 2, d = 64, bfloat16, 64-token chunks) run in the Mosaic GPU interpreter (~30 s a case,
+forward and backward) at N = 130 (three chunks, the last ragged), and are lowered for an H200 on CPU (Mosaic GPU's
+own layout inference and wgmma / TMA checks).
 """
 
 import functools
@@ -159,20 +159,21 @@ def test_unknown_backend_is_refused(rng):
                                         "take 64\\)"),
             ((64, jnp.float32, 2, 64), "backend='mosaic_gpu': dtypes q=float32"),
             ((64, jnp.bfloat16, 1, 64), "backend='mosaic_gpu': power=1 \\(the Hopper chunked kernels take power 2\\)"),
-            ((64, jnp.bfloat16, 2, 32), "chunk_size: the 'mosaic_gpu' kernels take 64; got 32")]:
-        q, k, v, a = random_qkv(rng, batch=1, length=9, heads=1, key_dim=dim, value_dim=dim, dtype=dtype)
+            ((64, jnp.bfloat16, 2, 32), "chunk_size: the 'mosaic_gpu' kernels take 64; got 32"),
+            ((64, jnp.bfloat16, 2, "grouped"), "backend='mosaic_gpu': 1 key heads for 2 query heads")]:
+        q, k, v, a = random_qkv(rng, batch=1, length=9, heads=2, key_dim=dim, value_dim=dim, dtype=dtype)
+        if chunk == "grouped":
+            k, v, chunk = k[:, :, :1], v[:, :, :1], 64
         with pytest.raises(ValueError, match=message):
             chunked_attention_pallas(q, k, v, a, power=power, normalize=None, scale=0.25, chunk_size=chunk,
                                      backend="mosaic_gpu")
 
 
-def test_hopper_forward_reads_grouped_keys_and_stops_at_document_starts(rng):
-    """Two query heads over one key head; the rows hold documents starting at tokens 0, 70 and 100 (the kernels'
-    -256 log-decay at each start, as decayed_attention passes it): output, normalizer and final states against
-    the oracle given the segment ids."""
+def test_hopper_forward_stops_at_document_starts(rng):
+    """Rows holding documents that start at tokens 0, 70 and 100 (the kernels' -256 log-decay at each start, as
+    decayed_attention passes it): output, normalizer and final states against the oracle given the segment ids."""
     q, k, v, a = random_qkv(rng, batch=1, length=130, heads=2, key_dim=64, value_dim=64, dtype=jnp.bfloat16,
                             decay=True)
-    k, v = k[:, :, :1], v[:, :, :1]
     ids = jnp.asarray([[0] * 70 + [1] * 30 + [2] * 30], jnp.int32)
     upcast = lambda x: x.astype(jnp.float64)
     oracle = lambda values, **options: ops.decayed_attention(upcast(q), upcast(k), values, upcast(a), power=2,
@@ -190,8 +191,8 @@ def test_hopper_forward_reads_grouped_keys_and_stops_at_document_starts(rng):
 
 
 def test_hopper_kernels_lower_for_an_h200_on_cpu():
-    """Pallas -> Mosaic GPU lowering of the Hopper forward, and Triton of its backward, for an H200 without a GPU:
-    Mosaic GPU's layout inference and its wgmma / TMA shape checks run here."""
+    """Pallas -> Mosaic GPU lowering of the Hopper kernels, forward and backward, for an H200 without a GPU: Mosaic
+    GPU's layout inference and its wgmma / TMA shape checks run here."""
     device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
     tokens = jax.ShapeDtypeStruct((1, 200, 2, 64), jnp.bfloat16)
 
@@ -203,8 +204,9 @@ def test_hopper_kernels_lower_for_an_h200_on_cpu():
         lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).trace(
             tokens, tokens, tokens, jax.ShapeDtypeStruct((1, 200, 2), jnp.float32)).lower(lowering_platforms=("cuda",))
     text = lowered.as_text()
-    for kernel in ("chunked_numerator", "chunked_normalizer", "chunk_states", "chunk_state_grads", "chunk_grads"):
-        assert f"twomamba_{kernel}" in text, kernel
+    for kernel in ("numerator", "normalizer", "dq", "dkv", "normalizer_dq", "normalizer_dk"):
+        assert f"twomamba_chunked_{kernel}" in text, kernel
+    assert "twomamba_chunk_states" not in text  # no Triton kernel
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])

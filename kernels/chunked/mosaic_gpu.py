@@ -24,12 +24,14 @@ Two kernels, three warpgroups each (two compute, one issuing the TMA copies of e
   same way (readout ``den += rowsum((q * scale^2 e^g) Z * q)``); warpgroup 1 adds each chunk's intra-chunk part,
   the masked quadratic ``W = (scale q k^T)^2 e^(g_i - g_j)``, to y and its row sums to den.
 
-y / den is taken outside. Head dims 64 (dk = dv = 64), bfloat16 operands, float32 states and accumulators.
+y / den is taken outside. Head dims 64 (dk = dv = 64), one key head per query head, bfloat16 operands, float32
+states and accumulators. The helpers after ``forward`` serve the backward kernels (``mosaic_gpu_backward.py``) too.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,9 +41,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from twomamba_jax.kernels.layout import heads_first
-from twomamba_jax.kernels.parallel.mosaic_gpu import (LOG2E, causal_mask, diagonal_decay, head_indices, interpret_params,
-                                                      matmul, matmul_add, matmul_into, ring_copies, smem_tile,
-                                                      stream)
+from twomamba_jax.kernels.parallel.mosaic_gpu import (LOG2E, causal_mask, diagonal_decay, interpret_params, matmul,
+                                                      matmul_add, matmul_into, ring_copies, smem_tile, stream)
 from twomamba_jax.kernels.parallel.mosaic_gpu_backward import add_to_global, to_global
 from twomamba_jax.ops.features import _symmetric_pairs
 
@@ -49,8 +50,8 @@ CHUNK = 64  # tokens per chunk: the M of every wgmma
 HEAD_DIM = 64  # dk = dv: a state row S_a is one 64 x 64 accumulator
 ROWS_PER_WARPGROUP = 4  # state rows a per compute warpgroup (registers)
 ROWS_PER_PROGRAM = 2 * ROWS_PER_WARPGROUP
-_WGMMA = plgpu.Layout.WGMMA
-_F32 = jnp.float32
+WGMMA = plgpu.Layout.WGMMA
+F32 = jnp.float32
 
 
 def unsupported_reason(q, k, v, *, power) -> str | None:
@@ -61,6 +62,8 @@ def unsupported_reason(q, k, v, *, power) -> str | None:
         return f"head dims dk={q.shape[-1]}, dv={v.shape[-1]} (the Hopper chunked kernels take {HEAD_DIM})"
     if q.dtype != jnp.bfloat16 or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"dtypes q={q.dtype}, k={k.dtype}, v={v.dtype} (the Hopper chunked kernels take bfloat16)"
+    if k.shape[2] != q.shape[2]:
+        return f"{k.shape[2]} key heads for {q.shape[2]} query heads (the Hopper chunked kernels take one each)"
     return None
 
 
@@ -73,8 +76,8 @@ def to_full(numerator, normalizer):
     index = np.zeros((dim, dim), np.int32)
     index[rows, cols] = index[cols, rows] = np.arange(features)
     inverse = (1.0 / weights)[index].astype(np.float32)
-    return (jnp.take(numerator.astype(_F32), index, axis=-2) * inverse[..., None],
-            jnp.take(normalizer.astype(_F32), index, axis=-1) * inverse)
+    return (jnp.take(numerator.astype(F32), index, axis=-2) * inverse[..., None],
+            jnp.take(normalizer.astype(F32), index, axis=-1) * inverse)
 
 
 def to_symmetric(numerator, normalizer):
@@ -85,193 +88,261 @@ def to_symmetric(numerator, normalizer):
     return numerator, (normalizer[..., rows, cols] + normalizer[..., cols, rows]) * (0.5 * weights)
 
 
+class Operands(NamedTuple):
+    """What the kernels read, tokens padded to whole chunks (Np)."""
+
+    q: jax.Array  # (B, Np, H, d), as given
+    k: jax.Array  # (B, Np, H, d)
+    v: jax.Array  # (B, Np, H, dv)
+    row_decay: jax.Array  # (B H, Np) scale^2 e^g: the readout's factor per token
+    key_decay: jax.Array  # (B H, Np) e^(g_L - g): the update's
+    chunk_decay: jax.Array  # (B H, chunks) e^(g_L): the carried state's
+    log2_decay: jax.Array  # (B H, Np) g log2(e), for the intra-chunk tiles
+    row_factors: jax.Array  # (B H, d, Np) r_a = scale^2 q_a e^g per row a of the state, rows first
+    key_factors: jax.Array  # (B H, d, Np) u_a = k_a e^(g_L - g)
+
+
+def pad_tokens(x, padded):
+    """(B, N, ...) -> (B, Np, ...), zeros after the last token."""
+    return jnp.pad(x, [(0, 0), (0, padded - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+
+
+def operands(q, k, v, log_decay, scale) -> Operands:
+    """The kernels' operands from the mixer's: q, k, v (B, N, H, d), log_decay (B, N, H)."""
+    batch, length, heads, _ = q.shape
+    bh, padded = batch * heads, -(-length // CHUNK) * CHUNK
+    num_chunks = padded // CHUNK
+    q, k, v = (pad_tokens(x, padded) for x in (q, k, v))
+    gamma = jnp.cumsum(heads_first(log_decay.astype(F32), padded).reshape(bh, num_chunks, CHUNK), -1)
+    last = gamma[..., -1:]
+    row_decay = (scale * scale * jnp.exp(gamma)).reshape(bh, padded)
+    key_decay = jnp.exp(last - gamma).reshape(bh, padded)
+    by_rows = lambda x, factor: jnp.swapaxes(heads_first(x.astype(F32), padded) * factor[..., None], 1, 2)
+    return Operands(q, k, v, row_decay, key_decay, jnp.exp(last[..., 0]), gamma.reshape(bh, padded) * LOG2E,
+                    by_rows(q, row_decay), by_rows(k, key_decay))
+
+
 def forward(q, k, v, log_decay, numerator0, normalizer0, *, scale, stages=2, interpret=False):
     """The chunked power-2 forward on Hopper, token-major operands (as the model holds them).
 
-    q: (B, N, H, 64); k, v: (B, N, Hk, 64), Hk dividing H, bfloat16; log_decay: (B, N, H) float32 (<= 0);
+    q, k, v: (B, N, H, 64) bfloat16; log_decay: (B, N, H) float32 (<= 0);
     numerator0: (B H, 64, 64, 64), normalizer0: (B H, 64, 64) float32, the initial states in the full layout
     (``to_full``). ``interpret``: run in the Mosaic GPU interpreter. Returns the unnormalized output (B, N, H, 64)
     and the normalizer of every token (B H, N), float32, and the final states in the full layout.
     """
     batch, length, heads, dim = q.shape
-    kv_heads = k.shape[2]
-    group = heads // kv_heads
-    bh = batch * heads
-    padded = -(-length // CHUNK) * CHUNK
-    num_chunks = padded // CHUNK
+    if reason := unsupported_reason(q, k, v, power=2):
+        raise ValueError(f"q, k, v: {reason}")
     interpret = interpret_params(interpret)
-    pad = lambda x: jnp.pad(x, [(0, 0), (0, padded - length)] + [(0, 0)] * (x.ndim - 2))
-    q, k, v = pad(q), pad(k), pad(v)
-    gamma = jnp.cumsum(heads_first(log_decay.astype(_F32), padded).reshape(bh, num_chunks, CHUNK), -1)
-    last = gamma[..., -1:]
-    row_decay = (scale * scale * jnp.exp(gamma)).reshape(bh, padded)  # the readout's factor per token
-    key_decay = jnp.exp(last - gamma).reshape(bh, padded)  # the update's, e^(g_L - g)
-    chunk_decay = jnp.exp(last[..., 0])  # (B H, chunks): the carried state's
-    # Per-token factors of every state row a, rows first (B H, d, Np): a program copies its 8 rows a chunk.
-    by_rows = lambda x, factor: jnp.swapaxes(heads_first(x.astype(_F32), padded) * factor[..., None], 1, 2)
-    row_factors = by_rows(q, row_decay)
-    key_factors = by_rows(jnp.repeat(k, group, axis=2), key_decay)
-    y = jax.new_ref(jnp.zeros((2 if interpret else 1, batch, padded, heads, dim), _F32))
-    common = dict(num_heads=heads, group=group, stages=stages, num_chunks=num_chunks, interpret=interpret)
-
-    numerator = _launch(functools.partial(_numerator_kernel, **common), "twomamba_chunked_numerator",
-                        jax.ShapeDtypeStruct((bh, dim, dim, dim), _F32), _numerator_scratch(stages, q.dtype, interpret),
-                        (bh, dim // ROWS_PER_PROGRAM), ("heads", "rows"), interpret)(
-        q, k, v, row_factors, key_factors, chunk_decay, numerator0, y)
-    den, normalizer = _launch(
+    ops = operands(q, k, v, log_decay, scale)
+    bh, padded = ops.row_decay.shape
+    y = jax.new_ref(jnp.zeros((2 if interpret else 1, batch, padded, heads, dim), F32))
+    common = dict(num_heads=heads, stages=stages, num_chunks=padded // CHUNK, interpret=interpret)
+    numerator = launch(functools.partial(_numerator_kernel, **common), "twomamba_chunked_numerator",
+                       jax.ShapeDtypeStruct((bh, dim, dim, dim), F32),
+                       {**ring_scratch(stages, q.dtype, "qkv", row_blocks("rq", "rk")), **own_scratch(q.dtype, interpret)},
+                       row_grid(bh), interpret)(
+        ops.q, ops.k, ops.v, ops.row_factors, ops.key_factors, ops.chunk_decay, numerator0, y)
+    den, normalizer = launch(
         functools.partial(_normalizer_kernel, scale=scale, **common), "twomamba_chunked_normalizer",
-        (jax.ShapeDtypeStruct((2, bh, padded), _F32), jax.ShapeDtypeStruct((bh, dim, dim), _F32)),
-        _normalizer_scratch(stages, q.dtype, interpret), (bh,), ("heads",), interpret)(
-        q, k, v, row_decay, key_decay, *[gamma.reshape(bh, padded) * LOG2E] * 2, chunk_decay, normalizer0, y)
+        (jax.ShapeDtypeStruct((2, bh, padded), F32), jax.ShapeDtypeStruct((bh, dim, dim), F32)),
+        {**ring_scratch(stages, q.dtype, "qkv", vectors("er", "ek", "g_rows", "g_cols")),
+         **own_scratch(q.dtype, interpret), "den_smem": plgpu.SMEM((2, CHUNK), F32)}, head_grid(bh), interpret)(
+        ops.q, ops.k, ops.v, ops.row_decay, ops.key_decay, ops.log2_decay, ops.log2_decay, ops.chunk_decay,
+        normalizer0, y)
     y = y[...].sum(0) if interpret else y[...][0]
     return y[:, :length], den.sum(0)[:, :length], numerator, normalizer
 
 
-def _launch(kernel, name, out_type, scratch, grid, grid_names, interpret):
-    return plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=grid_names,
+def launch(kernel, name, out_type, scratch, grid, interpret):
+    """A kernel of two compute warpgroups and one memory warpgroup over ``grid`` = (sizes, names)."""
+    return plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=grid[0], grid_names=grid[1],
                         num_threads=3, thread_name="wg", kernel_name=name,
                         compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret)
 
 
-def _ring_scratch(stages, dtype, vectors):
-    """The ring of chunk tiles: q, k, v (C, d) and ``vectors`` (name -> per-slot shape, float32), with their
-    barriers and the slots' ``consumed_bar`` (both compute warpgroups arrive)."""
-    scratch = {"consumed_bar": plgpu.Barrier(num_arrivals=2, num_barriers=stages)}
-    for name in ("q", "k", "v"):
+def row_grid(bh):
+    """One program per (head of B H, 8 rows of its state)."""
+    return (bh, HEAD_DIM // ROWS_PER_PROGRAM), ("heads", "rows")
+
+
+def head_grid(bh):
+    """One program per head of B H."""
+    return (bh,), ("heads",)
+
+
+def row_blocks(*names):
+    """Ring entries of a program's 8 rows of per-row factors a chunk, (8, C) float32."""
+    return {name: (ROWS_PER_PROGRAM, CHUNK) for name in names}
+
+
+def vectors(*names):
+    """Ring entries of one float32 value per token, (C,)."""
+    return {name: (CHUNK,) for name in names}
+
+
+def ring_scratch(stages, dtype, tiles, per_token, consumers=2):
+    """The ring of chunk tiles: ``tiles`` (names of (C, 64) tiles in ``dtype``) and ``per_token`` (name ->
+    per-slot shape, float32), their barriers, and the slots' ``consumed_bar`` (``consumers`` warpgroups arrive);
+    ``f32_consumed_bar`` for ``send_rows``."""
+    scratch = {"consumed_bar": plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
+               "f32_consumed_bar": plgpu.Barrier(num_barriers=2)}
+    for name in tiles:
         scratch[f"{name}_smem"] = smem_tile((stages, CHUNK, HEAD_DIM), dtype)
-    for name, shape in vectors.items():
-        scratch[f"{name}_smem"] = plgpu.SMEM((stages, *shape), _F32)
-    for name in ("q", "k", "v", *vectors):
+    for name, shape in per_token.items():
+        scratch[f"{name}_smem"] = plgpu.SMEM((stages, *shape), F32)
+    for name in (*tiles, *per_token):
         scratch[f"{name}_bar"] = plgpu.Barrier(num_barriers=stages)
     return scratch
 
 
-def _own_scratch(dtype, interpret):
-    """Per compute warpgroup: a state as a wgmma operand (``state_smem``), the scaled values (``vals_smem``), a
-    float32 tile for states in and out and y's additions, and in the interpreter the staging and summing tiles
+def own_scratch(dtype, interpret):
+    """Per compute warpgroup: a state as a wgmma operand (``state_smem``), scaled values (``vals_smem``), a
+    float32 tile for states in and out and for outputs, and in the interpreter the staging and summing tiles
     (``matmul_into``, ``add_to_global``)."""
     tile = (2, CHUNK, HEAD_DIM)
     scratch = {"state_smem": smem_tile(tile, dtype), "vals_smem": smem_tile(tile, dtype),
-               "f32_smem": smem_tile(tile, _F32), "f32_bar": plgpu.Barrier(num_barriers=2)}
+               "f32_smem": smem_tile(tile, F32), "f32_bar": plgpu.Barrier(num_barriers=2)}
     if interpret:
-        scratch.update(staging_smem=smem_tile(tile, dtype), sum_smem=smem_tile(tile, _F32),
+        scratch.update(staging_smem=smem_tile(tile, dtype), sum_smem=smem_tile(tile, F32),
                        sum_bar=plgpu.Barrier(num_barriers=2))
     return scratch
 
 
-def _numerator_scratch(stages, dtype, interpret):
-    rows = (ROWS_PER_PROGRAM, CHUNK)
-    return {**_ring_scratch(stages, dtype, {"rq": rows, "rk": rows}), **_own_scratch(dtype, interpret),
-            "f32_consumed_bar": plgpu.Barrier(num_barriers=2)}
+def chunk_ring(smem, tiles, per_token, num_chunks, reverse=False):
+    """(issue, wait_tile, chunk_of_step) of the ring: each step's chunk (last to first if ``reverse``), its
+    ``tiles`` and ``per_token`` entries (name -> function of the chunk's token slice giving the global source)."""
+    chunk_of_step = (lambda step: num_chunks - 1 - step) if reverse else (lambda step: step)
+    issue, wait_tile = ring_copies([*tiles.items(), *per_token.items()], smem, chunk_of_step, size=CHUNK)
+    return issue, wait_tile, chunk_of_step
 
 
-def _normalizer_scratch(stages, dtype, interpret):
-    vectors = {name: (CHUNK,) for name in ("er", "ek", "g_rows", "g_cols")}
-    return {**_ring_scratch(stages, dtype, vectors),
-            **_own_scratch(dtype, interpret), "den_smem": plgpu.SMEM((2, CHUNK), _F32)}
+def token_tiles(refs, names, batch, head):
+    """Ring sources of token-major (B, Np, H, d) operands: ``head``'s (C, d) tile of each chunk."""
+    return {name: (lambda t, ref=ref: ref.at[batch, t, head]) for name, ref in zip(names, refs)}
 
 
-def _tile_ring(smem, refs, head, batch, query_head, key_head, vectors):
-    """(issue, wait_tile) of the chunk ring: q of the query head, k and v of its key head, and ``vectors``
-    (name -> function of the chunk's token slice giving the global source)."""
-    q_ref, k_ref, v_ref = refs
-    ring = [("q", lambda t: q_ref.at[batch, t, query_head]), ("k", lambda t: k_ref.at[batch, t, key_head]),
-            ("v", lambda t: v_ref.at[batch, t, key_head]), *vectors.items()]
-    return ring_copies(ring, smem, lambda step: step, size=CHUNK)
+def program_head(num_heads):
+    """(this program's head of B H, its batch, its head)."""
+    head = lax.axis_index("heads")
+    return head, lax.div(head, jnp.int32(num_heads)), lax.rem(head, jnp.int32(num_heads))
 
 
-def _scaled_rows(tile, factor):
+def send_rows(smem, src_of_row):
+    """Memory warpgroup: rows 0-3 of the program (``src_of_row(row)``, a (64, 64) float32 global tile) to
+    compute warpgroup 0 and rows 4-7 to warpgroup 1, one at a time through each one's float32 tile."""
+    bar, consumed = smem["f32_bar"], smem["f32_consumed_bar"]
+    for w in range(2):
+        for i in range(ROWS_PER_WARPGROUP):
+            if i:
+                plgpu.barrier_wait(consumed.at[w])
+            plgpu.copy_gmem_to_smem(src_of_row(w * ROWS_PER_WARPGROUP + i), smem["f32_smem"].at[w], bar.at[w])
+    for w in range(2):
+        plgpu.barrier_wait(consumed.at[w])
+
+
+def receive_rows(smem, wg):
+    """Compute warpgroup ``wg``: its 4 rows from ``send_rows``, as wgmma accumulators."""
+    rows = []
+    for _ in range(ROWS_PER_WARPGROUP):
+        plgpu.barrier_wait(smem["f32_bar"].at[wg])
+        rows.append(plgpu.load(smem["f32_smem"].at[wg], layout=WGMMA))
+        plgpu.barrier_arrive(smem["f32_consumed_bar"].at[wg])
+    return rows
+
+
+def scaled_rows(tile, factor):
     """``tile * factor[:, None]`` in float32, ``tile`` a (C, d) shared-memory ref, ``factor`` (C,) in the wgmma
     row layout."""
-    x = plgpu.load(tile, layout=_WGMMA).astype(_F32)
+    x = plgpu.load(tile, layout=WGMMA).astype(F32)
     return x * lax.broadcast_in_dim(factor, x.shape, [0])
 
 
-def _store(tile, value):
+def row_sum_with(tile, x):
+    """``sum_b tile[t, b] x[t, b]`` per row t, ``tile`` a shared-memory ref, ``x`` float32 in the wgmma layout."""
+    return jnp.sum(plgpu.load(tile, layout=WGMMA).astype(F32) * x, axis=1)
+
+
+def store(tile, value):
     """``value`` into a shared-memory tile that a wgmma reads next."""
     tile[...] = value.astype(tile.dtype)
     plgpu.commit_smem()
 
 
-def _own(smem, wg):
-    """This warpgroup's tiles, and in the interpreter its staging tile and its (tile, barrier) for sums."""
+def zeros():
+    return plgpu.layout_cast(jnp.zeros((CHUNK, HEAD_DIM), F32), WGMMA)
+
+
+def own_tiles(smem, wg):
+    """This warpgroup's state, values and float32 tiles, and in the interpreter its staging tile and its (tile,
+    barrier) for sums (None on the GPU)."""
     staging = smem["staging_smem"].at[wg] if "staging_smem" in smem else None
     total = (smem["sum_smem"].at[wg], smem["sum_bar"].at[wg]) if "sum_smem" in smem else None
     return smem["state_smem"].at[wg], smem["vals_smem"].at[wg], smem["f32_smem"].at[wg], staging, total
 
 
-def _update(state, decay, k_tile, vals_tile, interpret):
-    """``decay * state + k^T vals`` (the state's rows: k's columns)."""
-    return matmul_add(state * decay, k_tile.transpose((1, 0)), vals_tile, interpret)
+def update(state, decay, x_tile, vals_tile, interpret):
+    """``decay * state + x^T vals`` (the state's rows: x's columns)."""
+    return matmul_add(state * decay, x_tile.transpose((1, 0)), vals_tile, interpret)
 
 
-def _numerator_kernel(q_ref, k_ref, v_ref, rq_ref, rk_ref, cd_ref, s0_ref, y_ref, s_ref, *, num_heads, group,
-                      stages, num_chunks, interpret, **smem):
-    head, batch, query_head, key_head = head_indices(num_heads, group)
+def loaders(smem):
+    """(tile(name, slot), per-row factor(name, slot, row), per-token column(name, slot, axis)) of the ring."""
+    tile = lambda name, slot: smem[f"{name}_smem"].at[slot]
+    factor = lambda name, slot, row: plgpu.load(smem[f"{name}_smem"].at[slot, row], layout=WGMMA.reduce(1))
+    column = lambda name, slot, axis: plgpu.load(smem[f"{name}_smem"].at[slot], layout=WGMMA.reduce(axis))
+    return tile, factor, column
+
+
+def _numerator_kernel(q_ref, k_ref, v_ref, rq_ref, rk_ref, cd_ref, s0_ref, y_ref, s_ref, *, num_heads, stages,
+                      num_chunks, interpret, **smem):
+    head, batch, query_head = program_head(num_heads)
     first_row = lax.axis_index("rows") * ROWS_PER_PROGRAM
     wg = lax.axis_index("wg")
     rows_of = lambda ref: (lambda t: ref.at[head, pl.ds(first_row, ROWS_PER_PROGRAM), t])
-    issue, wait_tile = _tile_ring(smem, (q_ref, k_ref, v_ref), head, batch, query_head, key_head,
-                                  {"rq": rows_of(rq_ref), "rk": rows_of(rk_ref)})
-    f32_bar, f32_consumed = smem["f32_bar"], smem["f32_consumed_bar"]
-
-    def initial_states():  # each compute warpgroup's 4 rows, one at a time through its float32 tile
-        for w in range(2):
-            for i in range(ROWS_PER_WARPGROUP):
-                if i:
-                    plgpu.barrier_wait(f32_consumed.at[w])
-                plgpu.copy_gmem_to_smem(s0_ref.at[head, first_row + w * ROWS_PER_WARPGROUP + i],
-                                        smem["f32_smem"].at[w], f32_bar.at[w])
-        for w in range(2):
-            plgpu.barrier_wait(f32_consumed.at[w])
-
-    pl.when(wg == 2)(lambda: stream(jnp.int32(num_chunks), stages, smem["consumed_bar"], issue, prologue=initial_states))
+    issue, wait_tile, _ = chunk_ring(smem, token_tiles((q_ref, k_ref, v_ref), "qkv", batch, query_head),
+                                     {"rq": rows_of(rq_ref), "rk": rows_of(rk_ref)}, num_chunks)
+    prologue = lambda: send_rows(smem, lambda row: s0_ref.at[head, first_row + row])
+    pl.when(wg == 2)(lambda: stream(jnp.int32(num_chunks), stages, smem["consumed_bar"], issue, prologue=prologue))
+    tile, factor, _ = loaders(smem)
 
     @pl.when(wg < 2)
     def _compute():
         plgpu.set_max_registers(232, action="increase")
-        state_tile, vals_tile, f32_tile, staging, total = _own(smem, wg)
+        state_tile, vals_tile, f32_tile, staging, total = own_tiles(smem, wg)
         own_rows = [wg * ROWS_PER_WARPGROUP + i for i in range(ROWS_PER_WARPGROUP)]  # of the program's 8
-        states = []
-        for _ in own_rows:
-            plgpu.barrier_wait(f32_bar.at[wg])
-            states.append(plgpu.load(f32_tile, layout=_WGMMA))
-            plgpu.barrier_arrive(f32_consumed.at[wg])
 
         def chunk(c, states):
             slot = lax.rem(c, jnp.int32(stages))
             wait_tile(slot)
-            q_tile, k_tile, v_tile = (smem[f"{name}_smem"].at[slot] for name in ("q", "k", "v"))
-            row_factor = lambda name, row: plgpu.load(smem[f"{name}_smem"].at[slot, row], layout=_WGMMA.reduce(1))
             decay = cd_ref[head, c]
-            y = plgpu.layout_cast(jnp.zeros((CHUNK, HEAD_DIM), _F32), _WGMMA)
-            updated = []
+            y, updated = zeros(), []
             for row, state in zip(own_rows, states):
-                _store(state_tile, state)  # the state before the chunk, as the readout's operand
-                queries = _scaled_rows(q_tile, row_factor("rq", row)).astype(q_tile.dtype)
+                store(state_tile, state)  # the state before the chunk, as the readout's operand
+                queries = scaled_rows(tile("q", slot), factor("rq", slot, row)).astype(state_tile.dtype)
                 y = matmul_into(y, queries, state_tile, staging)
-                _store(vals_tile, _scaled_rows(v_tile, row_factor("rk", row)))
-                updated.append(_update(state, decay, k_tile, vals_tile, interpret))
+                store(vals_tile, scaled_rows(tile("v", slot), factor("rk", slot, row)))
+                updated.append(update(state, decay, tile("k", slot), vals_tile, interpret))
             plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
             rows = pl.ds(c * CHUNK, CHUNK)
             add_to_global(y, f32_tile, y_ref.at[wg if interpret else 0, batch, rows, query_head], total)
             return tuple(updated)
 
-        states = lax.fori_loop(jnp.int32(0), jnp.int32(num_chunks), chunk, tuple(states))
+        states = lax.fori_loop(jnp.int32(0), jnp.int32(num_chunks), chunk, tuple(receive_rows(smem, wg)))
         to_global([(state, f32_tile, s_ref.at[head, first_row + row]) for row, state in zip(own_rows, states)])
 
 
 def _normalizer_kernel(q_ref, k_ref, v_ref, er_ref, ek_ref, g_rows_ref, g_cols_ref, cd_ref, z0_ref, y_ref, den_ref,
-                       z_ref, *,
-                       scale, num_heads, group, stages, num_chunks, interpret, **smem):
-    head, batch, query_head, key_head = head_indices(num_heads, group)
+                       z_ref, *, scale, num_heads, stages, num_chunks, interpret, **smem):
+    head, batch, query_head = program_head(num_heads)
     wg = lax.axis_index("wg")
-    vector = lambda ref: (lambda t: ref.at[head, t])
-    issue, wait_tile = _tile_ring(smem, (q_ref, k_ref, v_ref), head, batch, query_head, key_head,
-                                  {"er": vector(er_ref), "ek": vector(ek_ref), "g_rows": vector(g_rows_ref),
-                                   "g_cols": vector(g_cols_ref)})
+    # g twice (rows and columns of the intra-chunk tile): layout inference gives a shared-memory vector one layout
+    per_token = {name: (lambda t, ref=ref: ref.at[head, t])
+                 for name, ref in zip(("er", "ek", "g_rows", "g_cols"), (er_ref, ek_ref, g_rows_ref, g_cols_ref))}
+    issue, wait_tile, _ = chunk_ring(smem, token_tiles((q_ref, k_ref, v_ref), "qkv", batch, query_head),
+                                     per_token, num_chunks)
     pl.when(wg == 2)(lambda: stream(jnp.int32(num_chunks), stages, smem["consumed_bar"], issue))
-    column = lambda name, slot, axis: plgpu.load(smem[f"{name}_smem"].at[slot], layout=_WGMMA.reduce(axis))
+    tile, _, column = loaders(smem)
 
     def write_den(den, c):
         den_tile = smem["den_smem"].at[wg]
@@ -283,49 +354,49 @@ def _normalizer_kernel(q_ref, k_ref, v_ref, er_ref, ek_ref, g_rows_ref, g_cols_r
     @pl.when(wg == 0)
     def _normalizer():
         plgpu.set_max_registers(232, action="increase")
-        z_tile, vals_tile, f32_tile, staging, _ = _own(smem, wg)
+        z_tile, vals_tile, f32_tile, staging, _ = own_tiles(smem, wg)
         plgpu.copy_gmem_to_smem(z0_ref.at[head], f32_tile, smem["f32_bar"].at[wg])
         plgpu.barrier_wait(smem["f32_bar"].at[wg])
-        z = plgpu.load(f32_tile, layout=_WGMMA)
 
         def chunk(c, z):
             slot = lax.rem(c, jnp.int32(stages))
             wait_tile(slot)
-            q_tile, k_tile = smem["q_smem"].at[slot], smem["k_smem"].at[slot]
-            _store(z_tile, z)
-            queries = _scaled_rows(q_tile, column("er", slot, 1))
-            zero = plgpu.layout_cast(jnp.zeros((CHUNK, HEAD_DIM), _F32), _WGMMA)
-            through_z = matmul_into(zero, queries.astype(q_tile.dtype), z_tile, staging)  # (q e^g scale^2) Z
-            den = jnp.sum(through_z * plgpu.load(q_tile, layout=_WGMMA).astype(_F32), axis=1)
-            _store(vals_tile, _scaled_rows(k_tile, column("ek", slot, 1)))
-            z = _update(z, cd_ref[head, c], k_tile, vals_tile, interpret)
+            store(z_tile, z)
+            queries = scaled_rows(tile("q", slot), column("er", slot, 1)).astype(z_tile.dtype)
+            den = row_sum_with(tile("q", slot), matmul_into(zeros(), queries, z_tile, staging))  # q (scale^2 e^g Z q)
+            store(vals_tile, scaled_rows(tile("k", slot), column("ek", slot, 1)))
+            z = update(z, cd_ref[head, c], tile("k", slot), vals_tile, interpret)
             plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
             write_den(den, c)
             return z
 
-        z = lax.fori_loop(jnp.int32(0), jnp.int32(num_chunks), chunk, z)
+        z = lax.fori_loop(jnp.int32(0), jnp.int32(num_chunks), chunk, plgpu.load(f32_tile, layout=WGMMA))
         to_global([(z, f32_tile, z_ref.at[head])])
 
     @pl.when(wg == 1)
     def _intra():
         plgpu.set_max_registers(232, action="increase")
-        _, _, f32_tile, staging, total = _own(smem, wg)
-        shape = (CHUNK, CHUNK)
+        _, _, f32_tile, staging, total = own_tiles(smem, wg)
 
         @pl.loop(jnp.int32(0), jnp.int32(num_chunks))
         def _(c):
             slot = lax.rem(c, jnp.int32(stages))
             wait_tile(slot)
-            scores = matmul(smem["q_smem"].at[slot], smem["k_smem"].at[slot].transpose((1, 0)), shape) * scale
-            # g twice: layout inference gives one shared-memory vector one layout
-            g_row, g_col = column("g_rows", slot, 1), column("g_cols", slot, 0)
-            log_decay = lax.broadcast_in_dim(g_row, shape, [0]) - lax.broadcast_in_dim(g_col, shape, [1])
-            weights = (scores * scores * diagonal_decay(log_decay, causal_mask(shape))).astype(q_ref.dtype)
-            den = jnp.sum(weights.astype(_F32), axis=1)  # the weights as the matmul reads them
-            zero = plgpu.layout_cast(jnp.zeros((CHUNK, HEAD_DIM), _F32), _WGMMA)
-            y = matmul_into(zero, weights, smem["v_smem"].at[slot], staging)
+            scores, decay = intra_tile(tile("q", slot), tile("k", slot), column("g_rows", slot, 1),
+                                       column("g_cols", slot, 0), scale)
+            weights = (scores * scores * decay).astype(q_ref.dtype)
+            den = jnp.sum(weights.astype(F32), axis=1)  # the weights as the matmul reads them
+            y = matmul_into(zeros(), weights, tile("v", slot), staging)
             plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
             add_to_global(y, f32_tile, y_ref.at[0, batch, pl.ds(c * CHUNK, CHUNK), query_head], total)
             write_den(den, c)
 
         plgpu.wait_smem_to_gmem(0)
+
+
+def intra_tile(q_tile, k_tile, g_row, g_col, scale):
+    """(scale q.k, exp2(g_i - g_j) masked to j <= i) of a chunk's (C, C) tile, g in base 2."""
+    shape = (CHUNK, CHUNK)
+    scores = matmul(q_tile, k_tile.transpose((1, 0)), shape) * scale
+    log_decay = lax.broadcast_in_dim(g_row, shape, [0]) - lax.broadcast_in_dim(g_col, shape, [1])
+    return scores, diagonal_decay(log_decay, causal_mask(shape))

@@ -1,7 +1,7 @@
 """``chunked_attention_pallas``: the chunked algorithm on the Pallas kernels, joined to a backward by custom_vjp.
 
-Forward: ``state_pass`` then ``chunk_outputs`` (on Hopper GPUs optionally the fused kernels of ``mosaic_gpu.py``,
-whose states never leave the chip; their backward is the Triton one below). Backward: ``state_pass`` again (recomputing the per-chunk states
+Forward: ``state_pass`` then ``chunk_outputs``. (On Hopper GPUs, backend "mosaic_gpu": the kernels of
+``mosaic_gpu.py`` and ``mosaic_gpu_backward.py`` instead, whose states never leave the chip.) Backward: ``state_pass`` again (recomputing the per-chunk states
 is one cheap pass, so the forward keeps none of its B H (N/C) F dv states as residuals; the backward
 holds them and their cotangents, twice that, while it runs), ``state_pass(reverse=True)`` (the state cotangents,
 chunks in reverse) and ``chunk_grads`` (dq, dk, dv and the log-decay cotangent, chunks in parallel); the
@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from twomamba_jax.kernels.chunked import mosaic_gpu as hopper_kernels
+from twomamba_jax.kernels.chunked import mosaic_gpu_backward as hopper_backward
 from twomamba_jax.kernels.chunked import tpu as tpu_kernels
 from twomamba_jax.kernels.chunked import triton as triton_kernels
 from twomamba_jax.kernels.chunked.features import feature_indices
@@ -28,12 +29,7 @@ from twomamba_jax.ops.state import RecurrentState, init_state
 
 KERNEL_CHUNKS = (16, 32, 64, 128)
 BACKENDS = {"triton": triton_kernels, "tpu": tpu_kernels}
-HOPPER = "mosaic_gpu"  # the Hopper forward (mosaic_gpu.py), differentiated by the Triton kernels
-
-
-def _kernels(config):
-    """The module whose state_pass / chunk_outputs / chunk_grads run for ``config``."""
-    return BACKENDS["triton" if config.backend == HOPPER else config.backend]
+HOPPER = "mosaic_gpu"  # the Hopper kernels (mosaic_gpu.py, mosaic_gpu_backward.py)
 
 
 def unsupported_reason(q, k, v, *, power, chunk_size) -> str | None:
@@ -72,7 +68,7 @@ class _Prepared(NamedTuple):
 
 def _kernel_options(q, config: _Config):
     dk = q.shape[-1]
-    block = dk if config.power == 1 else _kernels(config).power2_feature_block(feature_size(dk, 2))
+    block = dk if config.power == 1 else BACKENDS[config.backend].power2_feature_block(feature_size(dk, 2))
     return dict(power=config.power, chunk_size=config.chunk_size, feature_block=block, interpret=config.interpret)
 
 
@@ -107,7 +103,7 @@ def _prepare(q, k, v, log_decay, numerator0, normalizer0, config: _Config, featu
 
 def _states(p: _Prepared, config: _Config, options):
     ones = jnp.ones_like(p.key_decay)
-    return _kernels(config).state_pass(p.k, p.v, p.key_decay, ones, p.chunk_decay, *p.pairs,
+    return BACKENDS[config.backend].state_pass(p.k, p.v, p.key_decay, ones, p.chunk_decay, *p.pairs,
                                                p.numerator0, p.normalizer0, reverse=False, **options)
 
 
@@ -120,7 +116,7 @@ def _forward(q, k, v, log_decay, numerator0, normalizer0, config: _Config):
     options = _kernel_options(q, config)
     p = _prepare(q, k, v, log_decay, numerator0, normalizer0, config, options["feature_block"])
     numerators, normalizers, numerator, normalizer = _states(p, config, options)
-    y, token_normalizer = _kernels(config).chunk_outputs(
+    y, token_normalizer = BACKENDS[config.backend].chunk_outputs(
         p.q, p.k, p.v, p.gamma, numerators, normalizers, *p.pairs, normalize=config.normalize, **options)
     numerator = numerator[:, :features].reshape(batch, heads, features, -1)
     normalizer = normalizer[:, :features].reshape(batch, heads, features)
@@ -150,11 +146,49 @@ def _attention(q, k, v, log_decay, numerator0, normalizer0, config):
 
 def _attention_fwd(q, k, v, log_decay, numerator0, normalizer0, config):
     outputs, token_normalizer = _forward(q, k, v, log_decay, numerator0, normalizer0, config)
-    return outputs, (q, k, v, log_decay, numerator0, normalizer0, outputs[0], token_normalizer)
+    final_states = outputs[1:] if config.backend == HOPPER else ()  # the log-decay cotangent's <S, dS>
+    return outputs, (q, k, v, log_decay, numerator0, normalizer0, outputs[0], token_normalizer, *final_states)
+
+
+def _output_cotangents(d_y, y, token_normalizer, normalize):
+    """(cotangent of the unnormalized output, of the normalizer): y = numerator / max(normalizer, eps) when
+    normalized. d_y, y: (B H, Np, dv); token_normalizer: (B H, Np)."""
+    if not normalize:
+        return d_y, jnp.zeros_like(token_normalizer)
+    safe = jnp.maximum(token_normalizer, NORMALIZER_EPS)
+    d_den = jnp.where(token_normalizer > NORMALIZER_EPS, -jnp.sum(d_y * y, -1) / safe, 0.0)
+    return d_y / safe[..., None], d_den
+
+
+def _backward_hopper(config, residuals, cotangents):
+    """``_attention_bwd`` on the Hopper kernels: cotangents of the symmetric states to the full layout and back."""
+    q, k, v, log_decay, numerator0, normalizer0, y, token_normalizer, numerator, normalizer = residuals
+    d_y, d_numerator, d_normalizer = cotangents
+    batch, length, heads, _ = q.shape
+    if not config.normalize:  # the normalizer is no output the caller sees
+        d_normalizer = jnp.zeros_like(d_normalizer)
+    padded = token_normalizer.shape[1]
+    d_out, d_den = _output_cotangents(heads_first(d_y.astype(jnp.float32), padded),
+                                      heads_first(y.astype(jnp.float32), padded), token_normalizer, config.normalize)
+    carried = (jnp.sum(numerator * d_numerator, axis=(2, 3)) + jnp.sum(normalizer * d_normalizer, axis=2))
+    flat = lambda x: x.reshape(batch * heads, *x.shape[2:]).astype(jnp.float32)
+    full_states = hopper_kernels.to_full(flat(numerator0), flat(normalizer0))
+    _, symmetric_vjp = jax.vjp(hopper_kernels.to_symmetric, *full_states)
+    dq, dk, dv, d_log_decay, *d_initial = hopper_backward.backward(
+        q, k, v, log_decay, heads_last(d_out, batch, length), d_den[:, :length], *full_states,
+        *symmetric_vjp((flat(d_numerator), flat(d_normalizer))), carried.reshape(-1), scale=config.scale,
+        interpret=config.interpret)
+    _, full_vjp = jax.vjp(hopper_kernels.to_full, flat(numerator0), flat(normalizer0))
+    d_numerator0, d_normalizer0 = full_vjp(tuple(d_initial))
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_log_decay.astype(log_decay.dtype),
+            d_numerator0.reshape(numerator0.shape).astype(numerator0.dtype),
+            d_normalizer0.reshape(normalizer0.shape).astype(normalizer0.dtype))
 
 
 def _attention_bwd(config, residuals, cotangents):
     """The chunk states are recomputed (one cheap pass) rather than stored from the forward."""
+    if config.backend == HOPPER:
+        return _backward_hopper(config, residuals, cotangents)
     q, k, v, log_decay, numerator0, normalizer0, y, token_normalizer = residuals
     d_y, d_numerator, d_normalizer = cotangents
     batch, length, heads, dk = q.shape
@@ -162,17 +196,12 @@ def _attention_bwd(config, residuals, cotangents):
     options = _kernel_options(q, config)
     p = _prepare(q, k, v, log_decay, numerator0, normalizer0, config, options["feature_block"])
     numerators, normalizers, _, _ = _states(p, config, options)
-    kernels = _kernels(config)
+    kernels = BACKENDS[config.backend]
 
     padded = p.q.shape[1]
-    d_y = heads_first(d_y.astype(jnp.float32), padded)
-    if config.normalize:  # y = numerator / max(normalizer, eps)
-        safe = jnp.maximum(token_normalizer, NORMALIZER_EPS)
-        d_out = d_y / safe[..., None]
-        y = heads_first(y.astype(jnp.float32), padded)
-        d_den = jnp.where(token_normalizer > NORMALIZER_EPS, -jnp.sum(d_y * y, -1) / safe, 0.0)
-    else:  # the normalizer is no output the caller sees
-        d_out, d_den = d_y, jnp.zeros_like(token_normalizer)
+    d_out, d_den = _output_cotangents(heads_first(d_y.astype(jnp.float32), padded),
+                                      heads_first(y.astype(jnp.float32), padded), token_normalizer, config.normalize)
+    if not config.normalize:  # the normalizer is no output the caller sees
         d_normalizer = jnp.zeros_like(d_normalizer)
     padded_features = p.numerator0.shape[1]
     d_states, d_normalizers, d_numerator0, d_normalizer0 = kernels.state_pass(
@@ -203,9 +232,9 @@ def chunked_attention_pallas(q, k, v, log_decay, *, power, normalize, scale, chu
     """Same contract as ``twomamba_jax.ops.chunked.chunked_attention``, on the Pallas kernels.
 
     The caller checks ``unsupported_reason`` first. ``backend``: "triton" (the GPU kernels of ``triton.py``),
-    "tpu" (the Mosaic kernels of ``tpu.py``) or "mosaic_gpu" (Hopper: the forward of ``mosaic_gpu.py``, for power
-    2, head dim 64, bfloat16, chunk_size 64; the backward is the Triton kernels'); all give the same results up to
-    rounding. ``interpret=True`` runs them in Pallas interpret mode (the TPU or Mosaic GPU interpreter for those),
+    "tpu" (the Mosaic kernels of ``tpu.py``) or "mosaic_gpu" (Hopper: ``mosaic_gpu.py`` and
+    ``mosaic_gpu_backward.py``, for power 2, head dim 64, bfloat16, chunk_size 64, one key head per query head);
+    all give the same results up to rounding. ``interpret=True`` runs them in Pallas interpret mode (the TPU or Mosaic GPU interpreter for those),
     on any machine.
     """
     if backend not in (*BACKENDS, HOPPER):

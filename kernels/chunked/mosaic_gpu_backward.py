@@ -1,0 +1,306 @@
+"""Backward of the chunked power-2 forward on Hopper (``mosaic_gpu.py``): the same layout (each program's 8 rows
+of the full d x d state in wgmma accumulators for its whole walk), every matmul a 64 x 64 x 64 wgmma.
+
+With y_t = c_t sum_ab q_ta q_tb S[a, b] (c_t = scale^2 e^(g_t), S the state before the chunk, symmetric in a, b)
+and the cotangents dy (of the unnormalized output; for normalized 2Mamba dy / den) and dden (of the normalizer):
+
+- ``_dq_kernel``, grid (B H, d / 8), chunks first to last, recomputing S as the forward does: column a of dq is
+  ``dq_ta = 2 c_t sum_b q_tb (dy S_a^T)_tb``, so a program writes exactly its own 8 columns (rows of dq^T).
+- ``_dkv_kernel``, grid (B H, d / 8), chunks last to first, carrying the state's cotangent dS (from the final
+  state's): ``dv += (k * u_a) dS_a`` (added into float32 by TMA reductions), column a of dk is
+  ``dk_ta = 2 e^(g_L - g_t) sum_b k_tb (v dS_a^T)_tb``, then ``dS_a <- e^(g_L) dS_a + q^T (dy * r_a)``; what is
+  left is the initial state's cotangent.
+- ``_normalizer_dq_kernel``, grid (B H,): warpgroup 0 walks Z forward for ``dq += 2 dden c (Z q)``; warpgroup 1
+  takes each chunk's intra-chunk part as the flash-style backward does (dq, dk and, added, dv).
+- ``_normalizer_dk_kernel``, grid (B H,): one warpgroup walks dZ backward for ``dk += 2 e^(g_L - g) (dZ k)``
+  and the initial normalizer's cotangent.
+
+The log-decay needs no kernel: every weight is homogeneous of degree 2 in its query and in its key, so the row
+and column sums of dW * W are q.dq / 2 and k.dk / 2, and the cotangent of a_t is the sum over the pairs (i, j)
+with j < t <= i of dW * W: a reverse cumulative sum of their difference, plus the carried states' <S, dS>
+(the final states' cotangents count as one more query after the last token).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from twomamba_jax.kernels.chunked.mosaic_gpu import (CHUNK, F32, HEAD_DIM, ROWS_PER_PROGRAM, ROWS_PER_WARPGROUP,
+                                                     WGMMA, chunk_ring, head_grid, intra_tile, launch, loaders,
+                                                     operands, own_scratch, own_tiles, pad_tokens, program_head,
+                                                     receive_rows, ring_scratch, row_blocks, row_grid, row_sum_with,
+                                                     scaled_rows, send_rows, store, token_tiles, update, vectors,
+                                                     zeros)
+from twomamba_jax.kernels.parallel.mosaic_gpu import interpret_params, matmul, matmul_into, stream
+from twomamba_jax.kernels.parallel.mosaic_gpu_backward import add_to_global, to_global
+
+
+def backward(q, k, v, log_decay, d_out, d_den, numerator0, normalizer0, d_numerator, d_normalizer, carried, *,
+             scale, stages=2, interpret=False):
+    """Cotangents of ``mosaic_gpu.forward``'s inputs.
+
+    q, k, v, log_decay, numerator0, normalizer0 as the forward took them; d_out: (B, N, H, dv) the cotangent of
+    the unnormalized output; d_den: (B H, N) of the normalizer; d_numerator (B H, d, d, dv), d_normalizer
+    (B H, d, d): of the final states (full layout, symmetric); carried: (B H,) the final states' <S, dS> (both
+    states). Returns dq, dk, dv and d_log_decay (B, N, H) in float32, and the initial states' cotangents (full
+    layout).
+    """
+    batch, length, heads, dim = q.shape
+    interpret = interpret_params(interpret)
+    ops = operands(q, k, v, log_decay, scale)
+    bh, padded = ops.row_decay.shape
+    dy = pad_tokens(d_out.astype(q.dtype), padded)
+    d_den = jnp.pad(d_den.astype(F32), [(0, 0), (0, padded - length)])
+    common = dict(num_heads=heads, stages=stages, num_chunks=padded // CHUNK, interpret=interpret)
+    tokens = lambda: jax.ShapeDtypeStruct((batch, padded, heads, dim), F32)
+    rows_first = jax.ShapeDtypeStruct((bh, dim, padded), F32)
+    dtype = q.dtype
+    dv = jax.new_ref(jnp.zeros((2 if interpret else 1, batch, padded, heads, dim), F32))
+    qkv_dy = (ops.q, ops.k, ops.v, dy)
+
+    dq_rows = launch(functools.partial(_dq_kernel, **common), "twomamba_chunked_dq", rows_first,
+                     {**ring_scratch(stages, dtype, ("q", "k", "v", "dy"), {"rk": (ROWS_PER_PROGRAM + 1, CHUNK)}),
+                      **own_scratch(dtype, interpret), **_column_scratch()}, row_grid(bh), interpret)(
+        *qkv_dy, with_row(ops.key_factors, ops.row_decay), ops.chunk_decay, numerator0)
+    dk_rows, d_numerator0 = launch(
+        functools.partial(_dkv_kernel, **common), "twomamba_chunked_dkv",
+        (rows_first, jax.ShapeDtypeStruct((bh, dim, dim, dim), F32)),
+        {**ring_scratch(stages, dtype, ("q", "k", "v", "dy"),
+                           {**row_blocks("rq"), "rk": (ROWS_PER_PROGRAM + 1, CHUNK)}),
+         **own_scratch(dtype, interpret), **_column_scratch()}, row_grid(bh), interpret)(
+        *qkv_dy, ops.row_factors, with_row(ops.key_factors, ops.key_decay), ops.chunk_decay, d_numerator, dv)
+    dq_norm, dq_intra, dk_intra = launch(
+        functools.partial(_normalizer_dq_kernel, scale=scale, **common), "twomamba_chunked_normalizer_dq",
+        (tokens(), tokens(), tokens()),
+        {**ring_scratch(stages, dtype, ("q", "k", "v", "dy"), vectors("c", "ek", "g_rows", "g_cols", "dden")),
+         **own_scratch(dtype, interpret)}, head_grid(bh), interpret)(
+        *qkv_dy, ops.row_decay, ops.key_decay, ops.log2_decay, ops.log2_decay, d_den, ops.chunk_decay,
+        normalizer0, dv)
+    dk_norm, d_normalizer0 = launch(
+        functools.partial(_normalizer_dk_kernel, **common), "twomamba_chunked_normalizer_dk",
+        (tokens(), jax.ShapeDtypeStruct((bh, dim, dim), F32)),
+        {**ring_scratch(stages, dtype, ("q", "k"), vectors("ek", "cdd"), consumers=1),
+         **own_scratch(dtype, interpret)}, head_grid(bh), interpret)(
+        ops.q, ops.k, ops.key_decay, ops.row_decay * d_den, ops.chunk_decay, d_normalizer)
+
+    token_major = lambda rows: jnp.moveaxis(rows.reshape(batch, heads, dim, padded), (1, 2), (2, 3))
+    dq = token_major(dq_rows) + dq_norm + dq_intra
+    dk = token_major(dk_rows) + dk_norm + dk_intra
+    dv = dv[...].sum(0) if interpret else dv[...][0]
+    # Row sums minus column sums of dW * W per token, summed over the pairs that span each token's decay.
+    spans = (jnp.sum(ops.q.astype(F32) * dq, -1) - jnp.sum(ops.k.astype(F32) * dk, -1)) / 2
+    d_log_decay = jnp.flip(jnp.cumsum(jnp.flip(spans, 1), 1), 1) + carried.reshape(batch, 1, heads)
+    cut = lambda x: x[:, :length]
+    return cut(dq), cut(dk), cut(dv), cut(d_log_decay), d_numerator0, d_normalizer0
+
+
+def with_row(factors, per_token):
+    """Per program, its 8 rows of ``factors`` (B H, d, Np) and one more, ``per_token`` (B H, Np): (B H, d / 8, 9,
+    Np): one TMA copy a chunk brings both."""
+    bh, dim, padded = factors.shape
+    blocks = factors.reshape(bh, dim // ROWS_PER_PROGRAM, ROWS_PER_PROGRAM, padded)
+    extra = jnp.broadcast_to(per_token[:, None, None], (bh, dim // ROWS_PER_PROGRAM, 1, padded))
+    return jnp.concatenate([blocks, extra], axis=2)
+
+
+def _column_scratch():
+    """Per compute warpgroup: its 4 columns of dq or dk for one chunk, (4, C) float32, written as rows of the
+    transposed (B H, d, Np) output."""
+    return {"cols_smem": plgpu.SMEM((2, ROWS_PER_WARPGROUP, CHUNK), F32)}
+
+
+def _write_columns(smem, wg, columns, dst):
+    """This warpgroup's columns (a list of (C,) vectors) -> ``dst`` (4, C) in global memory."""
+    cols_tile = smem["cols_smem"].at[wg]
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    for i, column in enumerate(columns):
+        cols_tile.at[i][...] = column
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(cols_tile, dst)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, dy_ref, rk_ref, cd_ref, s0_ref, dq_ref, *, num_heads, stages,
+               num_chunks, interpret, **smem):
+    head, batch, query_head = program_head(num_heads)
+    first_row = lax.axis_index("rows") * ROWS_PER_PROGRAM
+    wg = lax.axis_index("wg")
+    issue, wait_tile, _ = chunk_ring(
+        smem, token_tiles((q_ref, k_ref, v_ref, dy_ref), ("q", "k", "v", "dy"), batch, query_head),
+        {"rk": lambda t: rk_ref.at[head, lax.axis_index("rows"), :, t]},
+        num_chunks)
+    prologue = lambda: send_rows(smem, lambda row: s0_ref.at[head, first_row + row])
+    pl.when(wg == 2)(lambda: stream(jnp.int32(num_chunks), stages, smem["consumed_bar"], issue, prologue=prologue))
+    tile, factor, _ = loaders(smem)
+
+    @pl.when(wg < 2)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        state_tile, vals_tile, _, _, _ = own_tiles(smem, wg)
+        own_rows = [wg * ROWS_PER_WARPGROUP + i for i in range(ROWS_PER_WARPGROUP)]
+
+        def chunk(c, states):
+            slot = lax.rem(c, jnp.int32(stages))
+            wait_tile(slot)
+            decay, twice_c = cd_ref[head, c], 2.0 * factor("rk", slot, ROWS_PER_PROGRAM)
+            columns, updated = [], []
+            for row, state in zip(own_rows, states):
+                store(state_tile, state)
+                through = matmul(tile("dy", slot), state_tile.transpose((1, 0)), (CHUNK, HEAD_DIM))  # dy S_a^T
+                columns.append(twice_c * row_sum_with(tile("q", slot), through))
+                store(vals_tile, scaled_rows(tile("v", slot), factor("rk", slot, row)))
+                updated.append(update(state, decay, tile("k", slot), vals_tile, interpret))
+            plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
+            _write_columns(smem, wg, columns, dq_ref.at[head, pl.ds(first_row + wg * ROWS_PER_WARPGROUP,
+                                                                    ROWS_PER_WARPGROUP), pl.ds(c * CHUNK, CHUNK)])
+            return tuple(updated)
+
+        lax.fori_loop(jnp.int32(0), jnp.int32(num_chunks), chunk, tuple(receive_rows(smem, wg)))
+        plgpu.wait_smem_to_gmem(0)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, dy_ref, rq_ref, rk_ref, cd_ref, ds_ref, dv_ref, dk_ref, ds0_ref, *,
+                num_heads, stages, num_chunks, interpret, **smem):
+    head, batch, query_head = program_head(num_heads)
+    first_row = lax.axis_index("rows") * ROWS_PER_PROGRAM
+    wg = lax.axis_index("wg")
+    rows_of = lambda ref: (lambda t: ref.at[head, pl.ds(first_row, ROWS_PER_PROGRAM), t])
+    issue, wait_tile, chunk_of_step = chunk_ring(
+        smem, token_tiles((q_ref, k_ref, v_ref, dy_ref), ("q", "k", "v", "dy"), batch, query_head),
+        {"rq": rows_of(rq_ref), "rk": lambda t: rk_ref.at[head, lax.axis_index("rows"), :, t]}, num_chunks,
+        reverse=True)
+    prologue = lambda: send_rows(smem, lambda row: ds_ref.at[head, first_row + row])
+    pl.when(wg == 2)(lambda: stream(jnp.int32(num_chunks), stages, smem["consumed_bar"], issue, prologue=prologue))
+    tile, factor, _ = loaders(smem)
+
+    @pl.when(wg < 2)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        state_tile, vals_tile, f32_tile, staging, total = own_tiles(smem, wg)
+        own_rows = [wg * ROWS_PER_WARPGROUP + i for i in range(ROWS_PER_WARPGROUP)]
+
+        def step(s, grads):  # grads: the cotangents of the states after chunk c
+            c = chunk_of_step(s)
+            slot = lax.rem(s, jnp.int32(stages))
+            wait_tile(slot)
+            decay, twice_ek = cd_ref[head, c], 2.0 * factor("rk", slot, ROWS_PER_PROGRAM)
+            d_values, columns, carried = zeros(), [], []
+            for row, grad in zip(own_rows, grads):
+                store(state_tile, grad)
+                keys = scaled_rows(tile("k", slot), factor("rk", slot, row)).astype(state_tile.dtype)
+                d_values = matmul_into(d_values, keys, state_tile, staging)  # (k u_a) dS_a
+                through = matmul(tile("v", slot), state_tile.transpose((1, 0)), (CHUNK, HEAD_DIM))  # v dS_a^T
+                columns.append(twice_ek * row_sum_with(tile("k", slot), through))
+                store(vals_tile, scaled_rows(tile("dy", slot), factor("rq", slot, row)))
+                carried.append(update(grad, decay, tile("q", slot), vals_tile, interpret))
+            plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
+            tokens = pl.ds(c * CHUNK, CHUNK)
+            _write_columns(smem, wg, columns, dk_ref.at[head, pl.ds(first_row + wg * ROWS_PER_WARPGROUP,
+                                                                    ROWS_PER_WARPGROUP), tokens])
+            add_to_global(d_values, f32_tile, dv_ref.at[wg if interpret else 0, batch, tokens, query_head], total)
+            return tuple(carried)
+
+        grads = lax.fori_loop(jnp.int32(0), jnp.int32(num_chunks), step, tuple(receive_rows(smem, wg)))
+        to_global([(grad, f32_tile, ds0_ref.at[head, first_row + row]) for row, grad in zip(own_rows, grads)])
+
+
+def _normalizer_dq_kernel(q_ref, k_ref, v_ref, dy_ref, c_ref, ek_ref, g_rows_ref, g_cols_ref, dden_ref, cd_ref,
+                          z0_ref, dv_ref, dq_norm_ref, dq_intra_ref, dk_intra_ref, *, scale, num_heads, stages,
+                          num_chunks, interpret, **smem):
+    head, batch, query_head = program_head(num_heads)
+    wg = lax.axis_index("wg")
+    per_token = {name: (lambda t, ref=ref: ref.at[head, t]) for name, ref in
+                 zip(("c", "ek", "g_rows", "g_cols", "dden"), (c_ref, ek_ref, g_rows_ref, g_cols_ref, dden_ref))}
+    issue, wait_tile, _ = chunk_ring(
+        smem, token_tiles((q_ref, k_ref, v_ref, dy_ref), ("q", "k", "v", "dy"), batch, query_head),
+        per_token, num_chunks)
+    pl.when(wg == 2)(lambda: stream(jnp.int32(num_chunks), stages, smem["consumed_bar"], issue))
+    tile, _, column = loaders(smem)
+    rows_of = lambda ref, c: ref.at[batch, pl.ds(c * CHUNK, CHUNK), query_head]
+
+    @pl.when(wg == 0)
+    def _normalizer():
+        plgpu.set_max_registers(232, action="increase")
+        z_tile, vals_tile, f32_tile, staging, _ = own_tiles(smem, wg)
+        plgpu.copy_gmem_to_smem(z0_ref.at[head], f32_tile, smem["f32_bar"].at[wg])
+        plgpu.barrier_wait(smem["f32_bar"].at[wg])
+
+        def chunk(c, z):
+            slot = lax.rem(c, jnp.int32(stages))
+            wait_tile(slot)
+            store(z_tile, z)
+            queries = scaled_rows(tile("q", slot), column("c", slot, 1)).astype(z_tile.dtype)
+            through = matmul_into(zeros(), queries, z_tile, staging)  # c (Z q)^T
+            d_queries = through * lax.broadcast_in_dim(2.0 * column("dden", slot, 1), through.shape, [0])
+            store(vals_tile, scaled_rows(tile("k", slot), column("ek", slot, 1)))
+            z = update(z, cd_ref[head, c], tile("k", slot), vals_tile, interpret)
+            plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
+            to_global([(d_queries, f32_tile, rows_of(dq_norm_ref, c))])
+            return z
+
+        lax.fori_loop(jnp.int32(0), jnp.int32(num_chunks), chunk, plgpu.load(f32_tile, layout=WGMMA))
+
+    @pl.when(wg == 1)
+    def _intra():
+        plgpu.set_max_registers(232, action="increase")
+        ds_tile, w_tile, f32_tile, staging, total = own_tiles(smem, wg)
+        shape = (CHUNK, CHUNK)
+
+        @pl.loop(jnp.int32(0), jnp.int32(num_chunks))
+        def _(c):
+            slot = lax.rem(c, jnp.int32(stages))
+            wait_tile(slot)
+            scores, decay = intra_tile(tile("q", slot), tile("k", slot), column("g_rows", slot, 1),
+                                       column("g_cols", slot, 0), scale)
+            d_weights = (matmul(tile("dy", slot), tile("v", slot).transpose((1, 0)), shape)
+                         + lax.broadcast_in_dim(column("dden", slot, 1), shape, [0]))
+            d_scores = (d_weights * decay * scores * (2.0 * scale)).astype(ds_tile.dtype)  # of the raw q.k
+            store(ds_tile, d_scores)
+            store(w_tile, scores * scores * decay)
+            dq = matmul_into(zeros(), d_scores, tile("k", slot), staging)
+            dk = matmul(ds_tile.transpose((1, 0)), tile("q", slot), (CHUNK, HEAD_DIM))
+            d_values = matmul(w_tile.transpose((1, 0)), tile("dy", slot), (CHUNK, HEAD_DIM))
+            plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
+            to_global([(dq, f32_tile, rows_of(dq_intra_ref, c)), (dk, f32_tile, rows_of(dk_intra_ref, c))])
+            add_to_global(d_values, f32_tile, dv_ref.at[0, batch, pl.ds(c * CHUNK, CHUNK), query_head], total)
+
+        plgpu.wait_smem_to_gmem(0)
+
+
+def _normalizer_dk_kernel(q_ref, k_ref, ek_ref, cdd_ref, cd_ref, dz_ref, dk_norm_ref, dz0_ref, *, num_heads,
+                          stages, num_chunks, interpret, **smem):
+    head, batch, query_head = program_head(num_heads)
+    wg = lax.axis_index("wg")
+    issue, wait_tile, chunk_of_step = chunk_ring(
+        smem, token_tiles((q_ref, k_ref), "qk", batch, query_head),
+        {"ek": lambda t: ek_ref.at[head, t], "cdd": lambda t: cdd_ref.at[head, t]}, num_chunks, reverse=True)
+    pl.when(wg == 2)(lambda: stream(jnp.int32(num_chunks), stages, smem["consumed_bar"], issue))
+    tile, _, column = loaders(smem)
+
+    @pl.when(wg == 0)
+    def _normalizer():
+        plgpu.set_max_registers(232, action="increase")
+        z_tile, vals_tile, f32_tile, staging, _ = own_tiles(smem, wg)
+        plgpu.copy_gmem_to_smem(dz_ref.at[head], f32_tile, smem["f32_bar"].at[wg])
+        plgpu.barrier_wait(smem["f32_bar"].at[wg])
+
+        def step(s, grad):
+            c = chunk_of_step(s)
+            slot = lax.rem(s, jnp.int32(stages))
+            wait_tile(slot)
+            store(z_tile, grad)
+            keys = scaled_rows(tile("k", slot), column("ek", slot, 1)).astype(z_tile.dtype)
+            d_keys = 2.0 * matmul_into(zeros(), keys, z_tile, staging)  # 2 e^(g_L - g) (dZ k)^T
+            store(vals_tile, scaled_rows(tile("q", slot), column("cdd", slot, 1)))
+            grad = update(grad, cd_ref[head, c], tile("q", slot), vals_tile, interpret)
+            plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
+            to_global([(d_keys, f32_tile, dk_norm_ref.at[batch, pl.ds(c * CHUNK, CHUNK), query_head])])
+            return grad
+
+        grad = lax.fori_loop(jnp.int32(0), jnp.int32(num_chunks), step, plgpu.load(f32_tile, layout=WGMMA))
+        to_global([(grad, f32_tile, dz0_ref.at[head])])
