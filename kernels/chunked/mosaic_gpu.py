@@ -140,7 +140,8 @@ def forward(q, k, v, log_decay, numerator0, normalizer0, *, scale, stages=2, int
     common = dict(num_heads=heads, stages=stages, num_chunks=padded // CHUNK, interpret=interpret)
     numerator = launch(functools.partial(_numerator_kernel, **common), "twomamba_chunked_numerator",
                        jax.ShapeDtypeStruct((bh, dim, dim, dim), F32),
-                       {**ring_scratch(stages, q.dtype, "qkv", row_blocks("rq", "rk")), **own_scratch(q.dtype, interpret)},
+                       {**ring_scratch(stages, q.dtype, "qkv", row_blocks("rq", "rk")),
+                        **own_scratch(q.dtype, interpret)},
                        row_grid(bh), interpret)(
         ops.q, ops.k, ops.v, ops.row_factors, ops.key_factors, ops.chunk_decay, numerator0, y)
     den, normalizer = launch(
@@ -294,30 +295,88 @@ def loaders(smem):
     return tile, factor, column
 
 
-def _numerator_kernel(q_ref, k_ref, v_ref, rq_ref, rk_ref, cd_ref, s0_ref, y_ref, s_ref, *, num_heads, stages,
-                      num_chunks, interpret, **smem):
+class RowProgram(NamedTuple):
+    """Where a program over (B H, 8 state rows) stands (``row_program``)."""
+
+    head: jax.Array  # of B H
+    batch: jax.Array
+    query_head: jax.Array
+    wg: jax.Array  # this warpgroup
+    first_row: jax.Array  # the program's first state row
+    own_rows: list  # this compute warpgroup's 4 rows, of the program's 8
+    wait_tile: object  # wait_tile(slot)
+    chunk_of_step: object  # the chunk of step s of the walk
+
+
+def row_program(smem, num_heads, tiles, per_token, initial, num_chunks, stages, reverse=False):
+    """The frame of the kernels over (B H, 8 state rows): starts the memory warpgroup, which sends the program's
+    rows of ``initial`` (B H, d, d, dv) to the compute warpgroups, then streams every chunk's ``tiles`` (name ->
+    token-major (B, Np, H, d) ref) and ``per_token(head, first_row)`` (name -> source of the chunk's token
+    slice), last chunk first if ``reverse``."""
     head, batch, query_head = program_head(num_heads)
     first_row = lax.axis_index("rows") * ROWS_PER_PROGRAM
     wg = lax.axis_index("wg")
-    rows_of = lambda ref: (lambda t: ref.at[head, pl.ds(first_row, ROWS_PER_PROGRAM), t])
-    issue, wait_tile, _ = chunk_ring(smem, token_tiles((q_ref, k_ref, v_ref), "qkv", batch, query_head),
-                                     {"rq": rows_of(rq_ref), "rk": rows_of(rk_ref)}, num_chunks)
-    prologue = lambda: send_rows(smem, lambda row: s0_ref.at[head, first_row + row])
+    issue, wait_tile, chunk_of_step = chunk_ring(
+        smem, token_tiles(tiles.values(), tiles, batch, query_head), per_token(head, first_row), num_chunks,
+        reverse=reverse)
+    prologue = lambda: send_rows(smem, lambda row: initial.at[head, first_row + row])
     pl.when(wg == 2)(lambda: stream(jnp.int32(num_chunks), stages, smem["consumed_bar"], issue, prologue=prologue))
+    own_rows = [wg * ROWS_PER_WARPGROUP + i for i in range(ROWS_PER_WARPGROUP)]
+    return RowProgram(head, batch, query_head, wg, first_row, own_rows, wait_tile, chunk_of_step)
+
+
+def row_blocks_of(refs, head, first_row):
+    """``per_token`` sources of the program's 8 rows of (B H, d, Np) per-row factors."""
+    return {name: (lambda t, ref=ref: ref.at[head, pl.ds(first_row, ROWS_PER_PROGRAM), t])
+            for name, ref in refs.items()}
+
+
+def normalizer_walk(smem, wg, z0, decay_of, wait_tile, readout, write, *, factor, num_chunks, stages,
+                    interpret):
+    """Compute warpgroup ``wg`` carrying the normalizer state ``Z <- e^(g_L) Z + k^T (k * ek)`` (d x d) from
+    ``z0`` (a global tile) over the chunks (``decay_of(c)``: chunk c's e^(g_L)): per chunk,
+    ``readout(slot, through)`` gets ``(q * factor) Z`` (C, d) for the state before the chunk (``factor`` a
+    per-token ring entry) while the chunk's tiles are held, and ``write(c, its result)`` runs once they are
+    released. Returns the last Z."""
+    z_tile, vals_tile, f32_tile, staging, _ = own_tiles(smem, wg)
+    tile, _, column = loaders(smem)
+    plgpu.copy_gmem_to_smem(z0, f32_tile, smem["f32_bar"].at[wg])
+    plgpu.barrier_wait(smem["f32_bar"].at[wg])
+
+    def chunk(c, z):
+        slot = lax.rem(c, jnp.int32(stages))
+        wait_tile(slot)
+        store(z_tile, z)
+        queries = scaled_rows(tile("q", slot), column(factor, slot, 1)).astype(z_tile.dtype)
+        result = readout(slot, matmul_into(zeros(), queries, z_tile, staging))
+        store(vals_tile, scaled_rows(tile("k", slot), column("ek", slot, 1)))
+        z = update(z, decay_of(c), tile("k", slot), vals_tile, interpret)
+        plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
+        write(c, result)
+        return z
+
+    return lax.fori_loop(jnp.int32(0), jnp.int32(num_chunks), chunk, plgpu.load(f32_tile, layout=WGMMA))
+
+
+def _numerator_kernel(q_ref, k_ref, v_ref, rq_ref, rk_ref, cd_ref, s0_ref, y_ref, s_ref, *, num_heads, stages,
+                      num_chunks, interpret, **smem):
+    p = row_program(smem, num_heads, {"q": q_ref, "k": k_ref, "v": v_ref},
+                    lambda head, first_row: row_blocks_of({"rq": rq_ref, "rk": rk_ref}, head, first_row),
+                    s0_ref, num_chunks, stages)
+    head, wg = p.head, p.wg
     tile, factor, _ = loaders(smem)
 
     @pl.when(wg < 2)
     def _compute():
         plgpu.set_max_registers(232, action="increase")
         state_tile, vals_tile, f32_tile, staging, total = own_tiles(smem, wg)
-        own_rows = [wg * ROWS_PER_WARPGROUP + i for i in range(ROWS_PER_WARPGROUP)]  # of the program's 8
 
         def chunk(c, states):
             slot = lax.rem(c, jnp.int32(stages))
-            wait_tile(slot)
+            p.wait_tile(slot)
             decay = cd_ref[head, c]
             y, updated = zeros(), []
-            for row, state in zip(own_rows, states):
+            for row, state in zip(p.own_rows, states):
                 store(state_tile, state)  # the state before the chunk, as the readout's operand
                 queries = scaled_rows(tile("q", slot), factor("rq", slot, row)).astype(state_tile.dtype)
                 y = matmul_into(y, queries, state_tile, staging)
@@ -325,11 +384,11 @@ def _numerator_kernel(q_ref, k_ref, v_ref, rq_ref, rk_ref, cd_ref, s0_ref, y_ref
                 updated.append(update(state, decay, tile("k", slot), vals_tile, interpret))
             plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
             rows = pl.ds(c * CHUNK, CHUNK)
-            add_to_global(y, f32_tile, y_ref.at[wg if interpret else 0, batch, rows, query_head], total)
+            add_to_global(y, f32_tile, y_ref.at[wg if interpret else 0, p.batch, rows, p.query_head], total)
             return tuple(updated)
 
         states = lax.fori_loop(jnp.int32(0), jnp.int32(num_chunks), chunk, tuple(receive_rows(smem, wg)))
-        to_global([(state, f32_tile, s_ref.at[head, first_row + row]) for row, state in zip(own_rows, states)])
+        to_global([(state, f32_tile, s_ref.at[head, p.first_row + row]) for row, state in zip(p.own_rows, states)])
 
 
 def _normalizer_kernel(q_ref, k_ref, v_ref, er_ref, ek_ref, g_rows_ref, g_cols_ref, cd_ref, z0_ref, y_ref, den_ref,
@@ -354,24 +413,11 @@ def _normalizer_kernel(q_ref, k_ref, v_ref, er_ref, ek_ref, g_rows_ref, g_cols_r
     @pl.when(wg == 0)
     def _normalizer():
         plgpu.set_max_registers(232, action="increase")
-        z_tile, vals_tile, f32_tile, staging, _ = own_tiles(smem, wg)
-        plgpu.copy_gmem_to_smem(z0_ref.at[head], f32_tile, smem["f32_bar"].at[wg])
-        plgpu.barrier_wait(smem["f32_bar"].at[wg])
-
-        def chunk(c, z):
-            slot = lax.rem(c, jnp.int32(stages))
-            wait_tile(slot)
-            store(z_tile, z)
-            queries = scaled_rows(tile("q", slot), column("er", slot, 1)).astype(z_tile.dtype)
-            den = row_sum_with(tile("q", slot), matmul_into(zeros(), queries, z_tile, staging))  # q (scale^2 e^g Z q)
-            store(vals_tile, scaled_rows(tile("k", slot), column("ek", slot, 1)))
-            z = update(z, cd_ref[head, c], tile("k", slot), vals_tile, interpret)
-            plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
-            write_den(den, c)
-            return z
-
-        z = lax.fori_loop(jnp.int32(0), jnp.int32(num_chunks), chunk, plgpu.load(f32_tile, layout=WGMMA))
-        to_global([(z, f32_tile, z_ref.at[head])])
+        z = normalizer_walk(smem, wg, z0_ref.at[head], lambda c: cd_ref[head, c], wait_tile,
+                            lambda slot, through: row_sum_with(tile("q", slot), through),  # q (scale^2 e^g Z q)
+                            lambda c, den: write_den(den, c), factor="er", num_chunks=num_chunks, stages=stages,
+                            interpret=interpret)
+        to_global([(z, smem["f32_smem"].at[wg], z_ref.at[head])])
 
     @pl.when(wg == 1)
     def _intra():

@@ -33,10 +33,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from twomamba_jax.kernels.chunked.mosaic_gpu import (CHUNK, F32, HEAD_DIM, ROWS_PER_PROGRAM, ROWS_PER_WARPGROUP,
                                                      WGMMA, chunk_ring, head_grid, intra_tile, launch, loaders,
-                                                     operands, own_scratch, own_tiles, pad_tokens, program_head,
-                                                     receive_rows, ring_scratch, row_blocks, row_grid, row_sum_with,
-                                                     scaled_rows, send_rows, store, token_tiles, update, vectors,
-                                                     zeros)
+                                                     normalizer_walk, operands, own_scratch, own_tiles, pad_tokens,
+                                                     program_head, receive_rows, ring_scratch, row_blocks,
+                                                     row_blocks_of, row_grid, row_program, row_sum_with, scaled_rows,
+                                                     store, token_tiles, update, vectors, zeros)
 from twomamba_jax.kernels.parallel.mosaic_gpu import interpret_params, matmul, matmul_into, stream
 from twomamba_jax.kernels.parallel.mosaic_gpu_backward import add_to_global, to_global
 
@@ -115,6 +115,16 @@ def _column_scratch():
     return {"cols_smem": plgpu.SMEM((2, ROWS_PER_WARPGROUP, CHUNK), F32)}
 
 
+def _extended_rows(ref, head):
+    """``per_token`` source of the program's block of a ``with_row`` array (B H, d / 8, 9, Np)."""
+    return lambda t: ref.at[head, lax.axis_index("rows"), :, t]
+
+
+def _own_columns(ref, p, c):
+    """This compute warpgroup's 4 rows of a (B H, d, Np) transposed gradient, chunk ``c``."""
+    return ref.at[p.head, pl.ds(p.first_row + p.wg * ROWS_PER_WARPGROUP, ROWS_PER_WARPGROUP), pl.ds(c * CHUNK, CHUNK)]
+
+
 def _write_columns(smem, wg, columns, dst):
     """This warpgroup's columns (a list of (C,) vectors) -> ``dst`` (4, C) in global memory."""
     cols_tile = smem["cols_smem"].at[wg]
@@ -127,37 +137,29 @@ def _write_columns(smem, wg, columns, dst):
 
 def _dq_kernel(q_ref, k_ref, v_ref, dy_ref, rk_ref, cd_ref, s0_ref, dq_ref, *, num_heads, stages,
                num_chunks, interpret, **smem):
-    head, batch, query_head = program_head(num_heads)
-    first_row = lax.axis_index("rows") * ROWS_PER_PROGRAM
-    wg = lax.axis_index("wg")
-    issue, wait_tile, _ = chunk_ring(
-        smem, token_tiles((q_ref, k_ref, v_ref, dy_ref), ("q", "k", "v", "dy"), batch, query_head),
-        {"rk": lambda t: rk_ref.at[head, lax.axis_index("rows"), :, t]},
-        num_chunks)
-    prologue = lambda: send_rows(smem, lambda row: s0_ref.at[head, first_row + row])
-    pl.when(wg == 2)(lambda: stream(jnp.int32(num_chunks), stages, smem["consumed_bar"], issue, prologue=prologue))
+    p = row_program(smem, num_heads, {"q": q_ref, "k": k_ref, "v": v_ref, "dy": dy_ref},
+                    lambda head, _: {"rk": _extended_rows(rk_ref, head)}, s0_ref, num_chunks, stages)
+    head, wg = p.head, p.wg
     tile, factor, _ = loaders(smem)
 
     @pl.when(wg < 2)
     def _compute():
         plgpu.set_max_registers(232, action="increase")
         state_tile, vals_tile, _, _, _ = own_tiles(smem, wg)
-        own_rows = [wg * ROWS_PER_WARPGROUP + i for i in range(ROWS_PER_WARPGROUP)]
 
         def chunk(c, states):
             slot = lax.rem(c, jnp.int32(stages))
-            wait_tile(slot)
+            p.wait_tile(slot)
             decay, twice_c = cd_ref[head, c], 2.0 * factor("rk", slot, ROWS_PER_PROGRAM)
             columns, updated = [], []
-            for row, state in zip(own_rows, states):
+            for row, state in zip(p.own_rows, states):
                 store(state_tile, state)
                 through = matmul(tile("dy", slot), state_tile.transpose((1, 0)), (CHUNK, HEAD_DIM))  # dy S_a^T
                 columns.append(twice_c * row_sum_with(tile("q", slot), through))
                 store(vals_tile, scaled_rows(tile("v", slot), factor("rk", slot, row)))
                 updated.append(update(state, decay, tile("k", slot), vals_tile, interpret))
             plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
-            _write_columns(smem, wg, columns, dq_ref.at[head, pl.ds(first_row + wg * ROWS_PER_WARPGROUP,
-                                                                    ROWS_PER_WARPGROUP), pl.ds(c * CHUNK, CHUNK)])
+            _write_columns(smem, wg, columns, _own_columns(dq_ref, p, c))
             return tuple(updated)
 
         lax.fori_loop(jnp.int32(0), jnp.int32(num_chunks), chunk, tuple(receive_rows(smem, wg)))
@@ -166,31 +168,25 @@ def _dq_kernel(q_ref, k_ref, v_ref, dy_ref, rk_ref, cd_ref, s0_ref, dq_ref, *, n
 
 def _dkv_kernel(q_ref, k_ref, v_ref, dy_ref, rq_ref, rk_ref, cd_ref, ds_ref, dv_ref, dk_ref, ds0_ref, *,
                 num_heads, stages, num_chunks, interpret, **smem):
-    head, batch, query_head = program_head(num_heads)
-    first_row = lax.axis_index("rows") * ROWS_PER_PROGRAM
-    wg = lax.axis_index("wg")
-    rows_of = lambda ref: (lambda t: ref.at[head, pl.ds(first_row, ROWS_PER_PROGRAM), t])
-    issue, wait_tile, chunk_of_step = chunk_ring(
-        smem, token_tiles((q_ref, k_ref, v_ref, dy_ref), ("q", "k", "v", "dy"), batch, query_head),
-        {"rq": rows_of(rq_ref), "rk": lambda t: rk_ref.at[head, lax.axis_index("rows"), :, t]}, num_chunks,
-        reverse=True)
-    prologue = lambda: send_rows(smem, lambda row: ds_ref.at[head, first_row + row])
-    pl.when(wg == 2)(lambda: stream(jnp.int32(num_chunks), stages, smem["consumed_bar"], issue, prologue=prologue))
+    p = row_program(smem, num_heads, {"q": q_ref, "k": k_ref, "v": v_ref, "dy": dy_ref},
+                    lambda head, first_row: {**row_blocks_of({"rq": rq_ref}, head, first_row),
+                                             "rk": _extended_rows(rk_ref, head)},
+                    ds_ref, num_chunks, stages, reverse=True)
+    head, wg = p.head, p.wg
     tile, factor, _ = loaders(smem)
 
     @pl.when(wg < 2)
     def _compute():
         plgpu.set_max_registers(232, action="increase")
         state_tile, vals_tile, f32_tile, staging, total = own_tiles(smem, wg)
-        own_rows = [wg * ROWS_PER_WARPGROUP + i for i in range(ROWS_PER_WARPGROUP)]
 
         def step(s, grads):  # grads: the cotangents of the states after chunk c
-            c = chunk_of_step(s)
+            c = p.chunk_of_step(s)
             slot = lax.rem(s, jnp.int32(stages))
-            wait_tile(slot)
+            p.wait_tile(slot)
             decay, twice_ek = cd_ref[head, c], 2.0 * factor("rk", slot, ROWS_PER_PROGRAM)
             d_values, columns, carried = zeros(), [], []
-            for row, grad in zip(own_rows, grads):
+            for row, grad in zip(p.own_rows, grads):
                 store(state_tile, grad)
                 keys = scaled_rows(tile("k", slot), factor("rk", slot, row)).astype(state_tile.dtype)
                 d_values = matmul_into(d_values, keys, state_tile, staging)  # (k u_a) dS_a
@@ -199,14 +195,13 @@ def _dkv_kernel(q_ref, k_ref, v_ref, dy_ref, rq_ref, rk_ref, cd_ref, ds_ref, dv_
                 store(vals_tile, scaled_rows(tile("dy", slot), factor("rq", slot, row)))
                 carried.append(update(grad, decay, tile("q", slot), vals_tile, interpret))
             plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
-            tokens = pl.ds(c * CHUNK, CHUNK)
-            _write_columns(smem, wg, columns, dk_ref.at[head, pl.ds(first_row + wg * ROWS_PER_WARPGROUP,
-                                                                    ROWS_PER_WARPGROUP), tokens])
-            add_to_global(d_values, f32_tile, dv_ref.at[wg if interpret else 0, batch, tokens, query_head], total)
+            _write_columns(smem, wg, columns, _own_columns(dk_ref, p, c))
+            add_to_global(d_values, f32_tile,
+                          dv_ref.at[wg if interpret else 0, p.batch, pl.ds(c * CHUNK, CHUNK), p.query_head], total)
             return tuple(carried)
 
         grads = lax.fori_loop(jnp.int32(0), jnp.int32(num_chunks), step, tuple(receive_rows(smem, wg)))
-        to_global([(grad, f32_tile, ds0_ref.at[head, first_row + row]) for row, grad in zip(own_rows, grads)])
+        to_global([(grad, f32_tile, ds0_ref.at[head, p.first_row + row]) for row, grad in zip(p.own_rows, grads)])
 
 
 def _normalizer_dq_kernel(q_ref, k_ref, v_ref, dy_ref, c_ref, ek_ref, g_rows_ref, g_cols_ref, dden_ref, cd_ref,
@@ -224,26 +219,13 @@ def _normalizer_dq_kernel(q_ref, k_ref, v_ref, dy_ref, c_ref, ek_ref, g_rows_ref
     rows_of = lambda ref, c: ref.at[batch, pl.ds(c * CHUNK, CHUNK), query_head]
 
     @pl.when(wg == 0)
-    def _normalizer():
+    def _normalizer():  # dq += 2 dden c (Z q), from the (q c) Z the walk reads out
         plgpu.set_max_registers(232, action="increase")
-        z_tile, vals_tile, f32_tile, staging, _ = own_tiles(smem, wg)
-        plgpu.copy_gmem_to_smem(z0_ref.at[head], f32_tile, smem["f32_bar"].at[wg])
-        plgpu.barrier_wait(smem["f32_bar"].at[wg])
-
-        def chunk(c, z):
-            slot = lax.rem(c, jnp.int32(stages))
-            wait_tile(slot)
-            store(z_tile, z)
-            queries = scaled_rows(tile("q", slot), column("c", slot, 1)).astype(z_tile.dtype)
-            through = matmul_into(zeros(), queries, z_tile, staging)  # c (Z q)^T
-            d_queries = through * lax.broadcast_in_dim(2.0 * column("dden", slot, 1), through.shape, [0])
-            store(vals_tile, scaled_rows(tile("k", slot), column("ek", slot, 1)))
-            z = update(z, cd_ref[head, c], tile("k", slot), vals_tile, interpret)
-            plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
-            to_global([(d_queries, f32_tile, rows_of(dq_norm_ref, c))])
-            return z
-
-        lax.fori_loop(jnp.int32(0), jnp.int32(num_chunks), chunk, plgpu.load(f32_tile, layout=WGMMA))
+        twice_dden = lambda slot, through: lax.broadcast_in_dim(2.0 * column("dden", slot, 1), through.shape, [0])
+        normalizer_walk(smem, wg, z0_ref.at[head], lambda c: cd_ref[head, c], wait_tile,
+                        lambda slot, through: through * twice_dden(slot, through),
+                        lambda c, d_queries: to_global([(d_queries, smem["f32_smem"].at[wg], rows_of(dq_norm_ref, c))]),
+                        factor="c", num_chunks=num_chunks, stages=stages, interpret=interpret)
 
     @pl.when(wg == 1)
     def _intra():

@@ -1,11 +1,12 @@
 """``chunked_attention_pallas``: the chunked algorithm on the Pallas kernels, joined to a backward by custom_vjp.
 
-Forward: ``state_pass`` then ``chunk_outputs``. (On Hopper GPUs, backend "mosaic_gpu": the kernels of
-``mosaic_gpu.py`` and ``mosaic_gpu_backward.py`` instead, whose states never leave the chip.) Backward: ``state_pass`` again (recomputing the per-chunk states
+Forward: ``state_pass`` then ``chunk_outputs``. Backward: ``state_pass`` again (recomputing the per-chunk states
 is one cheap pass, so the forward keeps none of its B H (N/C) F dv states as residuals; the backward
 holds them and their cotangents, twice that, while it runs), ``state_pass(reverse=True)`` (the state cotangents,
 chunks in reverse) and ``chunk_grads`` (dq, dk, dv and the log-decay cotangent, chunks in parallel); the
-log-decay cotangent is a reverse cumulative sum within each chunk, done in jnp.
+log-decay cotangent is a reverse cumulative sum within each chunk, done in jnp. (On Hopper GPUs, backend
+"mosaic_gpu": the kernels of ``mosaic_gpu.py`` and ``mosaic_gpu_backward.py`` instead, whose states never leave
+the chip.)
 """
 
 from __future__ import annotations
@@ -172,13 +173,12 @@ def _backward_hopper(config, residuals, cotangents):
                                       heads_first(y.astype(jnp.float32), padded), token_normalizer, config.normalize)
     carried = (jnp.sum(numerator * d_numerator, axis=(2, 3)) + jnp.sum(normalizer * d_normalizer, axis=2))
     flat = lambda x: x.reshape(batch * heads, *x.shape[2:]).astype(jnp.float32)
-    full_states = hopper_kernels.to_full(flat(numerator0), flat(normalizer0))
+    full_states, full_vjp = jax.vjp(hopper_kernels.to_full, flat(numerator0), flat(normalizer0))
     _, symmetric_vjp = jax.vjp(hopper_kernels.to_symmetric, *full_states)
     dq, dk, dv, d_log_decay, *d_initial = hopper_backward.backward(
         q, k, v, log_decay, heads_last(d_out, batch, length), d_den[:, :length], *full_states,
         *symmetric_vjp((flat(d_numerator), flat(d_normalizer))), carried.reshape(-1), scale=config.scale,
         interpret=config.interpret)
-    _, full_vjp = jax.vjp(hopper_kernels.to_full, flat(numerator0), flat(normalizer0))
     d_numerator0, d_normalizer0 = full_vjp(tuple(d_initial))
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_log_decay.astype(log_decay.dtype),
             d_numerator0.reshape(numerator0.shape).astype(numerator0.dtype),
@@ -234,8 +234,8 @@ def chunked_attention_pallas(q, k, v, log_decay, *, power, normalize, scale, chu
     The caller checks ``unsupported_reason`` first. ``backend``: "triton" (the GPU kernels of ``triton.py``),
     "tpu" (the Mosaic kernels of ``tpu.py``) or "mosaic_gpu" (Hopper: ``mosaic_gpu.py`` and
     ``mosaic_gpu_backward.py``, for power 2, head dim 64, bfloat16, chunk_size 64, one key head per query head);
-    all give the same results up to rounding. ``interpret=True`` runs them in Pallas interpret mode (the TPU or Mosaic GPU interpreter for those),
-    on any machine.
+    all give the same results up to rounding. ``interpret=True`` runs them in Pallas interpret mode (the TPU or
+    Mosaic GPU interpreter for those), on any machine.
     """
     if backend not in (*BACKENDS, HOPPER):
         raise ValueError(f"backend: expected one of {(*BACKENDS, HOPPER)}; got {backend!r}")
