@@ -2,9 +2,11 @@
 
     python benchmarks/kernel_split.py                                  # 2Mamba and cuDNN at 4x2048 and 4x8192
     python benchmarks/kernel_split.py --cores 2mamba-e --shapes 4x4096 --heads 8 --dim 128
+    python benchmarks/kernel_split.py --shapes 1x32768 --impls pallas_chunked pallas_chunked_hopper
 
 Runs ``steps`` forward + backward steps of each mixer core (as ``benchmarks/kernels.py`` defines them, through
-``ops.decayed_attention(impl="pallas_parallel")``) and of cuDNN softmax under ``jax.profiler.trace``, reads the
+``ops.decayed_attention(impl=...)`` for each of ``--impls``, default the flash-style ``pallas_parallel``, or the
+chunked Hopper kernels' ``chunked_attention_pallas(backend="mosaic_gpu")``) and of cuDNN softmax under ``jax.profiler.trace``, reads the
 trace back (``jax.profiler.ProfileData``) and prints, per kernel, its GPU time per step and share of the step's
 kernel time: our kernels by name (``twomamba_mosaic_*``), XLA's fusions, copies and reductions around them by
 theirs. The sum is kernel time only; gaps between kernels (launch latency) are the difference to the wall time
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import glob
 import tempfile
 import time
@@ -24,10 +27,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from twomamba_jax import ops
+from twomamba_jax.kernels.chunked import chunked_attention_pallas
 
 CORES = {"2mamba": dict(power=2, normalize="softmax"), "power1": dict(power=1, normalize=None),
          "2mamba-e": dict(power="exp", normalize="softmax")}
+IMPLS = ("pallas_parallel", "pallas_chunked", "pallas_chunked_hopper")
 SHOWN = 8  # kernels listed per table; the rest are summed into one row
+
+
+def _core(q, k, v, a, *, core, impl):
+    if impl == "pallas_chunked_hopper":
+        return chunked_attention_pallas(q, k, v, a, scale=q.shape[-1] ** -0.5, chunk_size=64,
+                                        backend="mosaic_gpu", **core)
+    return ops.decayed_attention(q, k, v, a, impl=impl, **core)
 
 
 def kernel_times(step, args, steps):
@@ -66,6 +78,7 @@ def main():
     parser.add_argument("--shapes", nargs="+", default=["4x2048", "4x8192"], help="BxN pairs")
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--impls", nargs="+", default=["pallas_parallel"], choices=list(IMPLS))
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
     if jax.default_backend() != "gpu":
@@ -80,8 +93,9 @@ def main():
         log_decay = jnp.asarray(-np.log1p(np.exp(rng.standard_normal(dims[:3]) - 4.0)), jnp.float32)
         paths = {"softmax cuDNN": lambda q, k, v, a: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                                                     implementation="cudnn")}
-        paths.update({name: (lambda q, k, v, a, core=CORES[name]: ops.decayed_attention(
-            q, k, v, a, impl="pallas_parallel", **core)) for name in args.cores})
+        for name in args.cores:
+            for impl in args.impls:
+                paths[f"{name} {impl}"] = functools.partial(_core, core=CORES[name], impl=impl)
         for name, forward in paths.items():
             loss = lambda q, k, v, a, c, forward=forward: jnp.sum(forward(q, k, v, a).astype(jnp.float32) * c)
             step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))

@@ -169,6 +169,20 @@ def test_unknown_backend_is_refused(rng):
                                      backend="mosaic_gpu")
 
 
+def test_hopper_state_layout_maps_and_their_transposes(rng):
+    """to_full / to_symmetric invert each other, and the hand-written transposes (gathers, no scatter) are their
+    VJPs, on random states and cotangents (the maps compute in float32)."""
+    as_f32 = lambda *shapes: tuple(jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in shapes)
+    symmetric = as_f32((3, 36, 5), (3, 36))  # d = 8
+    full = hopper.to_full(*symmetric)
+    assert tree_rel_error(hopper.to_symmetric(*full), symmetric) < 1e-6
+    d_full = as_f32((3, 8, 8, 5), (3, 8, 8))
+    _, full_vjp = jax.vjp(hopper.to_full, *symmetric)
+    assert tree_rel_error(hopper.to_full_transpose(*d_full), full_vjp(d_full)) < 1e-6
+    _, symmetric_vjp = jax.vjp(hopper.to_symmetric, *d_full)
+    assert tree_rel_error(hopper.to_symmetric_transpose(*symmetric), symmetric_vjp(symmetric)) < 1e-6
+
+
 def test_hopper_forward_stops_at_document_starts(rng):
     """Rows holding documents that start at tokens 0, 70 and 100 (the kernels' -256 log-decay at each start, as
     decayed_attention passes it): output, normalizer and final states against the oracle given the segment ids."""

@@ -67,25 +67,62 @@ def unsupported_reason(q, k, v, *, power) -> str | None:
     return None
 
 
+def _pairs(dim):
+    """(rows, cols, weights, index, diagonal) of the d(d+1)/2 symmetric features of head dim d: pair p holds
+    S[rows[p], cols[p]] times weights[p] (sqrt(2) off the diagonal); index (d, d) is the pair of (a, b) and of
+    (b, a)."""
+    rows, cols, weights = _symmetric_pairs(dim)
+    index = np.zeros((dim, dim), np.int32)
+    index[rows, cols] = index[cols, rows] = np.arange(len(rows))
+    return rows, cols, weights, index, rows == cols
+
+
+def _dim(features):
+    """The head dim d of d(d+1)/2 symmetric features."""
+    return int(round((np.sqrt(8 * features + 1) - 1) / 2))
+
+
+def _spread(numerator, normalizer, factors):
+    """Symmetric (..., F, dv), (..., F) -> full (..., d, d, dv), (..., d, d) float32: X[a, b] = X_sym[p] * factors[p]
+    for p the pair of (a, b). A gather (no scatter, whose constant-folding XLA spends half a minute on)."""
+    index = _pairs(_dim(normalizer.shape[-1]))[3]
+    per_entry = np.asarray(factors, np.float32)[index]
+    return (jnp.take(numerator.astype(F32), index, axis=-2) * per_entry[..., None],
+            jnp.take(normalizer.astype(F32), index, axis=-1) * per_entry)
+
+
+def _fold(numerator, normalizer, factors):
+    """Full (..., d, d, dv), (..., d, d) -> symmetric: X_sym[p] = (X[a, b] + X[b, a]) * factors[p], (a, b) = pair p."""
+    rows, cols, *_ = _pairs(normalizer.shape[-1])
+    factors = np.asarray(factors, np.float32)
+    return ((numerator[..., rows, cols, :] + numerator[..., cols, rows, :]) * factors[:, None],
+            (normalizer[..., rows, cols] + normalizer[..., cols, rows]) * factors)
+
+
 def to_full(numerator, normalizer):
     """Symmetric-feature states (..., d(d+1)/2, dv) and (..., d(d+1)/2) -> the full layout (..., d, d, dv) and
     (..., d, d), float32: S[a, b] = S[b, a] = S_sym[pair(a, b)] / w_ab (w = sqrt(2) off the diagonal)."""
-    features = normalizer.shape[-1]
-    dim = int(round((np.sqrt(8 * features + 1) - 1) / 2))
-    rows, cols, weights = _symmetric_pairs(dim)
-    index = np.zeros((dim, dim), np.int32)
-    index[rows, cols] = index[cols, rows] = np.arange(features)
-    inverse = (1.0 / weights)[index].astype(np.float32)
-    return (jnp.take(numerator.astype(F32), index, axis=-2) * inverse[..., None],
-            jnp.take(normalizer.astype(F32), index, axis=-1) * inverse)
+    weights = _pairs(_dim(normalizer.shape[-1]))[2]
+    return _spread(numerator, normalizer, 1.0 / weights)
 
 
 def to_symmetric(numerator, normalizer):
     """The inverse of ``to_full``, the two halves averaged (rounding leaves S[a, b] and S[b, a] a little apart)."""
-    rows, cols, weights = _symmetric_pairs(normalizer.shape[-1])
-    weights = weights.astype(np.float32)
-    numerator = (numerator[..., rows, cols, :] + numerator[..., cols, rows, :]) * (0.5 * weights[:, None])
-    return numerator, (normalizer[..., rows, cols] + normalizer[..., cols, rows]) * (0.5 * weights)
+    weights = _pairs(normalizer.shape[-1])[2]
+    return _fold(numerator, normalizer, 0.5 * weights)
+
+
+def to_full_transpose(d_numerator, d_normalizer):
+    """``to_full``'s VJP: cotangents of the full layout -> of the symmetric features (each pair collects its
+    two entries, the diagonal's once)."""
+    _, _, weights, _, diagonal = _pairs(d_normalizer.shape[-1])
+    return _fold(d_numerator, d_normalizer, np.where(diagonal, 0.5, 1.0) / weights)
+
+
+def to_symmetric_transpose(d_numerator, d_normalizer):
+    """``to_symmetric``'s VJP: cotangents of the symmetric features -> of the full layout."""
+    _, _, weights, _, diagonal = _pairs(_dim(d_normalizer.shape[-1]))
+    return _spread(d_numerator, d_normalizer, np.where(diagonal, 1.0, 0.5 * weights))
 
 
 class Operands(NamedTuple):

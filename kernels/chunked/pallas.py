@@ -173,13 +173,12 @@ def _backward_hopper(config, residuals, cotangents):
                                       heads_first(y.astype(jnp.float32), padded), token_normalizer, config.normalize)
     carried = (jnp.sum(numerator * d_numerator, axis=(2, 3)) + jnp.sum(normalizer * d_normalizer, axis=2))
     flat = lambda x: x.reshape(batch * heads, *x.shape[2:]).astype(jnp.float32)
-    full_states, full_vjp = jax.vjp(hopper_kernels.to_full, flat(numerator0), flat(normalizer0))
-    _, symmetric_vjp = jax.vjp(hopper_kernels.to_symmetric, *full_states)
     dq, dk, dv, d_log_decay, *d_initial = hopper_backward.backward(
-        q, k, v, log_decay, heads_last(d_out, batch, length), d_den[:, :length], *full_states,
-        *symmetric_vjp((flat(d_numerator), flat(d_normalizer))), carried.reshape(-1), scale=config.scale,
-        interpret=config.interpret)
-    d_numerator0, d_normalizer0 = full_vjp(tuple(d_initial))
+        q, k, v, log_decay, heads_last(d_out, batch, length), d_den[:, :length],
+        *hopper_kernels.to_full(flat(numerator0), flat(normalizer0)),
+        *hopper_kernels.to_symmetric_transpose(flat(d_numerator), flat(d_normalizer)), carried.reshape(-1),
+        scale=config.scale, interpret=config.interpret)
+    d_numerator0, d_normalizer0 = hopper_kernels.to_full_transpose(*d_initial)
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_log_decay.astype(log_decay.dtype),
             d_numerator0.reshape(numerator0.shape).astype(numerator0.dtype),
             d_normalizer0.reshape(normalizer0.shape).astype(normalizer0.dtype))
