@@ -2,15 +2,16 @@
 
     python benchmarks/kernel_split.py                                  # 2Mamba and cuDNN at 4x2048 and 4x8192
     python benchmarks/kernel_split.py --cores 2mamba-e --shapes 4x4096 --heads 8 --dim 128
-    python benchmarks/kernel_split.py --shapes 1x32768 --impls pallas_chunked pallas_chunked_hopper
+    python benchmarks/kernel_split.py --shapes 1x32768 --impls pallas_chunked pallas_chunked_triton
 
 Runs ``steps`` forward + backward steps of each mixer core (as ``benchmarks/kernels.py`` defines them, through
-``ops.decayed_attention(impl=...)`` for each of ``--impls``, default the flash-style ``pallas_parallel``, or the
-chunked Hopper kernels' ``chunked_attention_pallas(backend="mosaic_gpu")``) and of cuDNN softmax under ``jax.profiler.trace``, reads the
-trace back (``jax.profiler.ProfileData``) and prints, per kernel, its GPU time per step and share of the step's
-kernel time: our kernels by name (``twomamba_mosaic_*``), XLA's fusions, copies and reductions around them by
-theirs. The sum is kernel time only; gaps between kernels (launch latency) are the difference to the wall time
-per step, printed beside it.
+``ops.decayed_attention(impl=...)`` for each of ``--impls``, default the flash-style ``pallas_parallel``; on
+Hopper ``pallas_chunked`` runs the Mosaic GPU chunked kernels and ``pallas_chunked_triton`` the Triton ones) and
+of cuDNN softmax under ``jax.profiler.trace``, reads the trace back (``jax.profiler.ProfileData``) and prints,
+per kernel, its GPU time per step and share of the step's kernel time: our kernels by name
+(``twomamba_mosaic_*``, ``twomamba_chunked_*``), XLA's fusions, copies and reductions around them by theirs. The
+sum is kernel time only; gaps between kernels (launch latency) are the difference to the wall time per step,
+printed beside it.
 """
 
 from __future__ import annotations
@@ -31,14 +32,14 @@ from twomamba_jax.kernels.chunked import chunked_attention_pallas
 
 CORES = {"2mamba": dict(power=2, normalize="softmax"), "power1": dict(power=1, normalize=None),
          "2mamba-e": dict(power="exp", normalize="softmax")}
-IMPLS = ("pallas_parallel", "pallas_chunked", "pallas_chunked_hopper")
+IMPLS = ("pallas_parallel", "pallas_chunked", "pallas_chunked_triton")
 SHOWN = 8  # kernels listed per table; the rest are summed into one row
 
 
 def _core(q, k, v, a, *, core, impl):
-    if impl == "pallas_chunked_hopper":
-        return chunked_attention_pallas(q, k, v, a, scale=q.shape[-1] ** -0.5, chunk_size=64,
-                                        backend="mosaic_gpu", **core)
+    if impl == "pallas_chunked_triton":
+        return chunked_attention_pallas(q, k, v, a, scale=q.shape[-1] ** -0.5, chunk_size=64, backend="triton",
+                                        **core)
     return ops.decayed_attention(q, k, v, a, impl=impl, **core)
 
 

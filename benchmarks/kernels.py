@@ -1,6 +1,6 @@
 """Checks and times the decayed-attention paths at the PERF.md shapes, in one run, and prints one table.
 
-    python benchmarks/kernels.py                     # the PERF.md shapes (an accelerator is expected)
+    python benchmarks/kernels.py                     # the PERF.md shapes and 1x65536, 1x131072 (an accelerator)
     python benchmarks/kernels.py --smoke             # tiny shapes, e.g. on CPU, to check the script itself
     python benchmarks/kernels.py --documents 400     # packed rows: documents of ~400 tokens, masked (segment_ids)
 
@@ -33,13 +33,13 @@ from twomamba_jax import ops
 from twomamba_jax.kernels.chunked import chunked_attention_pallas
 from twomamba_jax.kernels.parallel import parallel_attention_pallas
 
-PERF_SHAPES = [(4, 2048), (4, 8192), (1, 32768)]
+PERF_SHAPES = [(4, 2048), (4, 8192), (1, 32768), (1, 65536), (1, 131072)]
 SMOKE_SHAPES = [(1, 256)]
 CORES = {"2mamba": dict(power=2, normalize="softmax"), "power1": dict(power=1, normalize=None),
          "2mamba-e": dict(power="exp", normalize="softmax")}
-# "pallas_parallel_triton": the flash-style kernels forced onto the Triton lowering (on Hopper "pallas_parallel"
-# runs the Mosaic GPU forward and backward); "pallas_chunked_hopper": the chunked Hopper kernels (power 2, d 64).
-IMPLS = ("pallas_parallel", "pallas_parallel_triton", "pallas_chunked", "pallas_chunked_hopper", "chunked",
+# "pallas_parallel_triton" / "pallas_chunked_triton": the flash-style / chunked kernels forced onto the Triton
+# lowering (on Hopper "pallas_parallel" and, for power 2 at d 64, "pallas_chunked" run the Mosaic GPU kernels).
+IMPLS = ("pallas_parallel", "pallas_parallel_triton", "pallas_chunked", "pallas_chunked_triton", "chunked",
          "reference")
 DENSE_MAX_BYTES = 24 * 2**30
 ROTATIONS = 3
@@ -142,11 +142,11 @@ def main():
                     paths[f"{core_name} {impl}"] = (lambda q, k, v, a, core=core: parallel_attention_pallas(
                         q, k, v, a, scale=1 / np.sqrt(q.shape[-1]), backend="triton", **core), core)
                     continue
-                if impl == "pallas_chunked_hopper":
-                    if ids is not None or core["power"] != 2 or dim != 64:
-                        continue  # power 2 at d = 64 only, and no segment ids (as above)
+                if impl == "pallas_chunked_triton":
+                    if ids is not None:
+                        continue  # as above
                     paths[f"{core_name} {impl}"] = (lambda q, k, v, a, core=core: chunked_attention_pallas(
-                        q, k, v, a, scale=1 / np.sqrt(q.shape[-1]), chunk_size=64, backend="mosaic_gpu",
+                        q, k, v, a, scale=1 / np.sqrt(q.shape[-1]), chunk_size=args.chunk_size, backend="triton",
                         interpret=jax.default_backend() == "cpu", **core), core)
                     continue
                 paths[f"{core_name} {impl}"] = (lambda q, k, v, a, impl=impl, core=core: ops.decayed_attention(
@@ -179,9 +179,16 @@ def main():
                     with jax.default_matmul_precision("highest"):
                         exact = lambda q, k, v, a: ops.decayed_attention(q, k, v, a, impl=exact_impl,
                                                                          segment_ids=ids, **core)
-                        oracles[key] = (jax.jit(exact)(q, k, v, a), jax.jit(jax.grad(
-                            lambda q, k, v, a: jnp.sum(exact(q, k, v, a) * cotangent), argnums=(0, 1, 2, 3)))(
-                                q, k, v, a))
+                        try:
+                            oracles[key] = (jax.jit(exact)(q, k, v, a), jax.jit(jax.grad(
+                                lambda q, k, v, a: jnp.sum(exact(q, k, v, a) * cotangent), argnums=(0, 1, 2, 3)))(
+                                    q, k, v, a))
+                        except Exception as error:  # e.g. out of memory at the longest shapes: no error columns
+                            print(f"({batch}x{length}: no float32 reference for {name}: "
+                                  f"{type(error).__name__}: {str(error)[:120]})", flush=True)
+                            oracles[key] = None
+                if key is not None and oracles[key] is None:
+                    key = None
                 if key is not None:
                     y_ref, grads_ref = oracles[key]
                     error_y = f"{_rel(fwd(*input_sets[0]), y_ref):.1e}"

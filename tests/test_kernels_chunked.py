@@ -22,6 +22,7 @@ from helpers import random_qkv, rel_error, tree_rel_error
 from twomamba_jax import ops
 from twomamba_jax.kernels.chunked import chunked_attention_pallas, unsupported_reason
 from twomamba_jax.kernels.chunked import mosaic_gpu as hopper
+from twomamba_jax.kernels.chunked import mosaic_gpu_backward as hopper_backward
 from twomamba_jax.ops.numerics import KERNEL_DOCUMENT_START, with_document_starts
 
 TOLERANCES = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
@@ -51,8 +52,11 @@ CASES += [("mosaic_gpu", 64, jnp.bfloat16, *variant) for variant in VARIANTS[:2]
 
 
 @pytest.mark.parametrize("backend,dim,dtype,power,normalize,decay", CASES)
-def test_values_states_and_gradients_match_the_oracle(rng, backend, dim, dtype, power, normalize, decay):
+def test_values_states_and_gradients_match_the_oracle(rng, monkeypatch, backend, dim, dtype, power, normalize,
+                                                     decay):
     length, value_dim = (130, dim) if backend == "mosaic_gpu" else (37, dim // 2)
+    if backend == "mosaic_gpu" and decay:  # the log-decay's cotangent in segments of 2 chunks (the last one short)
+        monkeypatch.setattr(hopper_backward, "CHECKPOINT", 2)
     q, k, v, a = random_qkv(rng, batch=1, length=length, heads=2, key_dim=dim, value_dim=value_dim, dtype=dtype,
                             decay=decay, non_negative=(power == 1 and normalize == "softmax"))
     a = None if a is None else a.astype(jnp.float32)
@@ -159,7 +163,7 @@ def test_unknown_backend_is_refused(rng):
                                         "take 64\\)"),
             ((64, jnp.float32, 2, 64), "backend='mosaic_gpu': dtypes q=float32"),
             ((64, jnp.bfloat16, 1, 64), "backend='mosaic_gpu': power=1 \\(the Hopper chunked kernels take power 2\\)"),
-            ((64, jnp.bfloat16, 2, 32), "chunk_size: the 'mosaic_gpu' kernels take 64; got 32"),
+            ((64, jnp.bfloat16, 2, 32), "backend='mosaic_gpu': chunk_size=32 \\(the Hopper chunked kernels take 64\\)"),
             ((64, jnp.bfloat16, 2, "grouped"), "backend='mosaic_gpu': 1 key heads for 2 query heads")]:
         q, k, v, a = random_qkv(rng, batch=1, length=9, heads=2, key_dim=dim, value_dim=dim, dtype=dtype)
         if chunk == "grouped":
@@ -263,6 +267,32 @@ def test_dispatch_picks_the_kernels_of_the_platform(rng, monkeypatch, platform, 
     assert api._resolve_impl("auto", 2, 1, short, stateful=True) == (
         "pallas_chunked" if platform == "gpu" else "reference")
     assert api._resolve_impl("pallas", 1, 1, short) == "pallas_chunked"  # power 1: chunked at every length
+
+
+def test_hopper_gpus_take_the_mosaic_gpu_chunked_kernels_where_they_can(monkeypatch):
+    """On a GPU with wgmma: the Mosaic GPU chunked kernels for power 2, d 64, bf16, chunk 64 without segment ids,
+    the Triton ones otherwise; and the Hopper entry of the tuning table (flash-style up to 16k tokens)."""
+    from twomamba_jax.ops import api
+
+    monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(api, "_has_wgmma", lambda: True)
+
+    def backend(dim=64, dtype=jnp.bfloat16, power=2, chunk_size=64, documents=False):
+        q = jnp.zeros((1, 8, 2, dim), dtype)
+        kernel = api._kernel("chunked", q, q, q, power=power, requested="pallas", chunk_size=chunk_size,
+                             documents=documents)
+        return kernel.keywords["backend"]
+
+    assert backend() == "mosaic_gpu"
+    assert [backend(dim=32), backend(dtype=jnp.float32), backend(power=1), backend(chunk_size=32),
+            backend(documents=True)] == ["triton"] * 5
+    hopper_max = api.PARALLEL_MAX_LEN["hopper"][2]
+    assert (api._resolve_impl("pallas", 2, 1, hopper_max), api._resolve_impl("pallas", 2, 1, hopper_max + 1)) == (
+        "pallas_parallel", "pallas_chunked")
+    monkeypatch.setattr(api, "_has_wgmma", lambda: False)  # e.g. an A100: no wgmma
+    assert backend() == "triton"
+    assert api._resolve_impl("pallas", 2, 1, api.PARALLEL_MAX_LEN["gpu"][2] + 1) == "pallas_chunked"
+    assert api.PARALLEL_MAX_LEN["gpu"][2] < hopper_max
 
 
 @pytest.mark.parametrize("backend", ["triton", "tpu"])

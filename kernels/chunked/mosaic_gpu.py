@@ -369,12 +369,12 @@ def row_blocks_of(refs, head, first_row):
 
 
 def normalizer_walk(smem, wg, z0, decay_of, wait_tile, readout, write, *, factor, num_chunks, stages,
-                    interpret):
+                    interpret, after=None):
     """Compute warpgroup ``wg`` carrying the normalizer state ``Z <- e^(g_L) Z + k^T (k * ek)`` (d x d) from
     ``z0`` (a global tile) over the chunks (``decay_of(c)``: chunk c's e^(g_L)): per chunk,
     ``readout(slot, through)`` gets ``(q * factor) Z`` (C, d) for the state before the chunk (``factor`` a
-    per-token ring entry) while the chunk's tiles are held, and ``write(c, its result)`` runs once they are
-    released. Returns the last Z."""
+    per-token ring entry) while the chunk's tiles are held, ``write(c, its result)`` runs once they are
+    released, then ``after(c, Z after the chunk)`` if given. Returns the last Z."""
     z_tile, vals_tile, f32_tile, staging, _ = own_tiles(smem, wg)
     tile, _, column = loaders(smem)
     plgpu.copy_gmem_to_smem(z0, f32_tile, smem["f32_bar"].at[wg])
@@ -390,6 +390,8 @@ def normalizer_walk(smem, wg, z0, decay_of, wait_tile, readout, write, *, factor
         z = update(z, decay_of(c), tile("k", slot), vals_tile, interpret)
         plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
         write(c, result)
+        if after is not None:
+            after(c, z)
         return z
 
     return lax.fori_loop(jnp.int32(0), jnp.int32(num_chunks), chunk, plgpu.load(f32_tile, layout=WGMMA))

@@ -4,9 +4,10 @@ Forward: ``state_pass`` then ``chunk_outputs``. Backward: ``state_pass`` again (
 is one cheap pass, so the forward keeps none of its B H (N/C) F dv states as residuals; the backward
 holds them and their cotangents, twice that, while it runs), ``state_pass(reverse=True)`` (the state cotangents,
 chunks in reverse) and ``chunk_grads`` (dq, dk, dv and the log-decay cotangent, chunks in parallel); the
-log-decay cotangent is a reverse cumulative sum within each chunk, done in jnp. (On Hopper GPUs, backend
-"mosaic_gpu": the kernels of ``mosaic_gpu.py`` and ``mosaic_gpu_backward.py`` instead, whose states never leave
-the chip.)
+log-decay cotangent is a reverse cumulative sum within each chunk, done in jnp. (Backend "mosaic_gpu", which
+``ops.decayed_attention`` picks on Hopper GPUs for power 2 at head dim 64, bfloat16, chunk 64: the kernels of
+``mosaic_gpu.py`` and ``mosaic_gpu_backward.py`` instead, whose states stay on chip but for the backward's
+checkpoints every 16 chunks.)
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ def unsupported_reason(q, k, v, *, power, chunk_size) -> str | None:
     if chunk_size not in KERNEL_CHUNKS:
         return f"chunk_size={chunk_size} (expected one of {KERNEL_CHUNKS})"
     return unsupported_dtypes(q, k, v)
+
+
+def hopper_unsupported_reason(q, k, v, *, power, chunk_size) -> str | None:
+    """Why the Hopper (Mosaic GPU) chunked kernels cannot take these inputs, or None when they can."""
+    if reason := hopper_kernels.unsupported_reason(q, k, v, power=power):
+        return reason
+    if chunk_size != hopper_kernels.CHUNK:
+        return f"chunk_size={chunk_size} (the Hopper chunked kernels take {hopper_kernels.CHUNK})"
+    return None
 
 
 class _Config(NamedTuple):
@@ -238,11 +248,8 @@ def chunked_attention_pallas(q, k, v, log_decay, *, power, normalize, scale, chu
     """
     if backend not in (*BACKENDS, HOPPER):
         raise ValueError(f"backend: expected one of {(*BACKENDS, HOPPER)}; got {backend!r}")
-    if backend == HOPPER:
-        if reason := hopper_kernels.unsupported_reason(q, k, v, power=power):
-            raise ValueError(f"backend={HOPPER!r}: {reason}")
-        if chunk_size != hopper_kernels.CHUNK:
-            raise ValueError(f"chunk_size: the {HOPPER!r} kernels take {hopper_kernels.CHUNK}; got {chunk_size}")
+    if backend == HOPPER and (reason := hopper_unsupported_reason(q, k, v, power=power, chunk_size=chunk_size)):
+        raise ValueError(f"backend={HOPPER!r}: {reason}")
     batch, _, heads, dk = q.shape
     dv = v.shape[-1]
     if log_decay is None:

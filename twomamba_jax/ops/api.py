@@ -30,14 +30,15 @@ DEFAULT_CHUNK_SIZE = 64
 # beyond this the chunked form is used.
 DENSE_MAX_LEN = 2048
 DENSE_MAX_ELEMENTS = 2**27  # B * H * N^2 above this (512 MiB per float32 tile) takes the chunked form at any N
-# Tuning table, per backend and power: up to this many tokens "pallas" takes the flash-style kernel, beyond it the
-# chunked one. Measured on the H200 (benchmarks/RESULTS.md, B=4, H=16, d=64, bf16, fwd + bwd): power 2 is faster
-# flash-style at 2k / 4k / 8k tokens (1.5 / 4.6 / 16.4 ms against 6.9 / 13.0 / 25.4) and chunked at 32k (25.9 ms
-# against ~4 x 16.4); power 1 is faster chunked at every length (0.67 against 1.34 ms at 2k). The Hopper (Mosaic
-# GPU) flash-style kernels only move power 2's crossover further out (0.60 / 6.0 ms at 2k / 8k, which scaled as
-# B N^2 meets the chunked kernel's 25.9 ms near B=1 N=32k); not re-measured at 16k-32k yet, so the entry stays.
-# CPU runs the GPU kernels, so shares the entry.
-PARALLEL_MAX_LEN = {"gpu": {1: 0, 2: 8192}, "cpu": {1: 0, 2: 8192}}
+# Tuning table, per backend (GPUs with and without wgmma apart) and power: up to this many tokens "pallas" takes
+# the flash-style kernel, beyond it the chunked one. Measured on the H200 (benchmarks/RESULTS.md, H=16, d=64,
+# bf16, fwd + bwd). With the Triton-lowered kernels ("gpu"): power 2 is faster flash-style at 2k / 4k / 8k tokens
+# (1.5 / 4.6 / 16.4 ms against 6.9 / 13.0 / 25.4) and chunked at 32k (25.9 ms against ~4 x 16.4); power 1 is
+# faster chunked at every length (0.67 against 1.34 ms at 2k). On Hopper (Mosaic GPU kernels): power 2 flash-style
+# 4.9 ms at 4 x 8192 against the chunked kernels' 10.4; chunked 13.2 ms at 1 x 32768 against ~19.5 for flash-style
+# (its 8k time scaled as B N^2; cuDNN 18.1); the two meet near 22k tokens a row. CPU runs the GPU kernels, so
+# shares the "gpu" entry.
+PARALLEL_MAX_LEN = {"gpu": {1: 0, 2: 8192}, "hopper": {1: 0, 2: 16384}, "cpu": {1: 0, 2: 8192}}
 
 
 def _dense_is_small(batch_heads: int, length: int) -> bool:
@@ -65,7 +66,7 @@ def _resolve_impl(impl: str, power, batch_heads: int, length: int, stateful: boo
     if impl == "pallas":
         if power == "exp":
             impl = "pallas_parallel"
-        elif stateful or length > PARALLEL_MAX_LEN.get(backend, {}).get(power, 0):
+        elif stateful or length > PARALLEL_MAX_LEN.get(_tuning_key(backend), {}).get(power, 0):
             return "pallas_chunked"
         else:
             impl = "pallas_parallel"
@@ -77,15 +78,22 @@ def _resolve_impl(impl: str, power, batch_heads: int, length: int, stateful: boo
     return impl
 
 
+def _tuning_key(backend: str) -> str:
+    """The tuning table's entry for ``backend``: GPUs with wgmma (Hopper) have their own."""
+    return "hopper" if backend == "gpu" and _has_wgmma() else backend
+
+
 @functools.cache
 def _log_fallback(reason: str, fallback: str = "chunked", requested: str = "pallas", family: str = "Pallas") -> None:
     _logger.warning("decayed_attention: impl=%r cannot use the %s kernels for %s; using impl=%r", requested,
                     family, reason, fallback)
 
 
-def _kernel(family: str, q, k, v, *, power, requested, **limits):
+def _kernel(family: str, q, k, v, *, power, requested, documents=False, **limits):
     """The Pallas kernels of ``family`` ("chunked" or "parallel") where they take these inputs on this backend
-    (interpret mode on CPU), else None, said once; ``limits`` go to the family's ``unsupported_reason``."""
+    (interpret mode on CPU), else None, said once; ``limits`` go to the family's ``unsupported_reason``. On a
+    Hopper GPU the Mosaic GPU kernels where they take the inputs (the chunked ones without ``documents``, rows
+    packed with segment ids, which they are not tested on)."""
     # Imported here: the kernels build on the ops, so the ops reach them only at call time.
     if family == "chunked":
         from twomamba_jax.kernels.chunked import chunked_attention_pallas as attention, unsupported_reason
@@ -105,6 +113,11 @@ def _kernel(family: str, q, k, v, *, power, requested, **limits):
         from twomamba_jax.kernels.parallel import mosaic_gpu_unsupported_reason
 
         if mosaic_gpu_unsupported_reason(q, k, v) is None:  # else the Triton kernels, which take any head dim
+            kernel_backend = "mosaic_gpu"
+    if family == "chunked" and backend == "gpu" and _has_wgmma() and not documents:
+        from twomamba_jax.kernels.chunked import hopper_unsupported_reason
+
+        if hopper_unsupported_reason(q, k, v, power=power, **limits) is None:  # else the Triton kernels
             kernel_backend = "mosaic_gpu"
     return functools.partial(attention, backend=kernel_backend, interpret=backend == "cpu")
 
@@ -162,10 +175,12 @@ def decayed_attention(
       chunk_size: tokens per chunk for "chunked" and "associative"; N need not be a multiple of it.
       impl: "reference" (dense O(N^2)), "chunked" (lax.scan over chunks), "associative" (associative_scan
         over chunk summaries), "pallas_chunked" (the chunked Pallas kernels of ``twomamba_jax.kernels.chunked``:
-        Triton on GPU, Mosaic on TPU), "pallas_parallel" (the flash-style kernels of
-        ``twomamba_jax.kernels.parallel``, quadratic and tiled: Triton on GPU, Mosaic on TPU; no state in or
-        out), "pallas" (the flash-style kernel for exp, and for powers 1, 2 up to ``PARALLEL_MAX_LEN`` tokens,
-        the tuning table; the chunked kernel beyond or with a state), or "auto" ("pallas" on GPU; on TPU, with
+        Triton on GPU, Mosaic on TPU, and on Hopper GPUs Mosaic GPU ones for power 2 at head dim 64, bfloat16,
+        chunk 64, without segment ids), "pallas_parallel" (the flash-style kernels of
+        ``twomamba_jax.kernels.parallel``, quadratic and tiled: Triton on GPU, Mosaic on TPU, Mosaic GPU on
+        Hopper; no state in or out), "pallas" (the flash-style kernel for exp, and for powers 1, 2 up to
+        ``PARALLEL_MAX_LEN`` tokens, the tuning table, per backend and for Hopper GPUs apart; the chunked kernel
+        beyond or with a state), or "auto" ("pallas" on GPU; on TPU, with
         no crossover measured yet, the flash-style kernel for exp and, for powers, the dense form up to
         ``DENSE_MAX_LEN`` tokens while B * H * N^2 <= ``DENSE_MAX_ELEMENTS`` and the chunked kernels beyond;
         elsewhere the same with dense exp and "chunked"). On CPU the Pallas kernels run in interpret mode (the
@@ -236,7 +251,8 @@ def decayed_attention(
     k, v = _ungroup(k, v, heads)  # only the flash-style kernels read grouped keys in place
     kernel = None
     if impl == "pallas_chunked":
-        kernel = _kernel("chunked", q, k, v, power=power, chunk_size=chunk_size, requested=requested)
+        kernel = _kernel("chunked", q, k, v, power=power, chunk_size=chunk_size, requested=requested,
+                         documents=segment_ids is not None)
     if impl == "reference":
         out = reference_attention(q, k, v, log_decay, max_len=max_len, **common)
     elif kernel is not None:
