@@ -270,22 +270,20 @@ def test_dispatch_picks_the_kernels_of_the_platform(rng, monkeypatch, platform, 
 
 
 def test_hopper_gpus_take_the_mosaic_gpu_chunked_kernels_where_they_can(monkeypatch):
-    """On a GPU with wgmma: the Mosaic GPU chunked kernels for power 2, d 64, bf16, chunk 64 without segment ids,
-    the Triton ones otherwise; and the Hopper entry of the tuning table (flash-style up to 16k tokens)."""
+    """On a GPU with wgmma: the Mosaic GPU chunked kernels for power 2, d 64, bf16, chunk 64, the Triton ones
+    otherwise; and the Hopper entry of the tuning table (flash-style up to 16k tokens)."""
     from twomamba_jax.ops import api
 
     monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(api, "_has_wgmma", lambda: True)
 
-    def backend(dim=64, dtype=jnp.bfloat16, power=2, chunk_size=64, documents=False):
+    def backend(dim=64, dtype=jnp.bfloat16, power=2, chunk_size=64):
         q = jnp.zeros((1, 8, 2, dim), dtype)
-        kernel = api._kernel("chunked", q, q, q, power=power, requested="pallas", chunk_size=chunk_size,
-                             documents=documents)
-        return kernel.keywords["backend"]
+        return api._kernel("chunked", q, q, q, power=power, requested="pallas", chunk_size=chunk_size).keywords[
+            "backend"]
 
     assert backend() == "mosaic_gpu"
-    assert [backend(dim=32), backend(dtype=jnp.float32), backend(power=1), backend(chunk_size=32),
-            backend(documents=True)] == ["triton"] * 5
+    assert [backend(dim=32), backend(dtype=jnp.float32), backend(power=1), backend(chunk_size=32)] == ["triton"] * 4
     hopper_max = api.PARALLEL_MAX_LEN["hopper"][2]
     assert (api._resolve_impl("pallas", 2, 1, hopper_max), api._resolve_impl("pallas", 2, 1, hopper_max + 1)) == (
         "pallas_parallel", "pallas_chunked")

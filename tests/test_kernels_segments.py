@@ -1,8 +1,8 @@
 """Document masking in the Pallas kernels (interpret mode on CPU): 16-bit operands with ``segment_ids`` take a
 log-decay of ``KERNEL_DOCUMENT_START`` at each document start, and each document's outputs and gradients (q, k, v,
 log-decay) match the float64 oracle on that document alone (bfloat16 tolerance, 1e-2), for the flash-style kernels
-(Triton, TPU, Hopper) and the chunked ones (Triton, TPU); what an earlier document holds changes nothing after a
-start, bit for bit (the weights across it are exact zeros)."""
+(Triton, TPU, Hopper) and the chunked ones (Triton, TPU, Hopper); what an earlier document holds changes nothing
+after a start, bit for bit (the weights across it are exact zeros)."""
 
 import functools
 
@@ -14,6 +14,7 @@ from helpers import each_document_alone, rel_error, segment_ids
 
 from twomamba_jax import ops
 from twomamba_jax.kernels.chunked import chunked_attention_pallas
+from twomamba_jax.kernels.chunked import mosaic_gpu_backward as hopper_backward
 from twomamba_jax.kernels.parallel import parallel_attention_pallas
 from twomamba_jax.ops.numerics import KERNEL_DOCUMENT_START, with_document_starts
 
@@ -47,7 +48,8 @@ def _kernel(family, backend, power, normalize):
     if family == "parallel":
         attention = functools.partial(parallel_attention_pallas, **options)
     else:
-        attention = functools.partial(chunked_attention_pallas, chunk_size=16, **options)
+        attention = functools.partial(chunked_attention_pallas, chunk_size=64 if backend == "mosaic_gpu" else 16,
+                                      **options)
     return lambda q, k, v, a, ids: attention(q, k, v, with_document_starts(a, ids, KERNEL_DOCUMENT_START))
 
 
@@ -94,10 +96,14 @@ def test_tpu_kernels_mask_documents(rng):
     _check(rng, _kernel("parallel", "tpu", 2, "softmax"), 150, 16, 2, "softmax")
 
 
-@pytest.mark.parametrize("power,normalize", [(2, "softmax"), ("exp", "softmax")])
-def test_hopper_kernels_mask_documents(rng, power, normalize):
-    """d = 64: the powers' one backward kernel and exp's two passes."""
-    _check(rng, _kernel("parallel", "mosaic_gpu", power, normalize), 300, 64, power, normalize)
+@pytest.mark.parametrize("family,power,normalize", [("parallel", 2, "softmax"), ("parallel", "exp", "softmax"),
+                                                    ("chunked", 2, None)])
+def test_hopper_kernels_mask_documents(rng, monkeypatch, family, power, normalize):
+    """d = 64: the flash-style powers' one backward kernel and exp's two passes, and the chunked kernels (64-token
+    chunks: starts inside a chunk and on a chunk's first token; the log-decay's cotangent in segments of 2
+    chunks)."""
+    monkeypatch.setattr(hopper_backward, "CHECKPOINT", 2)
+    _check(rng, _kernel(family, "mosaic_gpu", power, normalize), 300, 64, power, normalize)
 
 
 def test_decayed_attention_runs_the_kernels_for_16_bit_operands_and_falls_back_for_float32(rng, caplog):

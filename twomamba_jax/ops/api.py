@@ -89,11 +89,10 @@ def _log_fallback(reason: str, fallback: str = "chunked", requested: str = "pall
                     family, reason, fallback)
 
 
-def _kernel(family: str, q, k, v, *, power, requested, documents=False, **limits):
+def _kernel(family: str, q, k, v, *, power, requested, **limits):
     """The Pallas kernels of ``family`` ("chunked" or "parallel") where they take these inputs on this backend
     (interpret mode on CPU), else None, said once; ``limits`` go to the family's ``unsupported_reason``. On a
-    Hopper GPU the Mosaic GPU kernels where they take the inputs (the chunked ones without ``documents``, rows
-    packed with segment ids, which they are not tested on)."""
+    Hopper GPU the Mosaic GPU kernels where they take the inputs."""
     # Imported here: the kernels build on the ops, so the ops reach them only at call time.
     if family == "chunked":
         from twomamba_jax.kernels.chunked import chunked_attention_pallas as attention, unsupported_reason
@@ -114,7 +113,7 @@ def _kernel(family: str, q, k, v, *, power, requested, documents=False, **limits
 
         if mosaic_gpu_unsupported_reason(q, k, v) is None:  # else the Triton kernels, which take any head dim
             kernel_backend = "mosaic_gpu"
-    if family == "chunked" and backend == "gpu" and _has_wgmma() and not documents:
+    if family == "chunked" and backend == "gpu" and _has_wgmma():
         from twomamba_jax.kernels.chunked import hopper_unsupported_reason
 
         if hopper_unsupported_reason(q, k, v, power=power, **limits) is None:  # else the Triton kernels
@@ -176,7 +175,7 @@ def decayed_attention(
       impl: "reference" (dense O(N^2)), "chunked" (lax.scan over chunks), "associative" (associative_scan
         over chunk summaries), "pallas_chunked" (the chunked Pallas kernels of ``twomamba_jax.kernels.chunked``:
         Triton on GPU, Mosaic on TPU, and on Hopper GPUs Mosaic GPU ones for power 2 at head dim 64, bfloat16,
-        chunk 64, without segment ids), "pallas_parallel" (the flash-style kernels of
+        chunk 64), "pallas_parallel" (the flash-style kernels of
         ``twomamba_jax.kernels.parallel``, quadratic and tiled: Triton on GPU, Mosaic on TPU, Mosaic GPU on
         Hopper; no state in or out), "pallas" (the flash-style kernel for exp, and for powers 1, 2 up to
         ``PARALLEL_MAX_LEN`` tokens, the tuning table, per backend and for Hopper GPUs apart; the chunked kernel
@@ -251,8 +250,7 @@ def decayed_attention(
     k, v = _ungroup(k, v, heads)  # only the flash-style kernels read grouped keys in place
     kernel = None
     if impl == "pallas_chunked":
-        kernel = _kernel("chunked", q, k, v, power=power, chunk_size=chunk_size, requested=requested,
-                         documents=segment_ids is not None)
+        kernel = _kernel("chunked", q, k, v, power=power, chunk_size=chunk_size, requested=requested)
     if impl == "reference":
         out = reference_attention(q, k, v, log_decay, max_len=max_len, **common)
     elif kernel is not None:
