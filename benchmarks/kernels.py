@@ -134,7 +134,7 @@ def main():
             for impl in args.impls:
                 if impl == "reference" and 4 * batch * heads * length**2 * 4 > DENSE_MAX_BYTES:
                     continue
-                if core["power"] == "exp" and impl in ("pallas_chunked", "chunked"):
+                if core["power"] == "exp" and impl in ("pallas_chunked", "pallas_chunked_triton", "chunked"):
                     continue  # no finite state
                 if impl == "pallas_parallel_triton":
                     if ids is not None:

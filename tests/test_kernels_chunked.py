@@ -253,6 +253,7 @@ def test_dispatch_picks_the_kernels_of_the_platform(rng, monkeypatch, platform, 
     from twomamba_jax.ops import api
 
     monkeypatch.setattr(api.jax, "default_backend", lambda: platform)
+    monkeypatch.setattr(api, "_has_wgmma", lambda: False)  # a GPU without wgmma (Hopper: the next test)
     q, k, v, _ = random_qkv(rng, batch=1, length=9, heads=1, key_dim=16, value_dim=16, dtype=jnp.bfloat16)
     for family in ("chunked", "parallel"):
         kernel = api._kernel(family, q, k, v, power=2, requested="pallas",
@@ -287,6 +288,9 @@ def test_hopper_gpus_take_the_mosaic_gpu_chunked_kernels_where_they_can(monkeypa
     hopper_max = api.PARALLEL_MAX_LEN["hopper"][2]
     assert (api._resolve_impl("pallas", 2, 1, hopper_max), api._resolve_impl("pallas", 2, 1, hopper_max + 1)) == (
         "pallas_parallel", "pallas_chunked")
+    # Inputs the Mosaic GPU kernels do not take (d 32) run the Triton kernels, with the Triton entry.
+    assert api._resolve_impl("pallas", 2, 1, hopper_max, mosaic_gpu=False) == "pallas_chunked"
+    assert not api._mosaic_gpu_takes(jnp.zeros((1, 8, 2, 32), jnp.bfloat16), jnp.zeros((1, 8, 2, 32), jnp.bfloat16))
     monkeypatch.setattr(api, "_has_wgmma", lambda: False)  # e.g. an A100: no wgmma
     assert backend() == "triton"
     assert api._resolve_impl("pallas", 2, 1, api.PARALLEL_MAX_LEN["gpu"][2] + 1) == "pallas_chunked"

@@ -85,9 +85,10 @@ def backward(q, k, v, log_decay, d_out, d_den, numerator0, normalizer0, d_numera
     kept_states = jax.ShapeDtypeStruct((bh, max(kept, 1), dim, dim, dim), F32)  # never written if kept = 0
     kept_normalizers = jax.ShapeDtypeStruct((bh, max(kept, 1), dim, dim), F32)
 
-    dq_rows, kept_s = launch(functools.partial(_dq_kernel, **common), "twomamba_chunked_dq", (rows_first, kept_states),
-                     {**ring_scratch(stages, dtype, ("q", "k", "v", "dy"), {"rk": (ROWS_PER_PROGRAM + 1, CHUNK)}),
-                      **own_scratch(dtype, interpret), **_column_scratch()}, row_grid(bh), interpret)(
+    dq_rows, kept_s = launch(
+        functools.partial(_dq_kernel, **common), "twomamba_chunked_dq", (rows_first, kept_states),
+        {**ring_scratch(stages, dtype, ("q", "k", "v", "dy"), {"rk": (ROWS_PER_PROGRAM + 1, CHUNK)}),
+         **own_scratch(dtype, interpret), **_column_scratch()}, row_grid(bh), interpret)(
         *qkv_dy, with_row(ops.key_factors, ops.row_decay), ops.chunk_decay, numerator0)
     dk_rows, d_numerator0, kept_ds = launch(
         functools.partial(_dkv_kernel, **common), "twomamba_chunked_dkv",

@@ -158,7 +158,8 @@ def _normalized_cotangents(d_y, y, stat, dtype):
     delta' = dy' . y, y (float32) as the forward computed it before rounding (``_forward``'s ``precise``).
 
     Both from the same rounded dy', and y and den from the same rounded weights (the forward sums the normalizer
-    from the weights its matmul reads), so that the two terms cancel where they should: a row with one weight
+    from the weights its matmul reads; the Hopper forward only on the diagonal tile, which holds all the weights
+    of the rows this is for), so that the two terms cancel where they should: a row with one weight
     (a document's first token) has y = v, dW = 0 and no gradient into q and k, where the kernel's rounding
     otherwise came back multiplied by 2 / s (dS = 2 s dW, den = s^2): dq errors of the order of the whole
     gradient for a small s. y = numerator / max(den, eps): no gradient through a clipped normalizer."""

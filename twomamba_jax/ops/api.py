@@ -36,8 +36,8 @@ DENSE_MAX_ELEMENTS = 2**27  # B * H * N^2 above this (512 MiB per float32 tile) 
 # (1.5 / 4.6 / 16.4 ms against 6.9 / 13.0 / 25.4) and chunked at 32k (25.9 ms against ~4 x 16.4); power 1 is
 # faster chunked at every length (0.67 against 1.34 ms at 2k). On Hopper (Mosaic GPU kernels): power 2 flash-style
 # 4.9 ms at 4 x 8192 against the chunked kernels' 10.4; chunked 13.2 ms at 1 x 32768 against ~19.5 for flash-style
-# (its 8k time scaled as B N^2; cuDNN 18.1); the two meet near 22k tokens a row. CPU runs the GPU kernels, so
-# shares the "gpu" entry.
+# (its 8k time scaled as B N^2; cuDNN 18.1); the two meet near 22k tokens a row (16k is the last power of two
+# below). Inputs the Mosaic GPU kernels do not take keep the "gpu" entry; so does CPU, which runs the GPU kernels.
 PARALLEL_MAX_LEN = {"gpu": {1: 0, 2: 8192}, "hopper": {1: 0, 2: 16384}, "cpu": {1: 0, 2: 8192}}
 
 
@@ -45,9 +45,11 @@ def _dense_is_small(batch_heads: int, length: int) -> bool:
     return length <= DENSE_MAX_LEN and batch_heads * length * length <= DENSE_MAX_ELEMENTS
 
 
-def _resolve_impl(impl: str, power, batch_heads: int, length: int, stateful: bool = False) -> str:
+def _resolve_impl(impl: str, power, batch_heads: int, length: int, stateful: bool = False,
+                  mosaic_gpu: bool = True) -> str:
     """The implementation a request runs: "reference", "chunked", "associative", "pallas_chunked" or
-    "pallas_parallel" (kernel availability for the shapes is checked after, at the call)."""
+    "pallas_parallel" (kernel availability for the shapes is checked after, at the call). ``mosaic_gpu``: whether
+    the Mosaic GPU flash-style kernels take the inputs (on a Hopper GPU they have their own tuning entry)."""
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}; got {impl!r}")
     if power == "exp" and impl in ("chunked", "associative", "pallas_chunked"):
@@ -66,7 +68,7 @@ def _resolve_impl(impl: str, power, batch_heads: int, length: int, stateful: boo
     if impl == "pallas":
         if power == "exp":
             impl = "pallas_parallel"
-        elif stateful or length > PARALLEL_MAX_LEN.get(_tuning_key(backend), {}).get(power, 0):
+        elif stateful or length > PARALLEL_MAX_LEN.get(_tuning_key(backend, mosaic_gpu), {}).get(power, 0):
             return "pallas_chunked"
         else:
             impl = "pallas_parallel"
@@ -78,9 +80,17 @@ def _resolve_impl(impl: str, power, batch_heads: int, length: int, stateful: boo
     return impl
 
 
-def _tuning_key(backend: str) -> str:
-    """The tuning table's entry for ``backend``: GPUs with wgmma (Hopper) have their own."""
-    return "hopper" if backend == "gpu" and _has_wgmma() else backend
+def _tuning_key(backend: str, mosaic_gpu: bool) -> str:
+    """The tuning table's entry for ``backend``: GPUs with wgmma (Hopper) have their own, for the inputs its Mosaic
+    GPU kernels take (``mosaic_gpu``; others run the Triton kernels, as elsewhere)."""
+    return "hopper" if backend == "gpu" and mosaic_gpu and _has_wgmma() else backend
+
+
+def _mosaic_gpu_takes(q, v) -> bool:
+    """Whether the Mosaic GPU flash-style kernels take these inputs (head dims, dtype)."""
+    from twomamba_jax.kernels.parallel import mosaic_gpu_unsupported_reason
+
+    return mosaic_gpu_unsupported_reason(q, v, v) is None
 
 
 @functools.cache
@@ -213,7 +223,8 @@ def decayed_attention(
     batch, length, heads, dk = q.shape
     dv = v.shape[-1]
     requested, impl = impl, _resolve_impl(impl, power, batch * heads, length,
-                                          stateful=initial_state is not None or return_state)
+                                          stateful=initial_state is not None or return_state,
+                                          mosaic_gpu=_mosaic_gpu_takes(q, v))
     if max_len is not None:
         check_positive_int("max_len", max_len)
         if power != "exp" or initial_state is not None or max_len < length:
