@@ -362,6 +362,12 @@ def row_program(smem, num_heads, tiles, per_token, initial, num_chunks, stages, 
     return RowProgram(head, batch, query_head, wg, first_row, own_rows, wait_tile, chunk_of_step)
 
 
+def rows_to_global(p, values, tile, dst):
+    """This warpgroup's state rows ``values`` (in ``p.own_rows`` order) -> their rows of ``dst`` (d, d, dv) in
+    global memory, through the float32 ``tile``."""
+    to_global([(value, tile, dst.at[p.first_row + row]) for row, value in zip(p.own_rows, values)])
+
+
 def row_blocks_of(refs, head, first_row):
     """``per_token`` sources of the program's 8 rows of (B H, d, Np) per-row factors."""
     return {name: (lambda t, ref=ref: ref.at[head, pl.ds(first_row, ROWS_PER_PROGRAM), t])
@@ -427,7 +433,7 @@ def _numerator_kernel(q_ref, k_ref, v_ref, rq_ref, rk_ref, cd_ref, s0_ref, y_ref
             return tuple(updated)
 
         states = lax.fori_loop(jnp.int32(0), jnp.int32(num_chunks), chunk, tuple(receive_rows(smem, wg)))
-        to_global([(state, f32_tile, s_ref.at[head, p.first_row + row]) for row, state in zip(p.own_rows, states)])
+        rows_to_global(p, states, f32_tile, s_ref.at[head])
 
 
 def _normalizer_kernel(q_ref, k_ref, v_ref, er_ref, ek_ref, g_rows_ref, g_cols_ref, cd_ref, z0_ref, y_ref, den_ref,

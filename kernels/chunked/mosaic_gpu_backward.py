@@ -40,8 +40,9 @@ from twomamba_jax.kernels.chunked.mosaic_gpu import (CHUNK, F32, HEAD_DIM, ROWS_
                                                      WGMMA, chunk_ring, head_grid, intra_tile, launch, loaders,
                                                      normalizer_walk, operands, own_scratch, own_tiles, pad_tokens,
                                                      program_head, receive_rows, ring_scratch, row_blocks,
-                                                     row_blocks_of, row_grid, row_program, row_sum_with, scaled_rows,
-                                                     store, token_tiles, update, vectors, zeros)
+                                                     row_blocks_of, row_grid, row_program, row_sum_with,
+                                                     rows_to_global, scaled_rows, store, token_tiles, update,
+                                                     vectors, zeros)
 from twomamba_jax.kernels.parallel.mosaic_gpu import interpret_params, matmul, matmul_into, stream
 from twomamba_jax.kernels.parallel.mosaic_gpu_backward import add_to_global, to_global
 
@@ -194,9 +195,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, dy_ref, rk_ref, cd_ref, s0_ref, dq_ref, kept
                 updated.append(update(state, decay, tile("k", slot), vals_tile, interpret))
             plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
             _write_columns(smem, wg, columns, _own_columns(dq_ref, p, c))
-            _at_checkpoint(c, num_chunks, lambda m: to_global(  # the states after chunk c
-                [(state, f32_tile, kept_ref.at[head, m, p.first_row + row])
-                 for row, state in zip(p.own_rows, updated)]))
+            # The states after chunk c.
+            _at_checkpoint(c, num_chunks, lambda m: rows_to_global(p, updated, f32_tile, kept_ref.at[head, m]))
             return tuple(updated)
 
         lax.fori_loop(jnp.int32(0), jnp.int32(num_chunks), chunk, tuple(receive_rows(smem, wg)))
@@ -219,8 +219,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, dy_ref, rq_ref, rk_ref, cd_ref, ds_ref, dv_
 
         def step(s, grads):  # grads: the cotangents of the states after chunk c
             c = p.chunk_of_step(s)
-            _at_checkpoint(c, num_chunks, lambda m: to_global(  # the cotangents of the states after chunk c
-                [(grad, f32_tile, kept_ref.at[head, m, p.first_row + row]) for row, grad in zip(p.own_rows, grads)]))
+            # The cotangents of the states after chunk c.
+            _at_checkpoint(c, num_chunks, lambda m: rows_to_global(p, grads, f32_tile, kept_ref.at[head, m]))
             slot = lax.rem(s, jnp.int32(stages))
             p.wait_tile(slot)
             decay, twice_ek = cd_ref[head, c], 2.0 * factor("rk", slot, ROWS_PER_PROGRAM)
@@ -240,7 +240,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, dy_ref, rq_ref, rk_ref, cd_ref, ds_ref, dv_
             return tuple(carried)
 
         grads = lax.fori_loop(jnp.int32(0), jnp.int32(num_chunks), step, tuple(receive_rows(smem, wg)))
-        to_global([(grad, f32_tile, ds0_ref.at[head, p.first_row + row]) for row, grad in zip(p.own_rows, grads)])
+        rows_to_global(p, grads, f32_tile, ds0_ref.at[head])
 
 
 def _normalizer_dq_kernel(q_ref, k_ref, v_ref, dy_ref, c_ref, ek_ref, g_rows_ref, g_cols_ref, dden_ref, cd_ref,

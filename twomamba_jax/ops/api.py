@@ -118,11 +118,8 @@ def _kernel(family: str, q, k, v, *, power, requested, **limits):
         _log_fallback(reason, fallback, requested, "Pallas" if family == "chunked" else "flash-style")
         return None
     kernel_backend = _KERNEL_BACKENDS.get(backend, "triton")
-    if family == "parallel" and backend == "gpu" and _has_wgmma():
-        from twomamba_jax.kernels.parallel import mosaic_gpu_unsupported_reason
-
-        if mosaic_gpu_unsupported_reason(q, k, v) is None:  # else the Triton kernels, which take any head dim
-            kernel_backend = "mosaic_gpu"
+    if family == "parallel" and backend == "gpu" and _has_wgmma() and _mosaic_gpu_takes(q, v):
+        kernel_backend = "mosaic_gpu"  # else the Triton kernels, which take any head dim
     if family == "chunked" and backend == "gpu" and _has_wgmma():
         from twomamba_jax.kernels.chunked import hopper_unsupported_reason
 
