@@ -48,15 +48,18 @@ CASES = [("triton", dim, dtype, *variant) for dim in (32, 64, 128) for dtype in 
          for variant in VARIANTS]
 CASES += [("tpu", dim, dtype, *variant) for dim in (32, 64, 128) for dtype in (jnp.float32, jnp.bfloat16)
           for variant in VARIANTS if dim == 64 or variant in (VARIANTS[0], VARIANTS[2])]
-CASES += [("mosaic_gpu", 64, jnp.bfloat16, *variant) for variant in VARIANTS[:2]]
+CASES += [("mosaic_gpu", 64, jnp.bfloat16, *variant) for variant in (*VARIANTS[:2], (1, None, True), (1, None, False))]
 
 
 @pytest.mark.parametrize("backend,dim,dtype,power,normalize,decay", CASES)
 def test_values_states_and_gradients_match_the_oracle(rng, monkeypatch, backend, dim, dtype, power, normalize,
                                                      decay):
     length, value_dim = (130, dim) if backend == "mosaic_gpu" else (37, dim // 2)
-    if backend == "mosaic_gpu" and decay:  # the log-decay's cotangent in segments of 2 chunks (the last one short)
-        monkeypatch.setattr(hopper_backward, "CHECKPOINT", 2)
+    if backend == "mosaic_gpu" and decay:  # the log-decay's cotangent in segments of 2 chunks (the last one short):
+        # segments of 1 would keep 2 checkpoints, more than the budget lets, so they double
+        monkeypatch.setattr(hopper_backward, "CHECKPOINT", 1)
+        monkeypatch.setattr(hopper_backward, "CHECKPOINT_BYTES", 3 * hopper_backward.CHECKPOINT_BYTES_PER_HEAD)
+        assert hopper_backward.checkpoint_interval(2, 3) == 2
     q, k, v, a = random_qkv(rng, batch=1, length=length, heads=2, key_dim=dim, value_dim=value_dim, dtype=dtype,
                             decay=decay, non_negative=(power == 1 and normalize == "softmax"))
     a = None if a is None else a.astype(jnp.float32)
@@ -158,19 +161,20 @@ def test_unknown_backend_is_refused(rng):
     q, k, v, a = random_qkv(rng, batch=1, length=9, heads=1, key_dim=16, value_dim=16, dtype=jnp.float32)
     with pytest.raises(ValueError, match="backend: expected one of \\('triton', 'tpu', 'mosaic_gpu'\\); got 'cuda'"):
         chunked_attention_pallas(q, k, v, a, power=2, normalize=None, scale=0.25, chunk_size=16, backend="cuda")
-    for (dim, dtype, power, chunk), message in [
+    for (dim, dtype, power, chunk, *normalize), message in [
             ((16, jnp.bfloat16, 2, 64), "backend='mosaic_gpu': head dims dk=16, dv=16 \\(the Hopper chunked kernels "
                                         "take 64\\)"),
             ((64, jnp.float32, 2, 64), "backend='mosaic_gpu': dtypes q=float32"),
-            ((64, jnp.bfloat16, 1, 64), "backend='mosaic_gpu': power=1 \\(the Hopper chunked kernels take power 2\\)"),
+            ((64, jnp.bfloat16, 1, 64, "softmax"), "backend='mosaic_gpu': normalize='softmax' at power 1 \\(the Hopper "
+                                                   "chunked kernels take power 1 unnormalized\\)"),
             ((64, jnp.bfloat16, 2, 32), "backend='mosaic_gpu': chunk_size=32 \\(the Hopper chunked kernels take 64\\)"),
             ((64, jnp.bfloat16, 2, "grouped"), "backend='mosaic_gpu': 1 key heads for 2 query heads")]:
         q, k, v, a = random_qkv(rng, batch=1, length=9, heads=2, key_dim=dim, value_dim=dim, dtype=dtype)
         if chunk == "grouped":
             k, v, chunk = k[:, :, :1], v[:, :, :1], 64
         with pytest.raises(ValueError, match=message):
-            chunked_attention_pallas(q, k, v, a, power=power, normalize=None, scale=0.25, chunk_size=chunk,
-                                     backend="mosaic_gpu")
+            chunked_attention_pallas(q, k, v, a, power=power, normalize=normalize[0] if normalize else None,
+                                     scale=0.25, chunk_size=chunk, backend="mosaic_gpu")
 
 
 def test_hopper_state_layout_maps_and_their_transposes(rng):
@@ -185,6 +189,20 @@ def test_hopper_state_layout_maps_and_their_transposes(rng):
     assert tree_rel_error(hopper.to_full_transpose(*d_full), full_vjp(d_full)) < 1e-6
     _, symmetric_vjp = jax.vjp(hopper.to_symmetric, *d_full)
     assert tree_rel_error(hopper.to_symmetric_transpose(*symmetric), symmetric_vjp(symmetric)) < 1e-6
+
+
+def test_hopper_checkpoint_memory_is_bounded():
+    """The backward's kept states fit in CHECKPOINT_BYTES by segments as short as that allows (powers of two times
+    CHECKPOINT): 16 chunks at 1 x 131072 tokens and 16 heads (as measured), longer for more rows."""
+    budget, per_head = hopper_backward.CHECKPOINT_BYTES, hopper_backward.CHECKPOINT_BYTES_PER_HEAD
+    for batch_heads, num_chunks in [(1, 1), (16, 512), (16, 2048), (64, 2048), (128, 2048), (16, 65536)]:
+        interval = hopper_backward.checkpoint_interval(batch_heads, num_chunks)
+        kept = lambda interval: hopper_backward.checkpoints(num_chunks, interval) * batch_heads * per_head
+        assert interval % hopper_backward.CHECKPOINT == 0 and math.log2(interval).is_integer()
+        assert kept(interval) <= budget
+        assert interval == hopper_backward.CHECKPOINT or kept(interval // 2) > budget
+    assert hopper_backward.checkpoint_interval(16, 2048) == 16
+    assert hopper_backward.checkpoint_interval(128, 2048) == 64
 
 
 def test_hopper_forward_stops_at_document_starts(rng):
@@ -214,17 +232,22 @@ def test_hopper_kernels_lower_for_an_h200_on_cpu():
     device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
     tokens = jax.ShapeDtypeStruct((1, 200, 2, 64), jnp.bfloat16)
 
-    def loss(q, k, v, a):
-        return jnp.sum(chunked_attention_pallas(q, k, v, a, power=2, normalize="softmax", scale=0.125, chunk_size=64,
-                                                backend="mosaic_gpu").astype(jnp.float32))
+    def loss(q, k, v, a, power, normalize):
+        return jnp.sum(chunked_attention_pallas(q, k, v, a, power=power, normalize=normalize, scale=0.125,
+                                                chunk_size=64, backend="mosaic_gpu").astype(jnp.float32))
 
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
-        lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).trace(
-            tokens, tokens, tokens, jax.ShapeDtypeStruct((1, 200, 2), jnp.float32)).lower(lowering_platforms=("cuda",))
-    text = lowered.as_text()
-    for kernel in ("numerator", "normalizer", "dq", "dkv", "normalizer_dq", "normalizer_dk"):
-        assert f"twomamba_chunked_{kernel}" in text, kernel
-    assert "twomamba_chunk_states" not in text  # no Triton kernel
+    kernels = {(2, "softmax"): ("numerator", "normalizer", "dq", "dkv", "normalizer_dq", "normalizer_dk"),
+               (1, None): ("power1", "power1_dq", "power1_dkv")}
+    for (power, normalize), names in kernels.items():
+        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
+            lowered = jax.jit(jax.value_and_grad(functools.partial(loss, power=power, normalize=normalize),
+                                                 argnums=(0, 1, 2, 3))).trace(
+                tokens, tokens, tokens, jax.ShapeDtypeStruct((1, 200, 2), jnp.float32)).lower(
+                    lowering_platforms=("cuda",))
+        text = lowered.as_text()
+        for kernel in names:
+            assert f"twomamba_chunked_{kernel}_" in text, kernel
+        assert "twomamba_chunk_states" not in text  # no Triton kernel
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
@@ -271,20 +294,23 @@ def test_dispatch_picks_the_kernels_of_the_platform(rng, monkeypatch, platform, 
 
 
 def test_hopper_gpus_take_the_mosaic_gpu_chunked_kernels_where_they_can(monkeypatch):
-    """On a GPU with wgmma: the Mosaic GPU chunked kernels for power 2, d 64, bf16, chunk 64, the Triton ones
-    otherwise; and the Hopper entry of the tuning table (flash-style up to 16k tokens)."""
+    """On a GPU with wgmma: the Mosaic GPU chunked kernels for power 2 and unnormalized power 1, d 64, bf16, chunk
+    64, the Triton ones otherwise; and the Hopper entry of the tuning table (flash-style up to 24k tokens)."""
     from twomamba_jax.ops import api
 
     monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(api, "_has_wgmma", lambda: True)
 
-    def backend(dim=64, dtype=jnp.bfloat16, power=2, chunk_size=64):
-        q = jnp.zeros((1, 8, 2, dim), dtype)
-        return api._kernel("chunked", q, q, q, power=power, requested="pallas", chunk_size=chunk_size).keywords[
-            "backend"]
+    def backend(dim=64, dtype=jnp.bfloat16, power=2, chunk_size=64, normalize="softmax", heads=64):
+        q = jnp.zeros((1, 8, heads, dim), dtype)
+        return api._kernel("chunked", q, q, q, power=power, requested="pallas", chunk_size=chunk_size,
+                           normalize=normalize).keywords["backend"]
 
-    assert backend() == "mosaic_gpu"
+    assert backend() == backend(normalize=None) == backend(power=1, normalize=None) == "mosaic_gpu"
     assert [backend(dim=32), backend(dtype=jnp.float32), backend(power=1), backend(chunk_size=32)] == ["triton"] * 4
+    # Power 1 with fewer rows times heads than HOPPER_POWER1_MIN_HEADS: Triton (it splits dv over programs).
+    assert backend(power=1, normalize=None, heads=api.HOPPER_POWER1_MIN_HEADS - 1) == "triton"
+    assert backend(heads=1) == "mosaic_gpu"
     hopper_max = api.PARALLEL_MAX_LEN["hopper"][2]
     assert (api._resolve_impl("pallas", 2, 1, hopper_max), api._resolve_impl("pallas", 2, 1, hopper_max + 1)) == (
         "pallas_parallel", "pallas_chunked")

@@ -97,7 +97,7 @@ def test_tpu_kernels_mask_documents(rng):
 
 
 @pytest.mark.parametrize("family,power,normalize", [("parallel", 2, "softmax"), ("parallel", "exp", "softmax"),
-                                                    ("chunked", 2, None)])
+                                                    ("chunked", 2, None), ("chunked", 1, None)])
 def test_hopper_kernels_mask_documents(rng, monkeypatch, family, power, normalize):
     """d = 64: the flash-style powers' one backward kernel and exp's two passes, and the chunked kernels (64-token
     chunks: starts inside a chunk and on a chunk's first token; the log-decay's cotangent in segments of one

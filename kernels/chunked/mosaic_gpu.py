@@ -42,7 +42,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from twomamba_jax.kernels.layout import heads_first
 from twomamba_jax.kernels.parallel.mosaic_gpu import (LOG2E, causal_mask, diagonal_decay, interpret_params, matmul,
-                                                      matmul_add, matmul_into, ring_copies, smem_tile, stream)
+                                                      matmul_add, matmul_into, matmuls, ring_copies, smem_tile,
+                                                      stream)
 from twomamba_jax.kernels.parallel.mosaic_gpu_backward import add_to_global, to_global
 from twomamba_jax.ops.features import _symmetric_pairs
 
@@ -54,10 +55,12 @@ WGMMA = plgpu.Layout.WGMMA
 F32 = jnp.float32
 
 
-def unsupported_reason(q, k, v, *, power) -> str | None:
-    """Why these kernels do not take the inputs, or None."""
-    if power != 2:
-        return f"power={power!r} (the Hopper chunked kernels take power 2)"
+def unsupported_reason(q, k, v, *, power, normalize=None) -> str | None:
+    """Why these kernels (or, for power 1, those of ``mosaic_gpu_power1.py``) do not take the inputs, or None."""
+    if power not in (1, 2):
+        return f"power={power!r} (the Hopper chunked kernels take powers 1 and 2)"
+    if power == 1 and normalize:
+        return f"normalize={normalize!r} at power 1 (the Hopper chunked kernels take power 1 unnormalized)"
     if (q.shape[-1], v.shape[-1]) != (HEAD_DIM, HEAD_DIM):
         return f"head dims dk={q.shape[-1]}, dv={v.shape[-1]} (the Hopper chunked kernels take {HEAD_DIM})"
     if q.dtype != jnp.bfloat16 or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -374,33 +377,54 @@ def row_blocks_of(refs, head, first_row):
             for name, ref in refs.items()}
 
 
-def normalizer_walk(smem, wg, z0, decay_of, wait_tile, readout, write, *, factor, num_chunks, stages,
-                    interpret, after=None):
-    """Compute warpgroup ``wg`` carrying the normalizer state ``Z <- e^(g_L) Z + k^T (k * ek)`` (d x d) from
-    ``z0`` (a global tile) over the chunks (``decay_of(c)``: chunk c's e^(g_L)): per chunk,
-    ``readout(slot, through)`` gets ``(q * factor) Z`` (C, d) for the state before the chunk (``factor`` a
-    per-token ring entry) while the chunk's tiles are held, ``write(c, its result)`` runs once they are
-    released, then ``after(c, Z after the chunk)`` if given. Returns the last Z."""
-    z_tile, vals_tile, f32_tile, staging, _ = own_tiles(smem, wg)
+class Readout(NamedTuple):
+    """One product a ``state_walk`` reads out of the state before each chunk: ``(tile * factor) S`` (C, 64), or
+    ``(tile * factor) S^T`` if ``transposed``; ``tile`` names a (C, 64) ring tile, ``factor`` a per-token one."""
+
+    tile: str
+    factor: str
+    transposed: bool = False
+
+
+def state_walk(smem, wg, s0, decay_of, wait_tile, products, update_with, readout, write, *, num_chunks, stages,
+               interpret, reverse=False, keep=None):
+    """Compute warpgroup ``wg`` carrying one (64, 64) float32 state from ``s0`` (a global tile) over the chunks,
+    first to last (last to first if ``reverse``, as the ring streams them): ``S <- e^(g_L) S + keys^T (values *
+    factor)``, ``update_with`` = (keys, values, factor) naming ring entries, ``decay_of(c)`` chunk c's e^(g_L).
+
+    Per chunk, for the state before its update, each of ``products`` (``Readout``s) gives ``(tile * factor) S``
+    (or ``S^T``), (C, 64) float32; ``readout(slot, results)`` makes of them what the chunk writes while its tiles
+    are held, and ``write(c, that)`` runs once they are released. ``keep(c, S)`` gets the state at the boundary
+    after chunk c: a forward walk's updated state, a reverse walk's incoming one. Returns the last state."""
+    state_tile, vals_tile, f32_tile, staging, _ = own_tiles(smem, wg)
     tile, _, column = loaders(smem)
-    plgpu.copy_gmem_to_smem(z0, f32_tile, smem["f32_bar"].at[wg])
+    keys, values, value_factor = update_with
+    plgpu.copy_gmem_to_smem(s0, f32_tile, smem["f32_bar"].at[wg])
     plgpu.barrier_wait(smem["f32_bar"].at[wg])
 
-    def chunk(c, z):
-        slot = lax.rem(c, jnp.int32(stages))
+    def step(s, state):
+        c = num_chunks - 1 - s if reverse else s
+        if keep is not None and reverse:
+            keep(c, state)
+        slot = lax.rem(s, jnp.int32(stages))
         wait_tile(slot)
-        store(z_tile, z)
-        queries = scaled_rows(tile("q", slot), column(factor, slot, 1)).astype(z_tile.dtype)
-        result = readout(slot, matmul_into(zeros(), queries, z_tile, staging))
-        store(vals_tile, scaled_rows(tile("k", slot), column("ek", slot, 1)))
-        z = update(z, decay_of(c), tile("k", slot), vals_tile, interpret)
+        # The readouts and the update are independent: both operands staged, all issued together, one wait.
+        state_tile[...] = state.astype(state_tile.dtype)
+        vals_tile[...] = scaled_rows(tile(values, slot), column(value_factor, slot, 1)).astype(vals_tile.dtype)
+        plgpu.commit_smem()
+        reads = [(i, scaled_rows(tile(r.tile, slot), column(r.factor, slot, 1)).astype(state_tile.dtype),
+                  state_tile.transpose((1, 0)) if r.transposed else state_tile) for i, r in enumerate(products)]
+        *results, state = matmuls([zeros() for _ in products] + [state * decay_of(c)],
+                                  reads + [(len(products), tile(keys, slot).transpose((1, 0)), vals_tile)],
+                                  interpret, staging)
+        result = readout(slot, results)
         plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
         write(c, result)
-        if after is not None:
-            after(c, z)
-        return z
+        if keep is not None and not reverse:
+            keep(c, state)
+        return state
 
-    return lax.fori_loop(jnp.int32(0), jnp.int32(num_chunks), chunk, plgpu.load(f32_tile, layout=WGMMA))
+    return lax.fori_loop(jnp.int32(0), jnp.int32(num_chunks), step, plgpu.load(f32_tile, layout=WGMMA))
 
 
 def _numerator_kernel(q_ref, k_ref, v_ref, rq_ref, rk_ref, cd_ref, s0_ref, y_ref, s_ref, *, num_heads, stages,
@@ -458,10 +482,10 @@ def _normalizer_kernel(q_ref, k_ref, v_ref, er_ref, ek_ref, g_rows_ref, g_cols_r
     @pl.when(wg == 0)
     def _normalizer():
         plgpu.set_max_registers(232, action="increase")
-        z = normalizer_walk(smem, wg, z0_ref.at[head], lambda c: cd_ref[head, c], wait_tile,
-                            lambda slot, through: row_sum_with(tile("q", slot), through),  # q (scale^2 e^g Z q)
-                            lambda c, den: write_den(den, c), factor="er", num_chunks=num_chunks, stages=stages,
-                            interpret=interpret)
+        z = state_walk(smem, wg, z0_ref.at[head], lambda c: cd_ref[head, c], wait_tile, [Readout("q", "er")],
+                       ("k", "k", "ek"), lambda slot, results: row_sum_with(tile("q", slot), results[0]),
+                       lambda c, den: write_den(den, c), num_chunks=num_chunks, stages=stages,
+                       interpret=interpret)  # den = q (scale^2 e^g Z q)
         to_global([(z, smem["f32_smem"].at[wg], z_ref.at[head])])
 
     @pl.when(wg == 1)
@@ -483,6 +507,29 @@ def _normalizer_kernel(q_ref, k_ref, v_ref, er_ref, ek_ref, g_rows_ref, g_cols_r
             write_den(den, c)
 
         plgpu.wait_smem_to_gmem(0)
+
+
+def intra_gradients(tile, column, slot, *, power, scale, ds_tile, w_tile, staging, interpret, dden=None):
+    """(dq, dk, dv) (C, 64) float32 of one chunk's intra-chunk part ``W v``, W = (scale q k^T)^power e^(g_i - g_j)
+    masked to j <= i, from the ring's q, k, v, dy tiles (and, for a normalized power, ``dden`` (C,) in the row
+    layout: dW += dden): dq = dS k, dk = dS^T q, dv = W^T dy with dS = dW * dW/d(q.k). The two products that need
+    nothing else, then the three, each issued together (``matmuls``); ``ds_tile``, ``w_tile``: (C, C) operands."""
+    shape = (CHUNK, CHUNK)
+    scores, d_weights = matmuls([zeros(), zeros()], [(0, tile("q", slot), tile("k", slot).transpose((1, 0))),
+                                                     (1, tile("dy", slot), tile("v", slot).transpose((1, 0)))],
+                                interpret, staging)
+    log_decay = (lax.broadcast_in_dim(column("g_rows", slot, 1), shape, [0])
+                 - lax.broadcast_in_dim(column("g_cols", slot, 0), shape, [1]))
+    decay, scores = diagonal_decay(log_decay, causal_mask(shape)), scores * scale
+    if dden is not None:
+        d_weights = d_weights + lax.broadcast_in_dim(dden, shape, [0])
+    d_scores = d_weights * decay * scale * (2.0 * scores if power == 2 else 1.0)  # of the raw q.k
+    ds_tile[...] = d_scores.astype(ds_tile.dtype)
+    w_tile[...] = (scores * scores * decay if power == 2 else scores * decay).astype(w_tile.dtype)
+    plgpu.commit_smem()
+    return matmuls([zeros(), zeros(), zeros()], [(0, ds_tile, tile("k", slot)),
+                                                 (1, ds_tile.transpose((1, 0)), tile("q", slot)),
+                                                 (2, w_tile.transpose((1, 0)), tile("dy", slot))], interpret, staging)
 
 
 def intra_tile(q_tile, k_tile, g_row, g_col, scale):

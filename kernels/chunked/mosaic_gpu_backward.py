@@ -19,11 +19,12 @@ The log-decay needs no kernel of its own: every weight is homogeneous of degree 
 so the row and column sums of dW * W are q.dq / 2 and k.dk / 2, and the cotangent of a_t is the sum over the
 pairs (i, j) with j < t <= i of dW * W. Over a segment of chunks that is a reverse cumulative sum of their
 difference from t to the segment's end, plus the pairs spanning that end: <S, dS> + <Z, dZ> of the states after
-the segment's last chunk and their cotangents. The walks keep those states every ``CHECKPOINT`` chunks (the dq
-and normalizer-dq kernels S and Z, the dkv and normalizer-dk kernels dS and dZ, float32) and the final states
-close the last segment. (One reverse sum over the whole sequence is the same in exact arithmetic, but the two
-terms of a pair are rounded in different walks and do not cancel: measured on the H200 its error grew with N,
-2.4e-2 at 8k and 3.5e-2 at 32k tokens.)
+the segment's last chunk and their cotangents. The walks keep those states every ``checkpoint_interval(...)``
+chunks (the dq and normalizer-dq kernels S and Z, the dkv and normalizer-dk kernels dS and dZ, float32; 16
+chunks unless that takes more than ``CHECKPOINT_BYTES``) and the final states close the last segment.
+(One reverse sum over the whole sequence is the same in exact arithmetic, but the two terms of a pair are
+rounded in different walks and do not cancel: measured on the H200 its error grew with N, 2.4e-2 at 8k and
+3.5e-2 at 32k tokens.)
 """
 
 from __future__ import annotations
@@ -37,27 +38,42 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from twomamba_jax.kernels.chunked.mosaic_gpu import (CHUNK, F32, HEAD_DIM, ROWS_PER_PROGRAM, ROWS_PER_WARPGROUP,
-                                                     WGMMA, chunk_ring, head_grid, intra_tile, launch, loaders,
-                                                     normalizer_walk, operands, own_scratch, own_tiles, pad_tokens,
-                                                     program_head, receive_rows, ring_scratch, row_blocks,
-                                                     row_blocks_of, row_grid, row_program, row_sum_with,
-                                                     rows_to_global, scaled_rows, store, token_tiles, update,
-                                                     vectors, zeros)
+                                                     Readout, chunk_ring, head_grid, intra_gradients, launch, loaders,
+                                                     operands, own_scratch, own_tiles, pad_tokens, program_head,
+                                                     receive_rows, ring_scratch, row_blocks, row_blocks_of, row_grid,
+                                                     row_program, row_sum_with, rows_to_global, scaled_rows, state_walk,
+                                                     store, token_tiles, update, vectors, zeros)
 from twomamba_jax.kernels.parallel.mosaic_gpu import interpret_params, matmul, matmul_into, stream
 from twomamba_jax.kernels.parallel.mosaic_gpu_backward import add_to_global, to_global
 
-CHECKPOINT = 16  # chunks per segment of the log-decay's cotangent: states kept after every 16th chunk
+CHECKPOINT = 16  # chunks per segment of the log-decay's cotangent (states kept after every 16th chunk), at least
+CHECKPOINT_BYTES = 8 * 2**30  # the most the kept states may take; beyond it the segments grow
+CHECKPOINT_BYTES_PER_HEAD = 2 * (HEAD_DIM**3 + HEAD_DIM**2) * 4  # S and dS, Z and dZ, float32: 2 MiB
 
 
-def checkpoints(num_chunks):
-    """How many chunk boundaries keep their states: after chunks 15, 31, ..., before the last chunk."""
-    return (num_chunks - 1) // CHECKPOINT
+def checkpoint_interval(batch_heads, num_chunks, bytes_per_head=CHECKPOINT_BYTES_PER_HEAD):
+    """Chunks per segment: ``CHECKPOINT``, doubled until the kept states (``bytes_per_head`` a head and
+    checkpoint: power 2's 2 MiB by default) fit in ``CHECKPOINT_BYTES``. For power 2: 16 chunks (4 GiB at 1 x
+    131072 tokens, 16 heads) up to about 4M tokens times heads, then 32, 64, ... (8 x 131072: 64). Longer
+    segments sum more terms in one float32 reverse sum, a less accurate log-decay cotangent, but the memory stays
+    bounded."""
+    per_checkpoint = batch_heads * bytes_per_head
+    interval = CHECKPOINT
+    while checkpoints(num_chunks, interval) * per_checkpoint > CHECKPOINT_BYTES:
+        interval *= 2
+    return interval
 
 
-def _at_checkpoint(c, num_chunks, action):
+def checkpoints(num_chunks, interval):
+    """How many chunk boundaries keep their states: after chunks interval - 1, 2 interval - 1, ..., before the
+    last chunk."""
+    return (num_chunks - 1) // interval
+
+
+def _at_checkpoint(c, num_chunks, interval, action):
     """``action(m)`` if the boundary after chunk ``c`` is the m-th checkpoint."""
-    due = (lax.rem(c + 1, jnp.int32(CHECKPOINT)) == 0) & (c < num_chunks - 1)
-    pl.when(due)(lambda: action(lax.div(c, jnp.int32(CHECKPOINT))))
+    due = (lax.rem(c + 1, jnp.int32(interval)) == 0) & (c < num_chunks - 1)
+    pl.when(due)(lambda: action(lax.div(c, jnp.int32(interval))))
 
 
 def backward(q, k, v, log_decay, d_out, d_den, numerator0, normalizer0, d_numerator, d_normalizer, carried, *,
@@ -82,7 +98,9 @@ def backward(q, k, v, log_decay, d_out, d_den, numerator0, normalizer0, d_numera
     dtype = q.dtype
     dv = jax.new_ref(jnp.zeros((2 if interpret else 1, batch, padded, heads, dim), F32))
     qkv_dy = (ops.q, ops.k, ops.v, dy)
-    kept = checkpoints(padded // CHUNK)
+    interval = checkpoint_interval(bh, padded // CHUNK)
+    common["interval"] = interval
+    kept = checkpoints(padded // CHUNK, interval)
     kept_states = jax.ShapeDtypeStruct((bh, max(kept, 1), dim, dim, dim), F32)  # never written if kept = 0
     kept_normalizers = jax.ShapeDtypeStruct((bh, max(kept, 1), dim, dim), F32)
 
@@ -120,16 +138,16 @@ def backward(q, k, v, log_decay, d_out, d_den, numerator0, normalizer0, d_numera
     spans = (jnp.sum(ops.q.astype(F32) * dq, -1) - jnp.sum(ops.k.astype(F32) * dk, -1)) / 2
     ends = jnp.concatenate([jnp.sum(kept_s[:, :kept] * kept_ds[:, :kept], axis=(2, 3, 4))
                             + jnp.sum(kept_z[:, :kept] * kept_dz[:, :kept], axis=(2, 3)), carried[:, None]], 1)
-    d_log_decay = _segment_sums(spans, ends.reshape(batch, heads, kept + 1))
+    d_log_decay = _segment_sums(spans, ends.reshape(batch, heads, kept + 1), interval)
     cut = lambda x: x[:, :length]
     return cut(dq), cut(dk), cut(dv), cut(d_log_decay), d_numerator0, d_normalizer0
 
 
-def _segment_sums(spans, ends):
+def _segment_sums(spans, ends, interval):
     """spans (B, Np, H), ends (B, H, segments) -> (B, Np, H): the reverse cumulative sum of ``spans`` within each
-    segment of ``CHECKPOINT`` chunks, plus its segment's end."""
+    segment of ``interval`` chunks, plus its segment's end."""
     batch, padded, heads = spans.shape
-    segments, length = ends.shape[-1], CHECKPOINT * CHUNK
+    segments, length = ends.shape[-1], interval * CHUNK
     spans = jnp.pad(spans, [(0, 0), (0, segments * length - padded), (0, 0)]).reshape(batch, segments, length, heads)
     sums = jnp.flip(jnp.cumsum(jnp.flip(spans, 2), 2), 2) + jnp.moveaxis(ends, 1, 2)[:, :, None]
     return sums.reshape(batch, segments * length, heads)[:, :padded]
@@ -171,7 +189,7 @@ def _write_columns(smem, wg, columns, dst):
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, dy_ref, rk_ref, cd_ref, s0_ref, dq_ref, kept_ref, *, num_heads, stages,
-               num_chunks, interpret, **smem):
+               num_chunks, interval, interpret, **smem):
     p = row_program(smem, num_heads, {"q": q_ref, "k": k_ref, "v": v_ref, "dy": dy_ref},
                     lambda head, _: {"rk": _extended_rows(rk_ref, head)}, s0_ref, num_chunks, stages)
     head, wg = p.head, p.wg
@@ -196,7 +214,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, dy_ref, rk_ref, cd_ref, s0_ref, dq_ref, kept
             plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
             _write_columns(smem, wg, columns, _own_columns(dq_ref, p, c))
             # The states after chunk c.
-            _at_checkpoint(c, num_chunks, lambda m: rows_to_global(p, updated, f32_tile, kept_ref.at[head, m]))
+            _at_checkpoint(c, num_chunks, interval,
+                           lambda m: rows_to_global(p, updated, f32_tile, kept_ref.at[head, m]))
             return tuple(updated)
 
         lax.fori_loop(jnp.int32(0), jnp.int32(num_chunks), chunk, tuple(receive_rows(smem, wg)))
@@ -204,7 +223,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, dy_ref, rk_ref, cd_ref, s0_ref, dq_ref, kept
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, dy_ref, rq_ref, rk_ref, cd_ref, ds_ref, dv_ref, dk_ref, ds0_ref, kept_ref, *,
-                num_heads, stages, num_chunks, interpret, **smem):
+                num_heads, stages, num_chunks, interval, interpret, **smem):
     p = row_program(smem, num_heads, {"q": q_ref, "k": k_ref, "v": v_ref, "dy": dy_ref},
                     lambda head, first_row: {**row_blocks_of({"rq": rq_ref}, head, first_row),
                                              "rk": _extended_rows(rk_ref, head)},
@@ -220,7 +239,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, dy_ref, rq_ref, rk_ref, cd_ref, ds_ref, dv_
         def step(s, grads):  # grads: the cotangents of the states after chunk c
             c = p.chunk_of_step(s)
             # The cotangents of the states after chunk c.
-            _at_checkpoint(c, num_chunks, lambda m: rows_to_global(p, grads, f32_tile, kept_ref.at[head, m]))
+            _at_checkpoint(c, num_chunks, interval, lambda m: rows_to_global(p, grads, f32_tile, kept_ref.at[head, m]))
             slot = lax.rem(s, jnp.int32(stages))
             p.wait_tile(slot)
             decay, twice_ek = cd_ref[head, c], 2.0 * factor("rk", slot, ROWS_PER_PROGRAM)
@@ -245,7 +264,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, dy_ref, rq_ref, rk_ref, cd_ref, ds_ref, dv_
 
 def _normalizer_dq_kernel(q_ref, k_ref, v_ref, dy_ref, c_ref, ek_ref, g_rows_ref, g_cols_ref, dden_ref, cd_ref,
                           z0_ref, dv_ref, dq_norm_ref, dq_intra_ref, dk_intra_ref, kept_ref, *, scale, num_heads,
-                          stages, num_chunks, interpret, **smem):
+                          stages, num_chunks, interval, interpret, **smem):
     head, batch, query_head = program_head(num_heads)
     wg = lax.axis_index("wg")
     per_token = {name: (lambda t, ref=ref: ref.at[head, t]) for name, ref in
@@ -261,70 +280,54 @@ def _normalizer_dq_kernel(q_ref, k_ref, v_ref, dy_ref, c_ref, ek_ref, g_rows_ref
     def _normalizer():  # dq += 2 dden c (Z q), from the (q c) Z the walk reads out
         plgpu.set_max_registers(232, action="increase")
         twice_dden = lambda slot, through: lax.broadcast_in_dim(2.0 * column("dden", slot, 1), through.shape, [0])
-        normalizer_walk(smem, wg, z0_ref.at[head], lambda c: cd_ref[head, c], wait_tile,
-                        lambda slot, through: through * twice_dden(slot, through),
-                        lambda c, d_queries: to_global([(d_queries, smem["f32_smem"].at[wg], rows_of(dq_norm_ref, c))]),
-                        factor="c", num_chunks=num_chunks, stages=stages, interpret=interpret,
-                        after=lambda c, z: _at_checkpoint(c, num_chunks, lambda m: to_global(
-                            [(z, smem["f32_smem"].at[wg], kept_ref.at[head, m])])))
+        state_walk(smem, wg, z0_ref.at[head], lambda c: cd_ref[head, c], wait_tile, [Readout("q", "c")],
+                   ("k", "k", "ek"), lambda slot, results: results[0] * twice_dden(slot, results[0]),
+                   lambda c, d_queries: to_global([(d_queries, smem["f32_smem"].at[wg], rows_of(dq_norm_ref, c))],
+                                                  wait=False),
+                   num_chunks=num_chunks, stages=stages, interpret=interpret,
+                   keep=lambda c, z: _at_checkpoint(c, num_chunks, interval, lambda m: to_global(
+                       [(z, smem["f32_smem"].at[wg], kept_ref.at[head, m])])))
+        plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == 1)
     def _intra():
         plgpu.set_max_registers(232, action="increase")
         ds_tile, w_tile, f32_tile, staging, total = own_tiles(smem, wg)
-        shape = (CHUNK, CHUNK)
 
         @pl.loop(jnp.int32(0), jnp.int32(num_chunks))
         def _(c):
             slot = lax.rem(c, jnp.int32(stages))
             wait_tile(slot)
-            scores, decay = intra_tile(tile("q", slot), tile("k", slot), column("g_rows", slot, 1),
-                                       column("g_cols", slot, 0), scale)
-            d_weights = (matmul(tile("dy", slot), tile("v", slot).transpose((1, 0)), shape)
-                         + lax.broadcast_in_dim(column("dden", slot, 1), shape, [0]))
-            d_scores = (d_weights * decay * scores * (2.0 * scale)).astype(ds_tile.dtype)  # of the raw q.k
-            store(ds_tile, d_scores)
-            store(w_tile, scores * scores * decay)
-            dq = matmul_into(zeros(), d_scores, tile("k", slot), staging)
-            dk = matmul(ds_tile.transpose((1, 0)), tile("q", slot), (CHUNK, HEAD_DIM))
-            d_values = matmul(w_tile.transpose((1, 0)), tile("dy", slot), (CHUNK, HEAD_DIM))
+            dq, dk, d_values = intra_gradients(tile, column, slot, power=2, scale=scale, ds_tile=ds_tile,
+                                               w_tile=w_tile, staging=staging, interpret=interpret,
+                                               dden=column("dden", slot, 1))
             plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
-            to_global([(dq, f32_tile, rows_of(dq_intra_ref, c)), (dk, f32_tile, rows_of(dk_intra_ref, c))])
+            to_global([(dq, f32_tile, rows_of(dq_intra_ref, c)), (dk, f32_tile, rows_of(dk_intra_ref, c))],
+                      wait=False)
             add_to_global(d_values, f32_tile, dv_ref.at[0, batch, pl.ds(c * CHUNK, CHUNK), query_head], total)
 
         plgpu.wait_smem_to_gmem(0)
 
 
 def _normalizer_dk_kernel(q_ref, k_ref, ek_ref, cdd_ref, cd_ref, dz_ref, dk_norm_ref, dz0_ref, kept_ref, *,
-                          num_heads, stages, num_chunks, interpret, **smem):
+                          num_heads, stages, num_chunks, interval, interpret, **smem):
     head, batch, query_head = program_head(num_heads)
     wg = lax.axis_index("wg")
-    issue, wait_tile, chunk_of_step = chunk_ring(
+    issue, wait_tile, _ = chunk_ring(
         smem, token_tiles((q_ref, k_ref), "qk", batch, query_head),
         {"ek": lambda t: ek_ref.at[head, t], "cdd": lambda t: cdd_ref.at[head, t]}, num_chunks, reverse=True)
     pl.when(wg == 2)(lambda: stream(jnp.int32(num_chunks), stages, smem["consumed_bar"], issue))
-    tile, _, column = loaders(smem)
 
     @pl.when(wg == 0)
-    def _normalizer():
+    def _normalizer():  # dk += 2 e^(g_L - g) (dZ k), dZ <- e^(g_L) dZ + q^T (q c dden)
         plgpu.set_max_registers(232, action="increase")
-        z_tile, vals_tile, f32_tile, staging, _ = own_tiles(smem, wg)
-        plgpu.copy_gmem_to_smem(dz_ref.at[head], f32_tile, smem["f32_bar"].at[wg])
-        plgpu.barrier_wait(smem["f32_bar"].at[wg])
-
-        def step(s, grad):
-            c = chunk_of_step(s)
-            _at_checkpoint(c, num_chunks, lambda m: to_global([(grad, f32_tile, kept_ref.at[head, m])]))
-            slot = lax.rem(s, jnp.int32(stages))
-            wait_tile(slot)
-            store(z_tile, grad)
-            keys = scaled_rows(tile("k", slot), column("ek", slot, 1)).astype(z_tile.dtype)
-            d_keys = 2.0 * matmul_into(zeros(), keys, z_tile, staging)  # 2 e^(g_L - g) (dZ k)^T
-            store(vals_tile, scaled_rows(tile("q", slot), column("cdd", slot, 1)))
-            grad = update(grad, cd_ref[head, c], tile("q", slot), vals_tile, interpret)
-            plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
-            to_global([(d_keys, f32_tile, dk_norm_ref.at[batch, pl.ds(c * CHUNK, CHUNK), query_head])])
-            return grad
-
-        grad = lax.fori_loop(jnp.int32(0), jnp.int32(num_chunks), step, plgpu.load(f32_tile, layout=WGMMA))
+        f32_tile = smem["f32_smem"].at[wg]
+        grad = state_walk(
+            smem, wg, dz_ref.at[head], lambda c: cd_ref[head, c], wait_tile, [Readout("k", "ek")], ("q", "q", "cdd"),
+            lambda slot, results: 2.0 * results[0],
+            lambda c, d_keys: to_global([(d_keys, f32_tile, dk_norm_ref.at[batch, pl.ds(c * CHUNK, CHUNK),
+                                                                            query_head])], wait=False),
+            num_chunks=num_chunks, stages=stages, interpret=interpret, reverse=True,
+            keep=lambda c, dz: _at_checkpoint(c, num_chunks, interval,
+                                              lambda m: to_global([(dz, f32_tile, kept_ref.at[head, m])])))
         to_global([(grad, f32_tile, dz0_ref.at[head])])

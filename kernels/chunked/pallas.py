@@ -5,9 +5,9 @@ is one cheap pass, so the forward keeps none of its B H (N/C) F dv states as res
 holds them and their cotangents, twice that, while it runs), ``state_pass(reverse=True)`` (the state cotangents,
 chunks in reverse) and ``chunk_grads`` (dq, dk, dv and the log-decay cotangent, chunks in parallel); the
 log-decay cotangent is a reverse cumulative sum within each chunk, done in jnp. (Backend "mosaic_gpu", which
-``ops.decayed_attention`` picks on Hopper GPUs for power 2 at head dim 64, bfloat16, chunk 64: the kernels of
-``mosaic_gpu.py`` and ``mosaic_gpu_backward.py`` instead, whose states stay on chip but for the backward's
-checkpoints every 16 chunks.)
+``ops.decayed_attention`` picks on Hopper GPUs for power 2 and unnormalized power 1 at head dim 64, bfloat16,
+chunk 64: the kernels of ``mosaic_gpu.py`` and ``mosaic_gpu_backward.py`` (power 2) and ``mosaic_gpu_power1.py``
+instead, whose states stay on chip but for the backward's checkpoints every 16 or more chunks.)
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from twomamba_jax.kernels.chunked import mosaic_gpu as hopper_kernels
 from twomamba_jax.kernels.chunked import mosaic_gpu_backward as hopper_backward
+from twomamba_jax.kernels.chunked import mosaic_gpu_power1 as hopper_power1
 from twomamba_jax.kernels.chunked import tpu as tpu_kernels
 from twomamba_jax.kernels.chunked import triton as triton_kernels
 from twomamba_jax.kernels.chunked.features import feature_indices
@@ -45,9 +46,9 @@ def unsupported_reason(q, k, v, *, power, chunk_size) -> str | None:
     return unsupported_dtypes(q, k, v)
 
 
-def hopper_unsupported_reason(q, k, v, *, power, chunk_size) -> str | None:
+def hopper_unsupported_reason(q, k, v, *, power, chunk_size, normalize=None) -> str | None:
     """Why the Hopper (Mosaic GPU) chunked kernels cannot take these inputs, or None when they can."""
-    if reason := hopper_kernels.unsupported_reason(q, k, v, power=power):
+    if reason := hopper_kernels.unsupported_reason(q, k, v, power=power, normalize=normalize):
         return reason
     if chunk_size != hopper_kernels.CHUNK:
         return f"chunk_size={chunk_size} (the Hopper chunked kernels take {hopper_kernels.CHUNK})"
@@ -135,16 +136,21 @@ def _forward(q, k, v, log_decay, numerator0, normalizer0, config: _Config):
 
 
 def _forward_hopper(q, k, v, log_decay, numerator0, normalizer0, config: _Config):
-    """``_forward`` on the Hopper kernels: states in the full layout inside, symmetric outside."""
+    """``_forward`` on the Hopper kernels: for power 2 states in the full layout inside, symmetric outside."""
     batch, length, heads, _ = q.shape
     flat = lambda x: x.reshape(batch * heads, *x.shape[2:])
+    padded = -(-length // config.chunk_size) * config.chunk_size
+    if config.power == 1:  # unnormalized: no normalizer is carried (the caller drops it; it passes through)
+        y, numerator = hopper_power1.forward(q, k, v, log_decay, flat(numerator0).astype(jnp.float32),
+                                             scale=config.scale, interpret=config.interpret)
+        return ((y.astype(v.dtype), numerator.reshape(numerator0.shape).astype(numerator0.dtype), normalizer0),
+                jnp.zeros((batch * heads, padded), jnp.float32))
     y, den, numerator, normalizer = hopper_kernels.forward(
         q, k, v, log_decay, *hopper_kernels.to_full(flat(numerator0), flat(normalizer0)), scale=config.scale,
         interpret=config.interpret)
     if config.normalize:
         y = y / jnp.maximum(den, NORMALIZER_EPS).reshape(batch, heads, length).transpose(0, 2, 1)[..., None]
     numerator, normalizer = hopper_kernels.to_symmetric(numerator, normalizer)
-    padded = -(-length // config.chunk_size) * config.chunk_size
     token_normalizer = jnp.pad(den, [(0, 0), (0, padded - length)])
     return ((y.astype(v.dtype), numerator.reshape(numerator0.shape), normalizer.reshape(normalizer0.shape)),
             token_normalizer)
@@ -183,6 +189,12 @@ def _backward_hopper(config, residuals, cotangents):
                                       heads_first(y.astype(jnp.float32), padded), token_normalizer, config.normalize)
     carried = (jnp.sum(numerator * d_numerator, axis=(2, 3)) + jnp.sum(normalizer * d_normalizer, axis=2))
     flat = lambda x: x.reshape(batch * heads, *x.shape[2:]).astype(jnp.float32)
+    if config.power == 1:  # unnormalized: d_out is d_y, and the normalizer passed through
+        dq, dk, dv, d_log_decay, d_numerator0 = hopper_power1.backward(
+            q, k, v, log_decay, d_y, flat(numerator0), flat(d_numerator), carried.reshape(-1), scale=config.scale,
+            interpret=config.interpret)
+        return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_log_decay.astype(log_decay.dtype),
+                d_numerator0.reshape(numerator0.shape).astype(numerator0.dtype), d_normalizer.astype(normalizer0.dtype))
     dq, dk, dv, d_log_decay, *d_initial = hopper_backward.backward(
         q, k, v, log_decay, heads_last(d_out, batch, length), d_den[:, :length],
         *hopper_kernels.to_full(flat(numerator0), flat(normalizer0)),
@@ -242,13 +254,15 @@ def chunked_attention_pallas(q, k, v, log_decay, *, power, normalize, scale, chu
 
     The caller checks ``unsupported_reason`` first. ``backend``: "triton" (the GPU kernels of ``triton.py``),
     "tpu" (the Mosaic kernels of ``tpu.py``) or "mosaic_gpu" (Hopper: ``mosaic_gpu.py`` and
-    ``mosaic_gpu_backward.py``, for power 2, head dim 64, bfloat16, chunk_size 64, one key head per query head);
+    ``mosaic_gpu_backward.py`` for power 2, ``mosaic_gpu_power1.py`` for unnormalized power 1; head dim 64,
+    bfloat16, chunk_size 64, one key head per query head);
     all give the same results up to rounding. ``interpret=True`` runs them in Pallas interpret mode (the TPU or
     Mosaic GPU interpreter for those), on any machine.
     """
     if backend not in (*BACKENDS, HOPPER):
         raise ValueError(f"backend: expected one of {(*BACKENDS, HOPPER)}; got {backend!r}")
-    if backend == HOPPER and (reason := hopper_unsupported_reason(q, k, v, power=power, chunk_size=chunk_size)):
+    if backend == HOPPER and (reason := hopper_unsupported_reason(q, k, v, power=power, chunk_size=chunk_size,
+                                                                  normalize=normalize)):
         raise ValueError(f"backend={HOPPER!r}: {reason}")
     batch, _, heads, dk = q.shape
     dv = v.shape[-1]

@@ -235,6 +235,24 @@ def matmul_add(acc, a, b, interpret):
     return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, a, b))(plgpu.ACC.init(acc))
 
 
+def matmuls(accs, products, interpret, staging=None):
+    """``accs`` after ``accs[i] += a @ b`` for every ``(i, a, b)`` of ``products`` (``a`` a register array or a
+    shared-memory ref, ``b`` a shared-memory ref). On the GPU they are issued together and waited for once; the
+    interpreter runs them one after another, a register ``a`` through ``staging``."""
+    if interpret:
+        accs = list(accs)
+        for i, a, b in products:
+            in_registers = isinstance(a, jax.Array)  # refs are not arrays
+            accs[i] = matmul_into(accs[i], a, b, staging) if in_registers else accs[i] + matmul(a, b, accs[i].shape)
+        return accs
+
+    def issue(acc_refs):
+        for i, a, b in products:
+            plgpu.wgmma(acc_refs[i], a, b)
+
+    return list(pl.run_state(issue)(tuple(plgpu.ACC.init(acc) for acc in accs)))
+
+
 def _kernel(q_ref, k_ref, v_ref, kd_ref, g_ref, t_ref, y_ref, *refs, q_smem, k_smem, v_smem, kd_smem,
             g_smem, stat_smem, q_bar, g_bar, k_bar, v_bar, kd_bar, consumed_bar, power, normalize, scale,
             num_heads, group, stages, dtype, dv, y_smem=None, y_low_smem=None, q_main_smem=None,

@@ -500,15 +500,18 @@ def _dkv_kernel(q_ref, k_ref, v_ref, kd_ref, t_ref, dy_ref, *refs, power, scale,
                     (d_cols, staged(d_cols, cols_ref), cols_ref.at[head, cols])])
 
 
-def to_global(outputs):
+def to_global(outputs, wait=True):
     """Each ``(value, smem, dst)`` in turn: ``value`` -> ``smem`` (once the copies before have read it: outputs
-    may share a tile) -> global ``dst``; then waits for the copies to land."""
+    may share a tile) -> global ``dst``; then, if ``wait``, waits for the copies to land. Writes inside a loop
+    pass ``wait=False`` (a round trip to global memory each time otherwise): the next write through the tile waits
+    only until the copy has read it, and the warpgroup's last full wait covers them all."""
     for value, smem, dst in outputs:
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         smem[...] = value.astype(smem.dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(smem, dst)
-    plgpu.wait_smem_to_gmem(0)
+    if wait:
+        plgpu.wait_smem_to_gmem(0)
 
 
 def add_to_global(value, smem, dst, total):

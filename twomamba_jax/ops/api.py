@@ -34,11 +34,15 @@ DENSE_MAX_ELEMENTS = 2**27  # B * H * N^2 above this (512 MiB per float32 tile) 
 # the flash-style kernel, beyond it the chunked one. Measured on the H200 (benchmarks/RESULTS.md, H=16, d=64,
 # bf16, fwd + bwd). With the Triton-lowered kernels ("gpu"): power 2 is faster flash-style at 2k / 4k / 8k tokens
 # (1.5 / 4.6 / 16.4 ms against 6.9 / 13.0 / 25.4) and chunked at 32k (25.9 ms against ~4 x 16.4); power 1 is
-# faster chunked at every length (0.67 against 1.34 ms at 2k). On Hopper (Mosaic GPU kernels): power 2 flash-style
-# 4.9 ms at 4 x 8192 against the chunked kernels' 10.4; chunked 13.2 ms at 1 x 32768 against ~19.5 for flash-style
-# (its 8k time scaled as B N^2; cuDNN 18.1); the two meet near 22k tokens a row (16k is the last power of two
-# below). Inputs the Mosaic GPU kernels do not take keep the "gpu" entry; so does CPU, which runs the GPU kernels.
-PARALLEL_MAX_LEN = {"gpu": {1: 0, 2: 8192}, "hopper": {1: 0, 2: 16384}, "cpu": {1: 0, 2: 8192}}
+# faster chunked at every length (0.67 against 1.34 ms at 2k). On Hopper (Mosaic GPU kernels), power 2 at one row:
+# flash-style 4.43 / 9.59 ms at 16k / 24k tokens against the chunked kernels' 6.65 / 9.96, chunked 13.2 ms at 32k
+# against ~19.5 (flash-style's 8k time scaled as N^2); at 2 x 16384 8.92 against 11.33. Inputs the Mosaic GPU
+# kernels do not take keep the "gpu" entry; so does CPU, which runs the GPU kernels.
+PARALLEL_MAX_LEN = {"gpu": {1: 0, 2: 8192}, "hopper": {1: 0, 2: 24576}, "cpu": {1: 0, 2: 8192}}
+# Power 1 on Hopper: the Mosaic GPU chunked kernels walk one head per program, the Triton ones split dv over
+# programs when few heads run; measured on the H200 (fwd + bwd), Mosaic GPU 1.45 ms against 1.63 at 4 x 8192 with
+# 16 heads (64 programs), 4.21 against 3.74 at 1 x 32768 (16). Below this many rows times heads, Triton.
+HOPPER_POWER1_MIN_HEADS = 64
 
 
 def _dense_is_small(batch_heads: int, length: int) -> bool:
@@ -99,10 +103,10 @@ def _log_fallback(reason: str, fallback: str = "chunked", requested: str = "pall
                     family, reason, fallback)
 
 
-def _kernel(family: str, q, k, v, *, power, requested, **limits):
+def _kernel(family: str, q, k, v, *, power, requested, normalize=None, **limits):
     """The Pallas kernels of ``family`` ("chunked" or "parallel") where they take these inputs on this backend
     (interpret mode on CPU), else None, said once; ``limits`` go to the family's ``unsupported_reason``. On a
-    Hopper GPU the Mosaic GPU kernels where they take the inputs."""
+    Hopper GPU the Mosaic GPU kernels where they take the inputs (the chunked ones also by ``normalize``)."""
     # Imported here: the kernels build on the ops, so the ops reach them only at call time.
     if family == "chunked":
         from twomamba_jax.kernels.chunked import chunked_attention_pallas as attention, unsupported_reason
@@ -123,8 +127,9 @@ def _kernel(family: str, q, k, v, *, power, requested, **limits):
     if family == "chunked" and backend == "gpu" and _has_wgmma():
         from twomamba_jax.kernels.chunked import hopper_unsupported_reason
 
-        if hopper_unsupported_reason(q, k, v, power=power, **limits) is None:  # else the Triton kernels
-            kernel_backend = "mosaic_gpu"
+        few_heads = power == 1 and q.shape[0] * q.shape[2] < HOPPER_POWER1_MIN_HEADS
+        if not few_heads and hopper_unsupported_reason(q, k, v, power=power, normalize=normalize, **limits) is None:
+            kernel_backend = "mosaic_gpu"  # else the Triton kernels
     return functools.partial(attention, backend=kernel_backend, interpret=backend == "cpu")
 
 
@@ -258,7 +263,8 @@ def decayed_attention(
     k, v = _ungroup(k, v, heads)  # only the flash-style kernels read grouped keys in place
     kernel = None
     if impl == "pallas_chunked":
-        kernel = _kernel("chunked", q, k, v, power=power, chunk_size=chunk_size, requested=requested)
+        kernel = _kernel("chunked", q, k, v, power=power, chunk_size=chunk_size, requested=requested,
+                         normalize=normalize)
     if impl == "reference":
         out = reference_attention(q, k, v, log_decay, max_len=max_len, **common)
     elif kernel is not None:

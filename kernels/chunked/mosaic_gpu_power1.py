@@ -1,0 +1,228 @@
+"""Chunked power 1 (unnormalized) for Hopper GPUs in Mosaic GPU, forward and backward: each head's (d, dv) state
+is one 64 x 64 wgmma accumulator that one warpgroup carries through the chunks (``state_walk``) and never writes to
+memory but at the ends (and, in the backward, at the log-decay's checkpoints).
+
+With g the chunk-local cumulative log-decay, g_L its last value, c_t = scale e^(g_t), u_t = e^(g_L - g_t) and S
+the state before the chunk (all factors <= scale: nothing overflows; a document start's log-decay of -256 makes
+them exact zeros, see ``ops.numerics``):
+
+    y = c (q S) + W v,  W = (scale q k^T) * e^(g_i - g_j) masked to j <= i;  S <- e^(g_L) S + k^T (v u).
+
+Three kernels, grid (B H,), three warpgroups (two compute, one streaming the chunks' tiles by TMA):
+
+- ``_forward_kernel``: warpgroup 0 walks S and adds (q c) S to y, warpgroup 1 adds each chunk's W v.
+- ``_dq_kernel``, first chunk to last: warpgroup 0 walks S again for ``dq += (dy c) S^T`` and keeps S at the
+  checkpoints; warpgroup 1 takes each chunk's intra-chunk dq, dk, dv (``intra_backward``).
+- ``_dkv_kernel``, last chunk to first: warpgroup 0 walks the state's cotangent dS from the final state's:
+  ``dv += (k u) dS``, ``dk += (v u) dS^T``, ``dS <- e^(g_L) dS + q^T (dy c)``; what is left is the initial
+  state's cotangent. dS is kept at the checkpoints.
+
+The log-decay's cotangent is that of ``mosaic_gpu_backward``, for weights of degree 1 in their query and key: the
+row and column sums of dW * W are q.dq and k.dk; their difference summed in reverse within each segment of
+``checkpoint_interval`` chunks, plus <S, dS> at the segment's end. Head dims 64, bfloat16 operands, float32
+states; the normalized power 1 keeps the Triton kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from twomamba_jax.kernels.chunked.mosaic_gpu import (CHUNK, F32, Readout, chunk_ring, head_grid, intra_gradients,
+                                                     intra_tile, launch, loaders, own_scratch, own_tiles, pad_tokens,
+                                                     program_head, ring_scratch, state_walk, token_tiles, vectors,
+                                                     zeros)
+from twomamba_jax.kernels.chunked.mosaic_gpu_backward import (_at_checkpoint, _segment_sums, checkpoint_interval,
+                                                              checkpoints)
+from twomamba_jax.kernels.layout import heads_first
+from twomamba_jax.kernels.parallel.mosaic_gpu import LOG2E, interpret_params, matmul_into, stream
+from twomamba_jax.kernels.parallel.mosaic_gpu_backward import add_to_global, to_global
+
+STATE_BYTES_PER_HEAD = 2 * 64 * 64 * 4  # a checkpoint of S and of dS, float32
+
+
+def _decays(log_decay, scale, padded):
+    """(c = scale e^g, u = e^(g_L - g), both (B H, Np); e^(g_L) (B H, chunks); g log2(e) (B H, Np)) of the
+    log-decay (B, N, H)."""
+    gamma = jnp.cumsum(heads_first(log_decay.astype(F32), padded).reshape(-1, padded // CHUNK, CHUNK), -1)
+    last = gamma[..., -1:]
+    flat = lambda x: x.reshape(-1, padded)
+    return flat(scale * jnp.exp(gamma)), flat(jnp.exp(last - gamma)), jnp.exp(last[..., 0]), flat(gamma * LOG2E)
+
+
+def forward(q, k, v, log_decay, state0, *, scale, stages=2, interpret=False):
+    """q, k, v: (B, N, H, 64) bfloat16; log_decay: (B, N, H) float32 (<= 0); state0: (B H, 64, 64) float32.
+    Returns y (B, N, H, 64) float32 and the final state (B H, 64, 64) float32."""
+    batch, length, heads, dim = q.shape
+    interpret = interpret_params(interpret)
+    padded = -(-length // CHUNK) * CHUNK
+    c, u, chunk_decay, log2_decay = _decays(log_decay, scale, padded)
+    bh = c.shape[0]
+    y = jax.new_ref(jnp.zeros((2 if interpret else 1, batch, padded, heads, dim), F32))
+    state = launch(
+        functools.partial(_forward_kernel, scale=scale, num_heads=heads, stages=stages, num_chunks=padded // CHUNK,
+                          interpret=interpret), "twomamba_chunked_power1",
+        jax.ShapeDtypeStruct((bh, dim, dim), F32),
+        {**ring_scratch(stages, q.dtype, "qkv", vectors("c", "ek", "g_rows", "g_cols")),
+         **own_scratch(q.dtype, interpret)}, head_grid(bh), interpret)(
+        *(pad_tokens(x, padded) for x in (q, k, v)), c, u, log2_decay, log2_decay, chunk_decay, state0, y)
+    y = y[...].sum(0) if interpret else y[...][0]
+    return y[:, :length], state
+
+
+def backward(q, k, v, log_decay, d_out, state0, d_state, carried, *, scale, stages=2, interpret=False):
+    """Cotangents of ``forward``'s inputs: d_out (B, N, H, 64) of y, d_state (B H, 64, 64) of the final state,
+    carried (B H,) the final state's <S, dS>. Returns dq, dk, dv, d_log_decay (B, N, H) and the initial state's
+    cotangent, float32."""
+    batch, length, heads, dim = q.shape
+    interpret = interpret_params(interpret)
+    padded = -(-length // CHUNK) * CHUNK
+    num_chunks = padded // CHUNK
+    c, u, chunk_decay, log2_decay = _decays(log_decay, scale, padded)
+    bh = c.shape[0]
+    interval = checkpoint_interval(bh, num_chunks, STATE_BYTES_PER_HEAD)
+    kept = checkpoints(num_chunks, interval)
+    tokens = jax.ShapeDtypeStruct((batch, padded, heads, dim), F32)
+    kept_states = jax.ShapeDtypeStruct((bh, max(kept, 1), dim, dim), F32)  # never written if kept = 0
+    common = dict(num_heads=heads, stages=stages, num_chunks=num_chunks, interval=interval, interpret=interpret)
+    q, k, v, dy = (pad_tokens(x, padded) for x in (q, k, v, d_out.astype(q.dtype)))
+
+    dq_inter, dq_intra, dk_intra, dv_intra, kept_s = launch(
+        functools.partial(_dq_kernel, scale=scale, **common), "twomamba_chunked_power1_dq",
+        (tokens, tokens, tokens, tokens, kept_states),
+        {**ring_scratch(stages, q.dtype, ("q", "k", "v", "dy"), vectors("c", "ek", "g_rows", "g_cols")),
+         **own_scratch(q.dtype, interpret)}, head_grid(bh), interpret)(
+        q, k, v, dy, c, u, log2_decay, log2_decay, chunk_decay, state0)
+    dk_inter, dv_inter, d_state0, kept_ds = launch(
+        functools.partial(_dkv_kernel, **common), "twomamba_chunked_power1_dkv",
+        (tokens, tokens, jax.ShapeDtypeStruct((bh, dim, dim), F32), kept_states),
+        {**ring_scratch(stages, q.dtype, ("q", "k", "v", "dy"), vectors("c", "ek"), consumers=1),
+         **own_scratch(q.dtype, interpret)}, head_grid(bh), interpret)(
+        q, k, v, dy, c, u, chunk_decay, d_state)
+
+    dq, dk, dv = dq_inter + dq_intra, dk_inter + dk_intra, dv_inter + dv_intra
+    spans = jnp.sum(q.astype(F32) * dq, -1) - jnp.sum(k.astype(F32) * dk, -1)  # row minus column sums of dW W
+    ends = jnp.concatenate([jnp.sum(kept_s[:, :kept] * kept_ds[:, :kept], axis=(2, 3)), carried[:, None]], 1)
+    d_log_decay = _segment_sums(spans, ends.reshape(batch, heads, kept + 1), interval)
+    cut = lambda x: x[:, :length]
+    return cut(dq), cut(dk), cut(dv), cut(d_log_decay), d_state0
+
+
+def _head_ring(smem, refs, names, per_token, num_heads, num_chunks, stages, reverse=False):
+    """The frame of a kernel over B H: starts the memory warpgroup streaming every chunk's tiles ``refs`` (token
+    -major (B, Np, H, d), as ``names``) and ``per_token`` (name -> (B H, Np) ref). Returns (head of B H, batch,
+    query head, wait_tile, rows_of(ref, c): chunk c's (C, d) rows of a token-major output)."""
+    head, batch, query_head = program_head(num_heads)
+    sources = {name: (lambda t, ref=ref: ref.at[head, t]) for name, ref in per_token.items()}
+    issue, wait_tile, _ = chunk_ring(smem, token_tiles(refs, names, batch, query_head), sources, num_chunks,
+                                     reverse=reverse)
+    pl.when(lax.axis_index("wg") == 2)(lambda: stream(jnp.int32(num_chunks), stages, smem["consumed_bar"], issue))
+    return head, batch, query_head, wait_tile, lambda ref, c: ref.at[batch, pl.ds(c * CHUNK, CHUNK), query_head]
+
+
+def intra_weights(tile, column, slot, scale):
+    """A chunk's (C, C) weights W = scale q k^T e^(g_i - g_j), masked to j <= i, and the decay alone."""
+    scores, decay = intra_tile(tile("q", slot), tile("k", slot), column("g_rows", slot, 1),
+                               column("g_cols", slot, 0), scale)
+    return scores * decay, decay
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, c_ref, ek_ref, g_rows_ref, g_cols_ref, cd_ref, s0_ref, y_ref, s_ref, *,
+                    scale, num_heads, stages, num_chunks, interpret, **smem):
+    head, _, _, wait_tile, rows_of = _head_ring(
+        smem, (q_ref, k_ref, v_ref), "qkv", {"c": c_ref, "ek": ek_ref, "g_rows": g_rows_ref, "g_cols": g_cols_ref},
+        num_heads, num_chunks, stages)
+    wg = lax.axis_index("wg")
+    tile, _, column = loaders(smem)
+    _, _, f32_tile, staging, total = own_tiles(smem, wg)
+    add_y = lambda c, y: add_to_global(y, f32_tile, rows_of(y_ref.at[wg if interpret else 0], c), total)
+
+    @pl.when(wg == 0)
+    def _walk():  # y += (q c) S
+        plgpu.set_max_registers(232, action="increase")
+        state = state_walk(smem, wg, s0_ref.at[head], lambda c: cd_ref[head, c], wait_tile, [Readout("q", "c")],
+                           ("k", "v", "ek"), lambda slot, results: results[0], add_y, num_chunks=num_chunks,
+                           stages=stages, interpret=interpret)
+        to_global([(state, f32_tile, s_ref.at[head])])
+
+    @pl.when(wg == 1)
+    def _intra():  # y += W v
+        plgpu.set_max_registers(232, action="increase")
+
+        @pl.loop(jnp.int32(0), jnp.int32(num_chunks))
+        def _(c):
+            slot = lax.rem(c, jnp.int32(stages))
+            wait_tile(slot)
+            weights = intra_weights(tile, column, slot, scale)[0].astype(q_ref.dtype)
+            y = matmul_into(zeros(), weights, tile("v", slot), staging)
+            plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
+            add_y(c, y)
+
+        plgpu.wait_smem_to_gmem(0)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, dy_ref, c_ref, ek_ref, g_rows_ref, g_cols_ref, cd_ref, s0_ref, dq_inter_ref,
+               dq_intra_ref, dk_intra_ref, dv_intra_ref, kept_ref, *, scale, num_heads, stages, num_chunks, interval,
+               interpret, **smem):
+    head, _, _, wait_tile, rows_of = _head_ring(
+        smem, (q_ref, k_ref, v_ref, dy_ref), ("q", "k", "v", "dy"),
+        {"c": c_ref, "ek": ek_ref, "g_rows": g_rows_ref, "g_cols": g_cols_ref}, num_heads, num_chunks, stages)
+    wg = lax.axis_index("wg")
+    tile, _, column = loaders(smem)
+    ds_tile, w_tile, f32_tile, staging, _ = own_tiles(smem, wg)
+
+    @pl.when(wg == 0)
+    def _walk():  # dq += (dy c) S^T
+        plgpu.set_max_registers(232, action="increase")
+        state_walk(smem, wg, s0_ref.at[head], lambda c: cd_ref[head, c], wait_tile, [Readout("dy", "c", True)],
+                   ("k", "v", "ek"), lambda slot, results: results[0],
+                   lambda c, dq: to_global([(dq, f32_tile, rows_of(dq_inter_ref, c))], wait=False),
+                   num_chunks=num_chunks, stages=stages, interpret=interpret,
+                   keep=lambda c, s: _at_checkpoint(c, num_chunks, interval,
+                                                    lambda m: to_global([(s, f32_tile, kept_ref.at[head, m])])))
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 1)
+    def _intra():
+        plgpu.set_max_registers(232, action="increase")
+
+        @pl.loop(jnp.int32(0), jnp.int32(num_chunks))
+        def _(c):
+            slot = lax.rem(c, jnp.int32(stages))
+            wait_tile(slot)
+            dq, dk, dv = intra_gradients(tile, column, slot, power=1, scale=scale, ds_tile=ds_tile, w_tile=w_tile,
+                                         staging=staging, interpret=interpret)
+            plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
+            to_global([(dq, f32_tile, rows_of(dq_intra_ref, c)), (dk, f32_tile, rows_of(dk_intra_ref, c)),
+                       (dv, f32_tile, rows_of(dv_intra_ref, c))], wait=False)
+
+        plgpu.wait_smem_to_gmem(0)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, dy_ref, c_ref, ek_ref, cd_ref, ds_ref, dk_ref, dv_ref, ds0_ref, kept_ref, *,
+                num_heads, stages, num_chunks, interval, interpret, **smem):
+    head, _, _, wait_tile, rows_of = _head_ring(
+        smem, (q_ref, k_ref, v_ref, dy_ref), ("q", "k", "v", "dy"), {"c": c_ref, "ek": ek_ref}, num_heads,
+        num_chunks, stages, reverse=True)
+    wg = lax.axis_index("wg")
+    f32_tile = smem["f32_smem"].at[wg]
+
+    def write(c, grads):
+        dv, dk = grads
+        to_global([(dv, f32_tile, rows_of(dv_ref, c)), (dk, f32_tile, rows_of(dk_ref, c))], wait=False)
+
+    @pl.when(wg == 0)
+    def _walk():  # dv += (k u) dS, dk += (v u) dS^T, dS <- e^(g_L) dS + q^T (dy c)
+        plgpu.set_max_registers(232, action="increase")
+        grad = state_walk(smem, wg, ds_ref.at[head], lambda c: cd_ref[head, c], wait_tile,
+                          [Readout("k", "ek"), Readout("v", "ek", True)], ("q", "dy", "c"),
+                          lambda slot, results: results, write, num_chunks=num_chunks, stages=stages,
+                          interpret=interpret, reverse=True,
+                          keep=lambda c, ds: _at_checkpoint(
+                              c, num_chunks, interval, lambda m: to_global([(ds, f32_tile, kept_ref.at[head, m])])))
+        to_global([(grad, f32_tile, ds0_ref.at[head])])
