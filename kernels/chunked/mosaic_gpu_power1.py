@@ -12,7 +12,7 @@ Three kernels, grid (B H,), three warpgroups (two compute, one streaming the chu
 
 - ``_forward_kernel``: warpgroup 0 walks S and adds (q c) S to y, warpgroup 1 adds each chunk's W v.
 - ``_dq_kernel``, first chunk to last: warpgroup 0 walks S again for ``dq += (dy c) S^T`` and keeps S at the
-  checkpoints; warpgroup 1 takes each chunk's intra-chunk dq, dk, dv (``intra_backward``).
+  checkpoints; warpgroup 1 takes each chunk's intra-chunk dq, dk, dv (``intra_gradients``).
 - ``_dkv_kernel``, last chunk to first: warpgroup 0 walks the state's cotangent dS from the final state's:
   ``dv += (k u) dS``, ``dk += (v u) dS^T``, ``dS <- e^(g_L) dS + q^T (dy c)``; what is left is the initial
   state's cotangent. dS is kept at the checkpoints.
@@ -126,10 +126,10 @@ def _head_ring(smem, refs, names, per_token, num_heads, num_chunks, stages, reve
 
 
 def intra_weights(tile, column, slot, scale):
-    """A chunk's (C, C) weights W = scale q k^T e^(g_i - g_j), masked to j <= i, and the decay alone."""
+    """A chunk's (C, C) weights W = scale q k^T e^(g_i - g_j), masked to j <= i."""
     scores, decay = intra_tile(tile("q", slot), tile("k", slot), column("g_rows", slot, 1),
                                column("g_cols", slot, 0), scale)
-    return scores * decay, decay
+    return scores * decay
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, c_ref, ek_ref, g_rows_ref, g_cols_ref, cd_ref, s0_ref, y_ref, s_ref, *,
@@ -158,7 +158,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, c_ref, ek_ref, g_rows_ref, g_cols_ref, 
         def _(c):
             slot = lax.rem(c, jnp.int32(stages))
             wait_tile(slot)
-            weights = intra_weights(tile, column, slot, scale)[0].astype(q_ref.dtype)
+            weights = intra_weights(tile, column, slot, scale).astype(q_ref.dtype)
             y = matmul_into(zeros(), weights, tile("v", slot), staging)
             plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
             add_y(c, y)

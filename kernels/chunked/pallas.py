@@ -167,14 +167,19 @@ def _attention_fwd(q, k, v, log_decay, numerator0, normalizer0, config):
     return outputs, (q, k, v, log_decay, numerator0, normalizer0, outputs[0], token_normalizer, *final_states)
 
 
-def _output_cotangents(d_y, y, token_normalizer, normalize):
+def _output_cotangents(d_y, y, token_normalizer, normalize, kernel_dtype=None):
     """(cotangent of the unnormalized output, of the normalizer): y = numerator / max(normalizer, eps) when
-    normalized. d_y, y: (B H, Np, dv); token_normalizer: (B H, Np)."""
+    normalized. d_y, y: (B H, Np, dv); token_normalizer: (B H, Np). ``kernel_dtype``: the dtype the kernels read
+    the first in; the second is then taken from it as rounded (-d_num . y), so that the two cancel where they
+    should: at a document's first token y = v, and any mismatch came back divided by its small normalizer."""
     if not normalize:
         return d_y, jnp.zeros_like(token_normalizer)
     safe = jnp.maximum(token_normalizer, NORMALIZER_EPS)
-    d_den = jnp.where(token_normalizer > NORMALIZER_EPS, -jnp.sum(d_y * y, -1) / safe, 0.0)
-    return d_y / safe[..., None], d_den
+    d_num = d_y / safe[..., None]
+    if kernel_dtype is not None:
+        d_num = d_num.astype(kernel_dtype).astype(jnp.float32)
+    d_den = jnp.where(token_normalizer > NORMALIZER_EPS, -jnp.sum(d_num * y, -1), 0.0)
+    return d_num, d_den
 
 
 def _backward_hopper(config, residuals, cotangents):
@@ -186,7 +191,8 @@ def _backward_hopper(config, residuals, cotangents):
         d_normalizer = jnp.zeros_like(d_normalizer)
     padded = token_normalizer.shape[1]
     d_out, d_den = _output_cotangents(heads_first(d_y.astype(jnp.float32), padded),
-                                      heads_first(y.astype(jnp.float32), padded), token_normalizer, config.normalize)
+                                      heads_first(y.astype(jnp.float32), padded), token_normalizer, config.normalize,
+                                      q.dtype)
     carried = (jnp.sum(numerator * d_numerator, axis=(2, 3)) + jnp.sum(normalizer * d_normalizer, axis=2))
     flat = lambda x: x.reshape(batch * heads, *x.shape[2:]).astype(jnp.float32)
     if config.power == 1:  # unnormalized: d_out is d_y, and the normalizer passed through
@@ -221,7 +227,8 @@ def _attention_bwd(config, residuals, cotangents):
 
     padded = p.q.shape[1]
     d_out, d_den = _output_cotangents(heads_first(d_y.astype(jnp.float32), padded),
-                                      heads_first(y.astype(jnp.float32), padded), token_normalizer, config.normalize)
+                                      heads_first(y.astype(jnp.float32), padded), token_normalizer, config.normalize,
+                                      q.dtype)
     if not config.normalize:  # the normalizer is no output the caller sees
         d_normalizer = jnp.zeros_like(d_normalizer)
     padded_features = p.numerator0.shape[1]

@@ -211,7 +211,7 @@ def decayed_attention(
         ``KERNEL_DOCUMENT_START`` (-256: weights across a start are exactly 0 in them as well; within-document
         weights after a start carry up to ~5e-4 relative error, below bfloat16's rounding); with float32
         operands "pallas*" and "auto" run "chunked" (powers) or "reference" (exp) instead, and so does a
-        normalized power that would run the chunked kernels, said once.
+        normalized power that would run the Triton or TPU chunked kernels (the Hopper ones take it), said once.
 
     Returns:
       y: (B, N, H, dv) in q's dtype, or ``(y, state)`` with ``return_state=True``.
@@ -256,15 +256,16 @@ def decayed_attention(
         if kernel is not None:
             return kernel(q, k, v, kernel_log_decay, power=power, normalize=normalize, scale=scale)
         impl = "reference" if power == "exp" else "pallas_chunked"
-    if impl == "pallas_chunked" and segment_ids is not None and normalize:
-        impl = "chunked"
-        _log_fallback("segment_ids with a normalized power (the chunked kernels' normalizer cotangent amplifies "
-                      "rounding at each document's first tokens)", impl, requested, "chunked Pallas")
     k, v = _ungroup(k, v, heads)  # only the flash-style kernels read grouped keys in place
     kernel = None
     if impl == "pallas_chunked":
         kernel = _kernel("chunked", q, k, v, power=power, chunk_size=chunk_size, requested=requested,
                          normalize=normalize)
+        if kernel is not None and segment_ids is not None and normalize and kernel.keywords["backend"] != "mosaic_gpu":
+            kernel = None  # the jnp chunked form
+            _log_fallback("segment_ids with a normalized power (the Triton and TPU chunked kernels' normalizer "
+                          "cotangent amplifies rounding at each document's first tokens)", "chunked", requested,
+                          "chunked Pallas")
     if impl == "reference":
         out = reference_attention(q, k, v, log_decay, max_len=max_len, **common)
     elif kernel is not None:
