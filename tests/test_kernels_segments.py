@@ -79,11 +79,8 @@ def _check(rng, kernel, length, dim, power, normalize):
                                   np.asarray(y[0, last:], np.float32))
 
 
-# The Triton and TPU chunked kernels unnormalized only: with segment ids a normalized power runs the jnp chunked
-# form instead (their normalizer cotangent amplifies rounding at a document's first tokens; see the test after
-# the Hopper one; the Hopper chunked kernels take it).
 TRITON_CASES = [("parallel", 1, None), ("parallel", 2, "softmax"), ("parallel", "exp", "softmax"),
-                ("parallel", "exp", None), ("chunked", 2, None)]
+                ("parallel", "exp", None), ("chunked", 2, None), ("chunked", 2, "softmax"), ("chunked", 1, "softmax")]
 
 
 @pytest.mark.parametrize("family,power,normalize", TRITON_CASES)
@@ -91,10 +88,11 @@ def test_triton_kernels_mask_documents(rng, family, power, normalize):
     _check(rng, _kernel(family, "triton", power, normalize), 150, 16, power, normalize)
 
 
-def test_tpu_kernels_mask_documents(rng):
-    """The flash-style kernel (the TPU's chunked kernels take the log-decays as the Triton ones do, as factors
-    <= 1)."""
-    _check(rng, _kernel("parallel", "tpu", 2, "softmax"), 150, 16, 2, "softmax")
+@pytest.mark.parametrize("family", ["parallel", "chunked"])
+def test_tpu_kernels_mask_documents(rng, family):
+    """The flash-style kernel and the chunked ones, normalized (the chunked ones take the log-decays as the Triton
+    ones do, as factors <= 1)."""
+    _check(rng, _kernel(family, "tpu", 2, "softmax"), 150, 16, 2, "softmax")
 
 
 @pytest.mark.parametrize("family,power,normalize", [("parallel", 2, "softmax"), ("parallel", "exp", "softmax"),
@@ -121,27 +119,6 @@ def test_decayed_attention_runs_the_kernels_for_16_bit_operands_and_falls_back_f
     assert "segment_ids with float32 operands" in caplog.text
     assert rel_error(y32, ops.decayed_attention(q32, k32, v32, a, impl="chunked", **options)) < 1e-6
     y_chunked = ops.decayed_attention(q, k, v, a, impl="pallas_chunked", chunk_size=16, **options)
-    assert "segment_ids with a normalized power" in caplog.text
-    np.testing.assert_array_equal(np.asarray(y_chunked, np.float32), np.asarray(
-        ops.decayed_attention(q, k, v, a, impl="chunked", chunk_size=16, **options), np.float32))
-
-
-def test_hopper_gpus_run_normalized_powers_with_segment_ids_on_the_chunked_kernels(rng, monkeypatch, caplog):
-    """On a GPU with wgmma a normalized power with segment ids past the flash-style limit takes the Mosaic GPU
-    chunked kernels (checked above against each document alone), not the jnp fallback that the Triton ones get."""
-    from twomamba_jax.kernels import chunked as chunked_kernels
-    from twomamba_jax.ops import api
-
-    calls = []
-    monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(api, "_has_wgmma", lambda: True)
-    monkeypatch.setattr(chunked_kernels, "chunked_attention_pallas",
-                        lambda q, k, v, a, **kw: calls.append(kw["backend"]) or jnp.zeros_like(v))
-    q, k, v, a = _inputs(rng, 150, 64, 2, "softmax")
-    options = dict(power=2, normalize="softmax", scale=SCALE, segment_ids=segment_ids(STARTS[150], 150))
-    ops.decayed_attention(q, k, v, a, impl="pallas_chunked", chunk_size=64, **options)
-    assert calls == ["mosaic_gpu"] and "segment_ids" not in caplog.text
-    monkeypatch.setattr(api, "_has_wgmma", lambda: False)
-    api._log_fallback.cache_clear()  # said once per process
-    ops.decayed_attention(q, k, v, a, impl="pallas_chunked", chunk_size=64, **options)
-    assert calls == ["mosaic_gpu"] and "segment_ids with a normalized power" in caplog.text
+    np.testing.assert_array_equal(np.asarray(y_chunked, np.float32),
+                                  np.asarray(_kernel("chunked", "triton", 2, "softmax")(q, k, v, a, ids), np.float32))
+    assert caplog.text.count("segment_ids") == 1  # only the float32 request fell back

@@ -170,8 +170,9 @@ def chunk_outputs(q, k, v, gamma, numerators, normalizers, pair_rows, pair_cols,
             scores = dot(q_c, k_ref[...], trans_b=True)
             scores = scores if power == 1 else scores * scores
             weights_ij = scores * causal_decay(g, gr_ref[...], chunk_size)[1]
-            numerator[...] = dot(weights_ij.astype(v_c.dtype), v_c)
-            denominator[...] = jnp.sum(weights_ij, axis=1, keepdims=True)
+            weights_ij = weights_ij.astype(v_c.dtype)  # summed as the matmul reads them
+            numerator[...] = dot(weights_ij, v_c)
+            denominator[...] = jnp.sum(weights_ij.astype(jnp.float32), axis=1, keepdims=True)
 
         selectors = block_selectors(pr_ref[...], pc_ref[...], dk, q_c.dtype, power)
         phi = features(q_c, selectors, w_ref[...], power) * jnp.exp(g)

@@ -142,8 +142,9 @@ def chunk_outputs(q, k, v, gamma, numerators, normalizers, pair_rows, pair_cols,
         scores = dot(q_c, k_ref[head, ts, :], trans_b=True)
         scores = scores if power == 1 else scores * scores
         weights_ij = scores * causal_decay(g[:, None], g[None, :], chunk_size)[1]
-        numerator = dot(weights_ij.astype(v_c.dtype), v_c)
-        denominator = jnp.sum(weights_ij, axis=1)
+        weights_ij = weights_ij.astype(v_c.dtype)  # summed as the matmul reads them
+        numerator = dot(weights_ij, v_c)
+        denominator = jnp.sum(weights_ij.astype(jnp.float32), axis=1)
         inflow = jnp.exp(g)[:, None]
 
         def add_block(fblock, carry):

@@ -210,8 +210,7 @@ def decayed_attention(
         returned state holds only the last. The Pallas kernels take it for 16-bit operands, as a log-decay of
         ``KERNEL_DOCUMENT_START`` (-256: weights across a start are exactly 0 in them as well; within-document
         weights after a start carry up to ~5e-4 relative error, below bfloat16's rounding); with float32
-        operands "pallas*" and "auto" run "chunked" (powers) or "reference" (exp) instead, and so does a
-        normalized power that would run the Triton or TPU chunked kernels (the Hopper ones take it), said once.
+        operands "pallas*" and "auto" run "chunked" (powers) or "reference" (exp) instead, said once.
 
     Returns:
       y: (B, N, H, dv) in q's dtype, or ``(y, state)`` with ``return_state=True``.
@@ -261,11 +260,6 @@ def decayed_attention(
     if impl == "pallas_chunked":
         kernel = _kernel("chunked", q, k, v, power=power, chunk_size=chunk_size, requested=requested,
                          normalize=normalize)
-        if kernel is not None and segment_ids is not None and normalize and kernel.keywords["backend"] != "mosaic_gpu":
-            kernel = None  # the jnp chunked form
-            _log_fallback("segment_ids with a normalized power (the Triton and TPU chunked kernels' normalizer "
-                          "cotangent amplifies rounding at each document's first tokens)", "chunked", requested,
-                          "chunked Pallas")
     if impl == "reference":
         out = reference_attention(q, k, v, log_decay, max_len=max_len, **common)
     elif kernel is not None:
