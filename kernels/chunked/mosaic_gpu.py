@@ -269,6 +269,19 @@ def program_head(num_heads):
     return head, lax.div(head, jnp.int32(num_heads)), lax.rem(head, jnp.int32(num_heads))
 
 
+def head_program(smem, refs, names, per_token, num_heads, num_chunks, stages, reverse=False):
+    """The frame of a kernel of one program a head (``head_grid``): starts the memory warpgroup streaming every
+    chunk's tiles ``refs`` (token-major (B, Np, H, d), as ``names``) and ``per_token`` (name -> (B H, Np) ref).
+    Returns (head of B H, batch, query head, wait_tile, rows_of(ref, c): chunk c's (C, d) rows of a token-major
+    output)."""
+    head, batch, query_head = program_head(num_heads)
+    sources = {name: (lambda t, ref=ref: ref.at[head, t]) for name, ref in per_token.items()}
+    issue, wait_tile, _ = chunk_ring(smem, token_tiles(refs, names, batch, query_head), sources, num_chunks,
+                                     reverse=reverse)
+    pl.when(lax.axis_index("wg") == 2)(lambda: stream(jnp.int32(num_chunks), stages, smem["consumed_bar"], issue))
+    return head, batch, query_head, wait_tile, lambda ref, c: ref.at[batch, pl.ds(c * CHUNK, CHUNK), query_head]
+
+
 def send_rows(smem, src_of_row):
     """Memory warpgroup: rows 0-3 of the program (``src_of_row(row)``, a (64, 64) float32 global tile) to
     compute warpgroup 0 and rows 4-7 to warpgroup 1, one at a time through each one's float32 tile."""
@@ -462,14 +475,11 @@ def _numerator_kernel(q_ref, k_ref, v_ref, rq_ref, rk_ref, cd_ref, s0_ref, y_ref
 
 def _normalizer_kernel(q_ref, k_ref, v_ref, er_ref, ek_ref, g_rows_ref, g_cols_ref, cd_ref, z0_ref, y_ref, den_ref,
                        z_ref, *, scale, num_heads, stages, num_chunks, interpret, **smem):
-    head, batch, query_head = program_head(num_heads)
-    wg = lax.axis_index("wg")
     # g twice (rows and columns of the intra-chunk tile): layout inference gives a shared-memory vector one layout
-    per_token = {name: (lambda t, ref=ref: ref.at[head, t])
-                 for name, ref in zip(("er", "ek", "g_rows", "g_cols"), (er_ref, ek_ref, g_rows_ref, g_cols_ref))}
-    issue, wait_tile, _ = chunk_ring(smem, token_tiles((q_ref, k_ref, v_ref), "qkv", batch, query_head),
-                                     per_token, num_chunks)
-    pl.when(wg == 2)(lambda: stream(jnp.int32(num_chunks), stages, smem["consumed_bar"], issue))
+    head, batch, query_head, wait_tile, _ = head_program(
+        smem, (q_ref, k_ref, v_ref), "qkv", {"er": er_ref, "ek": ek_ref, "g_rows": g_rows_ref, "g_cols": g_cols_ref},
+        num_heads, num_chunks, stages)
+    wg = lax.axis_index("wg")
     tile, _, column = loaders(smem)
 
     def write_den(den, c):

@@ -38,12 +38,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from twomamba_jax.kernels.chunked.mosaic_gpu import (CHUNK, F32, HEAD_DIM, ROWS_PER_PROGRAM, ROWS_PER_WARPGROUP,
-                                                     Readout, chunk_ring, head_grid, intra_gradients, launch, loaders,
-                                                     operands, own_scratch, own_tiles, pad_tokens, program_head,
+                                                     Readout, head_grid, head_program, intra_gradients, launch,
+                                                     loaders, operands, own_scratch, own_tiles, pad_tokens,
                                                      receive_rows, ring_scratch, row_blocks, row_blocks_of, row_grid,
-                                                     row_program, row_sum_with, rows_to_global, scaled_rows, state_walk,
-                                                     store, token_tiles, update, vectors, zeros)
-from twomamba_jax.kernels.parallel.mosaic_gpu import interpret_params, matmul, matmul_into, stream
+                                                     row_program, row_sum_with, rows_to_global, scaled_rows,
+                                                     state_walk, store, update, vectors, zeros)
+from twomamba_jax.kernels.parallel.mosaic_gpu import interpret_params, matmul, matmul_into
 from twomamba_jax.kernels.parallel.mosaic_gpu_backward import add_to_global, to_global
 
 CHECKPOINT = 16  # chunks per segment of the log-decay's cotangent (states kept after every 16th chunk), at least
@@ -265,16 +265,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, dy_ref, rq_ref, rk_ref, cd_ref, ds_ref, dv_
 def _normalizer_dq_kernel(q_ref, k_ref, v_ref, dy_ref, c_ref, ek_ref, g_rows_ref, g_cols_ref, dden_ref, cd_ref,
                           z0_ref, dv_ref, dq_norm_ref, dq_intra_ref, dk_intra_ref, kept_ref, *, scale, num_heads,
                           stages, num_chunks, interval, interpret, **smem):
-    head, batch, query_head = program_head(num_heads)
+    head, batch, query_head, wait_tile, rows_of = head_program(
+        smem, (q_ref, k_ref, v_ref, dy_ref), ("q", "k", "v", "dy"),
+        {"c": c_ref, "ek": ek_ref, "g_rows": g_rows_ref, "g_cols": g_cols_ref, "dden": dden_ref}, num_heads,
+        num_chunks, stages)
     wg = lax.axis_index("wg")
-    per_token = {name: (lambda t, ref=ref: ref.at[head, t]) for name, ref in
-                 zip(("c", "ek", "g_rows", "g_cols", "dden"), (c_ref, ek_ref, g_rows_ref, g_cols_ref, dden_ref))}
-    issue, wait_tile, _ = chunk_ring(
-        smem, token_tiles((q_ref, k_ref, v_ref, dy_ref), ("q", "k", "v", "dy"), batch, query_head),
-        per_token, num_chunks)
-    pl.when(wg == 2)(lambda: stream(jnp.int32(num_chunks), stages, smem["consumed_bar"], issue))
     tile, _, column = loaders(smem)
-    rows_of = lambda ref, c: ref.at[batch, pl.ds(c * CHUNK, CHUNK), query_head]
 
     @pl.when(wg == 0)
     def _normalizer():  # dq += 2 dden c (Z q), from the (q c) Z the walk reads out
@@ -311,12 +307,9 @@ def _normalizer_dq_kernel(q_ref, k_ref, v_ref, dy_ref, c_ref, ek_ref, g_rows_ref
 
 def _normalizer_dk_kernel(q_ref, k_ref, ek_ref, cdd_ref, cd_ref, dz_ref, dk_norm_ref, dz0_ref, kept_ref, *,
                           num_heads, stages, num_chunks, interval, interpret, **smem):
-    head, batch, query_head = program_head(num_heads)
+    head, _, _, wait_tile, rows_of = head_program(smem, (q_ref, k_ref), "qk", {"ek": ek_ref, "cdd": cdd_ref},
+                                                  num_heads, num_chunks, stages, reverse=True)
     wg = lax.axis_index("wg")
-    issue, wait_tile, _ = chunk_ring(
-        smem, token_tiles((q_ref, k_ref), "qk", batch, query_head),
-        {"ek": lambda t: ek_ref.at[head, t], "cdd": lambda t: cdd_ref.at[head, t]}, num_chunks, reverse=True)
-    pl.when(wg == 2)(lambda: stream(jnp.int32(num_chunks), stages, smem["consumed_bar"], issue))
 
     @pl.when(wg == 0)
     def _normalizer():  # dk += 2 e^(g_L - g) (dZ k), dZ <- e^(g_L) dZ + q^T (q c dden)
@@ -325,8 +318,7 @@ def _normalizer_dk_kernel(q_ref, k_ref, ek_ref, cdd_ref, cd_ref, dz_ref, dk_norm
         grad = state_walk(
             smem, wg, dz_ref.at[head], lambda c: cd_ref[head, c], wait_tile, [Readout("k", "ek")], ("q", "q", "cdd"),
             lambda slot, results: 2.0 * results[0],
-            lambda c, d_keys: to_global([(d_keys, f32_tile, dk_norm_ref.at[batch, pl.ds(c * CHUNK, CHUNK),
-                                                                            query_head])], wait=False),
+            lambda c, d_keys: to_global([(d_keys, f32_tile, rows_of(dk_norm_ref, c))], wait=False),
             num_chunks=num_chunks, stages=stages, interpret=interpret, reverse=True,
             keep=lambda c, dz: _at_checkpoint(c, num_chunks, interval,
                                               lambda m: to_global([(dz, f32_tile, kept_ref.at[head, m])])))

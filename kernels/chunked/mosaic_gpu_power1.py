@@ -33,14 +33,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from twomamba_jax.kernels.chunked.mosaic_gpu import (CHUNK, F32, Readout, chunk_ring, head_grid, intra_gradients,
+from twomamba_jax.kernels.chunked.mosaic_gpu import (CHUNK, F32, Readout, head_grid, head_program, intra_gradients,
                                                      intra_tile, launch, loaders, own_scratch, own_tiles, pad_tokens,
-                                                     program_head, ring_scratch, state_walk, token_tiles, vectors,
-                                                     zeros)
+                                                     ring_scratch, state_walk, vectors, zeros)
 from twomamba_jax.kernels.chunked.mosaic_gpu_backward import (_at_checkpoint, _segment_sums, checkpoint_interval,
                                                               checkpoints)
 from twomamba_jax.kernels.layout import heads_first
-from twomamba_jax.kernels.parallel.mosaic_gpu import LOG2E, interpret_params, matmul_into, stream
+from twomamba_jax.kernels.parallel.mosaic_gpu import LOG2E, interpret_params, matmul_into
 from twomamba_jax.kernels.parallel.mosaic_gpu_backward import add_to_global, to_global
 
 STATE_BYTES_PER_HEAD = 2 * 64 * 64 * 4  # a checkpoint of S and of dS, float32
@@ -113,18 +112,6 @@ def backward(q, k, v, log_decay, d_out, state0, d_state, carried, *, scale, stag
     return cut(dq), cut(dk), cut(dv), cut(d_log_decay), d_state0
 
 
-def _head_ring(smem, refs, names, per_token, num_heads, num_chunks, stages, reverse=False):
-    """The frame of a kernel over B H: starts the memory warpgroup streaming every chunk's tiles ``refs`` (token
-    -major (B, Np, H, d), as ``names``) and ``per_token`` (name -> (B H, Np) ref). Returns (head of B H, batch,
-    query head, wait_tile, rows_of(ref, c): chunk c's (C, d) rows of a token-major output)."""
-    head, batch, query_head = program_head(num_heads)
-    sources = {name: (lambda t, ref=ref: ref.at[head, t]) for name, ref in per_token.items()}
-    issue, wait_tile, _ = chunk_ring(smem, token_tiles(refs, names, batch, query_head), sources, num_chunks,
-                                     reverse=reverse)
-    pl.when(lax.axis_index("wg") == 2)(lambda: stream(jnp.int32(num_chunks), stages, smem["consumed_bar"], issue))
-    return head, batch, query_head, wait_tile, lambda ref, c: ref.at[batch, pl.ds(c * CHUNK, CHUNK), query_head]
-
-
 def intra_weights(tile, column, slot, scale):
     """A chunk's (C, C) weights W = scale q k^T e^(g_i - g_j), masked to j <= i."""
     scores, decay = intra_tile(tile("q", slot), tile("k", slot), column("g_rows", slot, 1),
@@ -134,7 +121,7 @@ def intra_weights(tile, column, slot, scale):
 
 def _forward_kernel(q_ref, k_ref, v_ref, c_ref, ek_ref, g_rows_ref, g_cols_ref, cd_ref, s0_ref, y_ref, s_ref, *,
                     scale, num_heads, stages, num_chunks, interpret, **smem):
-    head, _, _, wait_tile, rows_of = _head_ring(
+    head, _, _, wait_tile, rows_of = head_program(
         smem, (q_ref, k_ref, v_ref), "qkv", {"c": c_ref, "ek": ek_ref, "g_rows": g_rows_ref, "g_cols": g_cols_ref},
         num_heads, num_chunks, stages)
     wg = lax.axis_index("wg")
@@ -169,7 +156,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, c_ref, ek_ref, g_rows_ref, g_cols_ref, 
 def _dq_kernel(q_ref, k_ref, v_ref, dy_ref, c_ref, ek_ref, g_rows_ref, g_cols_ref, cd_ref, s0_ref, dq_inter_ref,
                dq_intra_ref, dk_intra_ref, dv_intra_ref, kept_ref, *, scale, num_heads, stages, num_chunks, interval,
                interpret, **smem):
-    head, _, _, wait_tile, rows_of = _head_ring(
+    head, _, _, wait_tile, rows_of = head_program(
         smem, (q_ref, k_ref, v_ref, dy_ref), ("q", "k", "v", "dy"),
         {"c": c_ref, "ek": ek_ref, "g_rows": g_rows_ref, "g_cols": g_cols_ref}, num_heads, num_chunks, stages)
     wg = lax.axis_index("wg")
@@ -206,7 +193,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, dy_ref, c_ref, ek_ref, g_rows_ref, g_cols_re
 
 def _dkv_kernel(q_ref, k_ref, v_ref, dy_ref, c_ref, ek_ref, cd_ref, ds_ref, dk_ref, dv_ref, ds0_ref, kept_ref, *,
                 num_heads, stages, num_chunks, interval, interpret, **smem):
-    head, _, _, wait_tile, rows_of = _head_ring(
+    head, _, _, wait_tile, rows_of = head_program(
         smem, (q_ref, k_ref, v_ref, dy_ref), ("q", "k", "v", "dy"), {"c": c_ref, "ek": ek_ref}, num_heads,
         num_chunks, stages, reverse=True)
     wg = lax.axis_index("wg")
