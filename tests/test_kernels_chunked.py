@@ -48,7 +48,8 @@ CASES = [("triton", dim, dtype, *variant) for dim in (32, 64, 128) for dtype in 
          for variant in VARIANTS]
 CASES += [("tpu", dim, dtype, *variant) for dim in (32, 64, 128) for dtype in (jnp.float32, jnp.bfloat16)
           for variant in VARIANTS if dim == 64 or variant in (VARIANTS[0], VARIANTS[2])]
-CASES += [("mosaic_gpu", 64, jnp.bfloat16, *variant) for variant in (*VARIANTS[:2], (1, None, True), (1, None, False))]
+CASES += [pytest.param("mosaic_gpu", 64, jnp.bfloat16, *variant, marks=pytest.mark.slow)
+          for variant in (*VARIANTS[:2], (1, None, True), (1, None, False))]
 
 
 @pytest.mark.parametrize("backend,dim,dtype,power,normalize,decay", CASES)
@@ -60,6 +61,9 @@ def test_values_states_and_gradients_match_the_oracle(rng, monkeypatch, backend,
         monkeypatch.setattr(hopper_backward, "CHECKPOINT", 1)
         monkeypatch.setattr(hopper_backward, "CHECKPOINT_BYTES", 3 * hopper_backward.CHECKPOINT_BYTES_PER_HEAD)
         assert hopper_backward.checkpoint_interval(2, 3) == 2
+        # and the single-state walks in parts of one chunk each, started by the two-level scan
+        monkeypatch.setattr(hopper, "MIN_PART_CHUNKS", 1)
+        assert hopper.walk_parts(2, 3) == 3
     q, k, v, a = random_qkv(rng, batch=1, length=length, heads=2, key_dim=dim, value_dim=value_dim, dtype=dtype,
                             decay=decay, non_negative=(power == 1 and normalize == "softmax"))
     a = None if a is None else a.astype(jnp.float32)
@@ -205,6 +209,14 @@ def test_hopper_checkpoint_memory_is_bounded():
     assert hopper_backward.checkpoint_interval(128, 2048) == 64
 
 
+def test_hopper_walks_split_into_parts_only_where_heads_leave_programs_idle():
+    assert [hopper.walk_parts(bh, chunks) for bh, chunks in [(16, 512), (64, 128), (128, 512), (16, 2048),
+                                                              (2, 48), (2, 47), (16, 17), (33, 512)]] == \
+        [8, 2, 1, 8, 3, 1, 1, 4]
+    parts, chunks = hopper.walk_parts(16, 512), 512
+    assert 16 * parts <= hopper.PROGRAMS and chunks % parts == 0 and chunks // parts >= hopper.MIN_PART_CHUNKS
+
+
 def test_hopper_forward_stops_at_document_starts(rng):
     """Rows holding documents that start at tokens 0, 70 and 100 (the kernels' -256 log-decay at each start, as
     decayed_attention passes it): output, normalizer and final states against the oracle given the segment ids."""
@@ -226,9 +238,11 @@ def test_hopper_forward_stops_at_document_starts(rng):
     assert rel_error(normalizer, state_ref.normalizer.reshape(2, 2080)) < 1e-2
 
 
-def test_hopper_kernels_lower_for_an_h200_on_cpu():
+def test_hopper_kernels_lower_for_an_h200_on_cpu(monkeypatch):
     """Pallas -> Mosaic GPU lowering of the Hopper kernels, forward and backward, for an H200 without a GPU: Mosaic
-    GPU's layout inference and its wgmma / TMA shape checks run here."""
+    GPU's layout inference and its wgmma / TMA shape checks run here. The single-state walks in parts (4 of one
+    chunk each), so that the parts' own walks lower too."""
+    monkeypatch.setattr(hopper, "MIN_PART_CHUNKS", 1)
     device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
     tokens = jax.ShapeDtypeStruct((1, 200, 2, 64), jnp.bfloat16)
 
@@ -236,8 +250,9 @@ def test_hopper_kernels_lower_for_an_h200_on_cpu():
         return jnp.sum(chunked_attention_pallas(q, k, v, a, power=power, normalize=normalize, scale=0.125,
                                                 chunk_size=64, backend="mosaic_gpu").astype(jnp.float32))
 
-    kernels = {(2, "softmax"): ("numerator", "normalizer", "dq", "dkv", "normalizer_dq", "normalizer_dk"),
-               (1, None): ("power1", "power1_dq", "power1_dkv")}
+    kernels = {(2, "softmax"): ("numerator", "normalizer", "dq", "dkv", "normalizer_dq", "normalizer_dk",
+                                "part_walk"),
+               (1, None): ("power1", "power1_dq", "power1_dkv", "part_walk")}
     for (power, normalize), names in kernels.items():
         with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
             lowered = jax.jit(jax.value_and_grad(functools.partial(loss, power=power, normalize=normalize),
@@ -295,22 +310,24 @@ def test_dispatch_picks_the_kernels_of_the_platform(rng, monkeypatch, platform, 
 
 def test_hopper_gpus_take_the_mosaic_gpu_chunked_kernels_where_they_can(monkeypatch):
     """On a GPU with wgmma: the Mosaic GPU chunked kernels for power 2 and unnormalized power 1, d 64, bf16, chunk
-    64, the Triton ones otherwise; and the Hopper entry of the tuning table (flash-style up to 24k tokens)."""
+    64, the Triton ones otherwise; and the Hopper entry of the tuning table (flash-style up to 16k tokens)."""
     from twomamba_jax.ops import api
 
     monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(api, "_has_wgmma", lambda: True)
 
-    def backend(dim=64, dtype=jnp.bfloat16, power=2, chunk_size=64, normalize="softmax", heads=64):
-        q = jnp.zeros((1, 8, heads, dim), dtype)
+    def backend(dim=64, dtype=jnp.bfloat16, power=2, chunk_size=64, normalize="softmax", heads=64, length=2048):
+        q = jax.ShapeDtypeStruct((1, length, heads, dim), dtype)
         return api._kernel("chunked", q, q, q, power=power, requested="pallas", chunk_size=chunk_size,
                            normalize=normalize).keywords["backend"]
 
     assert backend() == backend(normalize=None) == backend(power=1, normalize=None) == "mosaic_gpu"
     assert [backend(dim=32), backend(dtype=jnp.float32), backend(power=1), backend(chunk_size=32)] == ["triton"] * 4
-    # Power 1 with fewer rows times heads than HOPPER_POWER1_MIN_HEADS: Triton (it splits dv over programs).
-    assert backend(power=1, normalize=None, heads=api.HOPPER_POWER1_MIN_HEADS - 1) == "triton"
-    assert backend(heads=1) == "mosaic_gpu"
+    # Power 1 on fewer rows x heads x tokens than HOPPER_POWER1_MIN_HEAD_TOKENS: Triton.
+    assert api.HOPPER_POWER1_MIN_HEAD_TOKENS == 64 * 2048
+    assert backend(power=1, normalize=None, heads=16, length=8192) == "mosaic_gpu"
+    assert backend(power=1, normalize=None, heads=16, length=8191) == "triton"
+    assert backend(heads=1, length=8) == "mosaic_gpu"
     hopper_max = api.PARALLEL_MAX_LEN["hopper"][2]
     assert (api._resolve_impl("pallas", 2, 1, hopper_max), api._resolve_impl("pallas", 2, 1, hopper_max + 1)) == (
         "pallas_parallel", "pallas_chunked")

@@ -20,9 +20,11 @@ Two kernels, three warpgroups each (two compute, one issuing the TMA copies of e
   as float32 wgmma accumulators (4 x 64 x 64: 128 registers a thread) for its whole walk over the chunks. Per chunk
   it adds its rows' share of the inter-chunk output into y (float32) by a TMA reduction, then updates its rows.
   States are read once at the start and written once at the end.
-- ``_normalizer_kernel``, grid (B H,): warpgroup 0 carries the normalizer ``Z = sum e^(decay) k k^T`` (d x d) the
-  same way (readout ``den += rowsum((q * scale^2 e^g) Z * q)``); warpgroup 1 adds each chunk's intra-chunk part,
-  the masked quadratic ``W = (scale q k^T)^2 e^(g_i - g_j)``, to y and its row sums to den.
+- ``_normalizer_kernel``, grid (B H P,): warpgroup 0 carries the normalizer ``Z = sum e^(decay) k k^T`` (d x d)
+  the same way (readout ``den += rowsum((q * scale^2 e^g) Z * q)``); warpgroup 1 adds each chunk's intra-chunk
+  part, the masked quadratic ``W = (scale q k^T)^2 e^(g_i - g_j)``, to y and its row sums to den. Where B H alone
+  leaves SMs idle, each head's chunks split into P parts (``walk_parts``), each walked by its own program
+  from the Z it starts with (``walk_starts``: a two-level scan over the parts' own walks).
 
 y / den is taken outside. Head dims 64 (dk = dv = 64), one key head per query head, bfloat16 operands, float32
 states and accumulators. The helpers after ``forward`` serve the backward kernels (``mosaic_gpu_backward.py``) too.
@@ -51,6 +53,8 @@ CHUNK = 64  # tokens per chunk: the M of every wgmma
 HEAD_DIM = 64  # dk = dv: a state row S_a is one 64 x 64 accumulator
 ROWS_PER_WARPGROUP = 4  # state rows a per compute warpgroup (registers)
 ROWS_PER_PROGRAM = 2 * ROWS_PER_WARPGROUP
+PROGRAMS = 132  # one program an SM (H100, H200): how many a walk split into parts may spread over
+MIN_PART_CHUNKS = 16  # chunks a part walks, at least (shorter ones spend more on summaries than they save)
 WGMMA = plgpu.Layout.WGMMA
 F32 = jnp.float32
 
@@ -134,7 +138,7 @@ class Operands(NamedTuple):
     q: jax.Array  # (B, Np, H, d), as given
     k: jax.Array  # (B, Np, H, d)
     v: jax.Array  # (B, Np, H, dv)
-    row_decay: jax.Array  # (B H, Np) scale^2 e^g: the readout's factor per token
+    row_decay: jax.Array  # (B H, Np) scale^power e^g: the readout's factor per token
     key_decay: jax.Array  # (B H, Np) e^(g_L - g): the update's
     chunk_decay: jax.Array  # (B H, chunks) e^(g_L): the carried state's
     log2_decay: jax.Array  # (B H, Np) g log2(e), for the intra-chunk tiles
@@ -147,15 +151,16 @@ def pad_tokens(x, padded):
     return jnp.pad(x, [(0, 0), (0, padded - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
 
 
-def operands(q, k, v, log_decay, scale) -> Operands:
-    """The kernels' operands from the mixer's: q, k, v (B, N, H, d), log_decay (B, N, H)."""
+def operands(q, k, v, log_decay, scale, power=2) -> Operands:
+    """The kernels' operands from the mixer's: q, k, v (B, N, H, d), log_decay (B, N, H); the readout's factor
+    per token is scale^power e^g (power 1's kernels use no per-row factors: jit drops them)."""
     batch, length, heads, _ = q.shape
     bh, padded = batch * heads, -(-length // CHUNK) * CHUNK
     num_chunks = padded // CHUNK
     q, k, v = (pad_tokens(x, padded) for x in (q, k, v))
     gamma = jnp.cumsum(heads_first(log_decay.astype(F32), padded).reshape(bh, num_chunks, CHUNK), -1)
     last = gamma[..., -1:]
-    row_decay = (scale * scale * jnp.exp(gamma)).reshape(bh, padded)
+    row_decay = (scale**power * jnp.exp(gamma)).reshape(bh, padded)
     key_decay = jnp.exp(last - gamma).reshape(bh, padded)
     by_rows = lambda x, factor: jnp.swapaxes(heads_first(x.astype(F32), padded) * factor[..., None], 1, 2)
     return Operands(q, k, v, row_decay, key_decay, jnp.exp(last[..., 0]), gamma.reshape(bh, padded) * LOG2E,
@@ -184,14 +189,18 @@ def forward(q, k, v, log_decay, numerator0, normalizer0, *, scale, stages=2, int
                         **own_scratch(q.dtype, interpret)},
                        row_grid(bh), interpret)(
         ops.q, ops.k, ops.v, ops.row_factors, ops.key_factors, ops.chunk_decay, numerator0, y)
+    parts = walk_parts(bh, padded // CHUNK)
+    z0 = walk_starts(ops.k, ops.k, ops.key_decay, ops.chunk_decay, normalizer0, num_heads=heads, parts=parts,
+                     stages=stages, interpret=interpret)
     den, normalizer = launch(
-        functools.partial(_normalizer_kernel, scale=scale, **common), "twomamba_chunked_normalizer",
-        (jax.ShapeDtypeStruct((2, bh, padded), F32), jax.ShapeDtypeStruct((bh, dim, dim), F32)),
+        functools.partial(_normalizer_kernel, scale=scale, parts=parts, **common), "twomamba_chunked_normalizer",
+        (jax.ShapeDtypeStruct((2, bh, padded), F32), jax.ShapeDtypeStruct((bh * parts, dim, dim), F32)),
         {**ring_scratch(stages, q.dtype, "qkv", vectors("er", "ek", "g_rows", "g_cols")),
-         **own_scratch(q.dtype, interpret), "den_smem": plgpu.SMEM((2, CHUNK), F32)}, head_grid(bh), interpret)(
-        ops.q, ops.k, ops.v, ops.row_decay, ops.key_decay, ops.log2_decay, ops.log2_decay, ops.chunk_decay,
-        normalizer0, y)
+         **own_scratch(q.dtype, interpret), "den_smem": plgpu.SMEM((2, CHUNK), F32)}, head_grid(bh, parts),
+        interpret)(ops.q, ops.k, ops.v, ops.row_decay, ops.key_decay, ops.log2_decay, ops.log2_decay,
+                   ops.chunk_decay, z0, y)
     y = y[...].sum(0) if interpret else y[...][0]
+    normalizer = normalizer.reshape(bh, parts, dim, dim)[:, -1]
     return y[:, :length], den.sum(0)[:, :length], numerator, normalizer
 
 
@@ -207,9 +216,9 @@ def row_grid(bh):
     return (bh, HEAD_DIM // ROWS_PER_PROGRAM), ("heads", "rows")
 
 
-def head_grid(bh):
-    """One program per head of B H."""
-    return (bh,), ("heads",)
+def head_grid(bh, parts=1):
+    """One program per head of B H and part of its chunks."""
+    return (bh * parts,), ("heads",)
 
 
 def row_blocks(*names):
@@ -250,12 +259,15 @@ def own_scratch(dtype, interpret):
     return scratch
 
 
-def chunk_ring(smem, tiles, per_token, num_chunks, reverse=False):
-    """(issue, wait_tile, chunk_of_step) of the ring: each step's chunk (last to first if ``reverse``), its
-    ``tiles`` and ``per_token`` entries (name -> function of the chunk's token slice giving the global source)."""
-    chunk_of_step = (lambda step: num_chunks - 1 - step) if reverse else (lambda step: step)
-    issue, wait_tile = ring_copies([*tiles.items(), *per_token.items()], smem, chunk_of_step, size=CHUNK)
-    return issue, wait_tile, chunk_of_step
+def walk_order(first, steps, reverse=False):
+    """The chunk of each step of a walk over chunks first .. first + steps - 1 (last to first if ``reverse``)."""
+    return (lambda step: first + steps - 1 - step) if reverse else (lambda step: first + step)
+
+
+def chunk_ring(smem, tiles, per_token, chunk_of_step):
+    """(issue, wait_tile) of the ring: each step's chunk ``chunk_of_step(step)``, its ``tiles`` and ``per_token``
+    entries (name -> function of the chunk's token slice giving the global source)."""
+    return ring_copies([*tiles.items(), *per_token.items()], smem, chunk_of_step, size=CHUNK)
 
 
 def token_tiles(refs, names, batch, head):
@@ -263,23 +275,39 @@ def token_tiles(refs, names, batch, head):
     return {name: (lambda t, ref=ref: ref.at[batch, t, head]) for name, ref in zip(names, refs)}
 
 
-def program_head(num_heads):
-    """(this program's head of B H, its batch, its head)."""
-    head = lax.axis_index("heads")
-    return head, lax.div(head, jnp.int32(num_heads)), lax.rem(head, jnp.int32(num_heads))
+def batch_and_head(head, num_heads):
+    """(batch, query head) of a head of B H."""
+    return lax.div(head, jnp.int32(num_heads)), lax.rem(head, jnp.int32(num_heads))
 
 
-def head_program(smem, refs, names, per_token, num_heads, num_chunks, stages, reverse=False):
-    """The frame of a kernel of one program a head (``head_grid``): starts the memory warpgroup streaming every
-    chunk's tiles ``refs`` (token-major (B, Np, H, d), as ``names``) and ``per_token`` (name -> (B H, Np) ref).
-    Returns (head of B H, batch, query head, wait_tile, rows_of(ref, c): chunk c's (C, d) rows of a token-major
-    output)."""
-    head, batch, query_head = program_head(num_heads)
+class HeadProgram(NamedTuple):
+    """Where a program of one head and one part of its chunks stands (``head_program``)."""
+
+    program: jax.Array  # of B H P: its row of per-program inputs and outputs
+    head: jax.Array  # of B H
+    batch: jax.Array
+    query_head: jax.Array
+    steps: int  # chunks it walks
+    chunk_of_step: object  # the chunk of step s of the walk
+    wait_tile: object  # wait_tile(slot)
+    rows_of: object  # rows_of(ref, c): chunk c's (C, d) rows of a token-major output
+
+
+def head_program(smem, refs, names, per_token, num_heads, num_chunks, stages, reverse=False, parts=1):
+    """The frame of a kernel of one program a head and part (``head_grid``): a head's chunks split into
+    ``parts`` runs of equal length, each walked by its own program from the state ``walk_starts`` gives it.
+    Starts the memory warpgroup streaming the part's tiles ``refs`` (token-major (B, Np, H, d), as ``names``)
+    and ``per_token`` (name -> (B H, Np) ref), last chunk first if ``reverse``."""
+    program = lax.axis_index("heads")
+    head, part = lax.div(program, jnp.int32(parts)), lax.rem(program, jnp.int32(parts))
+    batch, query_head = batch_and_head(head, num_heads)
+    steps = num_chunks // parts
+    chunk_of_step = walk_order(part * steps, steps, reverse)
     sources = {name: (lambda t, ref=ref: ref.at[head, t]) for name, ref in per_token.items()}
-    issue, wait_tile, _ = chunk_ring(smem, token_tiles(refs, names, batch, query_head), sources, num_chunks,
-                                     reverse=reverse)
-    pl.when(lax.axis_index("wg") == 2)(lambda: stream(jnp.int32(num_chunks), stages, smem["consumed_bar"], issue))
-    return head, batch, query_head, wait_tile, lambda ref, c: ref.at[batch, pl.ds(c * CHUNK, CHUNK), query_head]
+    issue, wait_tile = chunk_ring(smem, token_tiles(refs, names, batch, query_head), sources, chunk_of_step)
+    pl.when(lax.axis_index("wg") == 2)(lambda: stream(jnp.int32(steps), stages, smem["consumed_bar"], issue))
+    rows_of = lambda ref, c: ref.at[batch, pl.ds(c * CHUNK, CHUNK), query_head]
+    return HeadProgram(program, head, batch, query_head, steps, chunk_of_step, wait_tile, rows_of)
 
 
 def send_rows(smem, src_of_row):
@@ -366,12 +394,13 @@ def row_program(smem, num_heads, tiles, per_token, initial, num_chunks, stages, 
     rows of ``initial`` (B H, d, d, dv) to the compute warpgroups, then streams every chunk's ``tiles`` (name ->
     token-major (B, Np, H, d) ref) and ``per_token(head, first_row)`` (name -> source of the chunk's token
     slice), last chunk first if ``reverse``."""
-    head, batch, query_head = program_head(num_heads)
+    head = lax.axis_index("heads")
+    batch, query_head = batch_and_head(head, num_heads)
     first_row = lax.axis_index("rows") * ROWS_PER_PROGRAM
     wg = lax.axis_index("wg")
-    issue, wait_tile, chunk_of_step = chunk_ring(
-        smem, token_tiles(tiles.values(), tiles, batch, query_head), per_token(head, first_row), num_chunks,
-        reverse=reverse)
+    chunk_of_step = walk_order(0, num_chunks, reverse)
+    issue, wait_tile = chunk_ring(smem, token_tiles(tiles.values(), tiles, batch, query_head),
+                                  per_token(head, first_row), chunk_of_step)
     prologue = lambda: send_rows(smem, lambda row: initial.at[head, first_row + row])
     pl.when(wg == 2)(lambda: stream(jnp.int32(num_chunks), stages, smem["consumed_bar"], issue, prologue=prologue))
     own_rows = [wg * ROWS_PER_WARPGROUP + i for i in range(ROWS_PER_WARPGROUP)]
@@ -399,11 +428,11 @@ class Readout(NamedTuple):
     transposed: bool = False
 
 
-def state_walk(smem, wg, s0, decay_of, wait_tile, products, update_with, readout, write, *, num_chunks, stages,
-               interpret, reverse=False, keep=None):
-    """Compute warpgroup ``wg`` carrying one (64, 64) float32 state from ``s0`` (a global tile) over the chunks,
-    first to last (last to first if ``reverse``, as the ring streams them): ``S <- e^(g_L) S + keys^T (values *
-    factor)``, ``update_with`` = (keys, values, factor) naming ring entries, ``decay_of(c)`` chunk c's e^(g_L).
+def state_walk(smem, wg, p, s0, cd_ref, products, update_with, readout, write, *, stages, interpret, reverse=False,
+               keep=None):
+    """Compute warpgroup ``wg`` carrying one (64, 64) float32 state from ``s0`` (a global tile) over the chunks of
+    ``p`` (a ``HeadProgram``), in the order the ring streams them: ``S <- e^(g_L) S + keys^T (values * factor)``,
+    ``update_with`` = (keys, values, factor) naming ring entries, e^(g_L) of chunk c ``cd_ref[head, c]``.
 
     Per chunk, for the state before its update, each of ``products`` (``Readout``s) gives ``(tile * factor) S``
     (or ``S^T``), (C, 64) float32; ``readout(slot, results)`` makes of them what the chunk writes while its tiles
@@ -416,18 +445,18 @@ def state_walk(smem, wg, s0, decay_of, wait_tile, products, update_with, readout
     plgpu.barrier_wait(smem["f32_bar"].at[wg])
 
     def step(s, state):
-        c = num_chunks - 1 - s if reverse else s
+        c = p.chunk_of_step(s)
         if keep is not None and reverse:
             keep(c, state)
         slot = lax.rem(s, jnp.int32(stages))
-        wait_tile(slot)
+        p.wait_tile(slot)
         # The readouts and the update are independent: both operands staged, all issued together, one wait.
         state_tile[...] = state.astype(state_tile.dtype)
         vals_tile[...] = scaled_rows(tile(values, slot), column(value_factor, slot, 1)).astype(vals_tile.dtype)
         plgpu.commit_smem()
         reads = [(i, scaled_rows(tile(r.tile, slot), column(r.factor, slot, 1)).astype(state_tile.dtype),
                   state_tile.transpose((1, 0)) if r.transposed else state_tile) for i, r in enumerate(products)]
-        *results, state = matmuls([zeros() for _ in products] + [state * decay_of(c)],
+        *results, state = matmuls([zeros() for _ in products] + [state * cd_ref[p.head, c]],
                                   reads + [(len(products), tile(keys, slot).transpose((1, 0)), vals_tile)],
                                   interpret, staging)
         result = readout(slot, results)
@@ -437,7 +466,59 @@ def state_walk(smem, wg, s0, decay_of, wait_tile, products, update_with, readout
             keep(c, state)
         return state
 
-    return lax.fori_loop(jnp.int32(0), jnp.int32(num_chunks), step, plgpu.load(f32_tile, layout=WGMMA))
+    return lax.fori_loop(jnp.int32(0), jnp.int32(p.steps), step, plgpu.load(f32_tile, layout=WGMMA))
+
+
+def walk_parts(batch_heads, num_chunks):
+    """Segments each head's single-state walks split into: the most that divides ``num_chunks`` into runs of
+    at least ``MIN_PART_CHUNKS`` while B H P stays within ``PROGRAMS`` (1 where B H fills the GPU)."""
+    most = max(1, PROGRAMS // batch_heads)
+    return max(p for p in range(1, most + 1)
+               if num_chunks % p == 0 and (p == 1 or num_chunks // p >= MIN_PART_CHUNKS))
+
+
+def walk_starts(keys, values, factor, chunk_decay, s0, *, num_heads, parts, reverse=False, stages=2,
+                interpret=False):
+    """The state each program of a walk in parts starts from, (B H P, 64, 64) float32 (P = ``parts``): a
+    two-level scan. Each part's own contribution (its walk from zero, ``_part_kernel``, all parts at
+    once) is combined across parts with their total decays (``lax.associative_scan``, log P deep).
+
+    keys, values: token-major (B, Np, H, 64) bfloat16 and factor (B H, Np) float32 of the update
+    ``S <- e^(g_L) S + keys^T (values * factor)``; chunk_decay (B H, chunks) its e^(g_L); s0 (B H, 64, 64) the
+    state the first part starts from (of a ``reverse`` walk: the last)."""
+    bh, num_chunks = chunk_decay.shape
+    if parts == 1:
+        return s0
+    interpret = interpret_params(interpret)
+    own = launch(functools.partial(_part_kernel, num_heads=num_heads, parts=parts, num_chunks=num_chunks,
+                                   stages=stages, reverse=reverse, interpret=interpret),
+                 "twomamba_chunked_part_walk", jax.ShapeDtypeStruct((bh * parts, HEAD_DIM, HEAD_DIM), F32),
+                 {**ring_scratch(stages, keys.dtype, ("keys", "values"), vectors("factor"), consumers=1),
+                  **own_scratch(keys.dtype, interpret)}, head_grid(bh, parts), interpret)(
+        keys, values, factor, chunk_decay, jnp.zeros((HEAD_DIM, HEAD_DIM), F32))
+    decay = jnp.prod(chunk_decay.reshape(bh, parts, -1), -1)
+    # (decay, state) pairs compose as walks do; a reverse scan applies them last part first.
+    compose = lambda a, b: (a[0] * b[0], b[0][..., None, None] * a[1] + b[1])
+    through, carried = lax.associative_scan(compose, (decay, own.reshape(bh, parts, HEAD_DIM, HEAD_DIM)),
+                                            reverse=reverse, axis=1)
+    after = carried + through[..., None, None] * s0[:, None]  # each part's state once walked (from s0)
+    first = s0[:, None]
+    starts = jnp.concatenate([after[:, 1:], first] if reverse else [first, after[:, :-1]], axis=1)
+    return starts.reshape(bh * parts, HEAD_DIM, HEAD_DIM)
+
+
+def _part_kernel(keys_ref, values_ref, factor_ref, cd_ref, zero_ref, out_ref, *, num_heads, parts,
+                    num_chunks, stages, reverse, interpret, **smem):
+    p = head_program(smem, (keys_ref, values_ref), ("keys", "values"), {"factor": factor_ref}, num_heads,
+                     num_chunks, stages, reverse=reverse, parts=parts)
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg == 0)
+    def _walk():
+        plgpu.set_max_registers(232, action="increase")
+        state = state_walk(smem, wg, p, zero_ref, cd_ref, [], ("keys", "values", "factor"), lambda *_: None,
+                           lambda *_: None, stages=stages, interpret=interpret, reverse=reverse)
+        to_global([(state, smem["f32_smem"].at[wg], out_ref.at[p.program])])
 
 
 def _numerator_kernel(q_ref, k_ref, v_ref, rq_ref, rk_ref, cd_ref, s0_ref, y_ref, s_ref, *, num_heads, stages,
@@ -474,11 +555,11 @@ def _numerator_kernel(q_ref, k_ref, v_ref, rq_ref, rk_ref, cd_ref, s0_ref, y_ref
 
 
 def _normalizer_kernel(q_ref, k_ref, v_ref, er_ref, ek_ref, g_rows_ref, g_cols_ref, cd_ref, z0_ref, y_ref, den_ref,
-                       z_ref, *, scale, num_heads, stages, num_chunks, interpret, **smem):
+                       z_ref, *, scale, num_heads, parts, stages, num_chunks, interpret, **smem):
     # g twice (rows and columns of the intra-chunk tile): layout inference gives a shared-memory vector one layout
-    head, batch, query_head, wait_tile, _ = head_program(
-        smem, (q_ref, k_ref, v_ref), "qkv", {"er": er_ref, "ek": ek_ref, "g_rows": g_rows_ref, "g_cols": g_cols_ref},
-        num_heads, num_chunks, stages)
+    p = head_program(smem, (q_ref, k_ref, v_ref), "qkv",
+                     {"er": er_ref, "ek": ek_ref, "g_rows": g_rows_ref, "g_cols": g_cols_ref}, num_heads, num_chunks,
+                     stages, parts=parts)
     wg = lax.axis_index("wg")
     tile, _, column = loaders(smem)
 
@@ -487,33 +568,32 @@ def _normalizer_kernel(q_ref, k_ref, v_ref, er_ref, ek_ref, g_rows_ref, g_cols_r
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         den_tile[...] = den
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(den_tile, den_ref.at[wg, head, pl.ds(c * CHUNK, CHUNK)])
+        plgpu.copy_smem_to_gmem(den_tile, den_ref.at[wg, p.head, pl.ds(c * CHUNK, CHUNK)])
 
     @pl.when(wg == 0)
     def _normalizer():
         plgpu.set_max_registers(232, action="increase")
-        z = state_walk(smem, wg, z0_ref.at[head], lambda c: cd_ref[head, c], wait_tile, [Readout("q", "er")],
-                       ("k", "k", "ek"), lambda slot, results: row_sum_with(tile("q", slot), results[0]),
-                       lambda c, den: write_den(den, c), num_chunks=num_chunks, stages=stages,
-                       interpret=interpret)  # den = q (scale^2 e^g Z q)
-        to_global([(z, smem["f32_smem"].at[wg], z_ref.at[head])])
+        z = state_walk(smem, wg, p, z0_ref.at[p.program], cd_ref, [Readout("q", "er")], ("k", "k", "ek"),
+                       lambda slot, results: row_sum_with(tile("q", slot), results[0]),
+                       lambda c, den: write_den(den, c), stages=stages, interpret=interpret)  # den = q (er Z q)
+        to_global([(z, smem["f32_smem"].at[wg], z_ref.at[p.program])])
 
     @pl.when(wg == 1)
     def _intra():
         plgpu.set_max_registers(232, action="increase")
         _, _, f32_tile, staging, total = own_tiles(smem, wg)
 
-        @pl.loop(jnp.int32(0), jnp.int32(num_chunks))
-        def _(c):
-            slot = lax.rem(c, jnp.int32(stages))
-            wait_tile(slot)
+        @pl.loop(jnp.int32(0), jnp.int32(p.steps))
+        def _(s):
+            c, slot = p.chunk_of_step(s), lax.rem(s, jnp.int32(stages))
+            p.wait_tile(slot)
             scores, decay = intra_tile(tile("q", slot), tile("k", slot), column("g_rows", slot, 1),
                                        column("g_cols", slot, 0), scale)
             weights = (scores * scores * decay).astype(q_ref.dtype)
             den = jnp.sum(weights.astype(F32), axis=1)  # the weights as the matmul reads them
             y = matmul_into(zeros(), weights, tile("v", slot), staging)
             plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
-            add_to_global(y, f32_tile, y_ref.at[0, batch, pl.ds(c * CHUNK, CHUNK), query_head], total)
+            add_to_global(y, f32_tile, p.rows_of(y_ref.at[0], c), total)
             write_den(den, c)
 
         plgpu.wait_smem_to_gmem(0)

@@ -10,9 +10,10 @@ and the cotangents dy (of the unnormalized output; for normalized 2Mamba dy / de
   state's): ``dv += (k * u_a) dS_a`` (added into float32 by TMA reductions), column a of dk is
   ``dk_ta = 2 e^(g_L - g_t) sum_b k_tb (v dS_a^T)_tb``, then ``dS_a <- e^(g_L) dS_a + q^T (dy * r_a)``; what is
   left is the initial state's cotangent.
-- ``_normalizer_dq_kernel``, grid (B H,): warpgroup 0 walks Z forward for ``dq += 2 dden c (Z q)``; warpgroup 1
-  takes each chunk's intra-chunk part as the flash-style backward does (dq, dk and, added, dv).
-- ``_normalizer_dk_kernel``, grid (B H,): one warpgroup walks dZ backward for ``dk += 2 e^(g_L - g) (dZ k)``
+- ``_normalizer_dq_kernel``, grid (B H P,) as the forward's normalizer kernel (each head's chunks in P parts):
+  warpgroup 0 walks Z forward for ``dq += 2 dden c (Z q)``; warpgroup 1 takes each chunk's intra-chunk part as
+  the flash-style backward does (dq, dk and, added, dv).
+- ``_normalizer_dk_kernel``, grid (B H P,): one warpgroup walks dZ backward for ``dk += 2 e^(g_L - g) (dZ k)``
   and the initial normalizer's cotangent.
 
 The log-decay needs no kernel of its own: every weight is homogeneous of degree 2 in its query and in its key,
@@ -42,12 +43,13 @@ from twomamba_jax.kernels.chunked.mosaic_gpu import (CHUNK, F32, HEAD_DIM, ROWS_
                                                      loaders, operands, own_scratch, own_tiles, pad_tokens,
                                                      receive_rows, ring_scratch, row_blocks, row_blocks_of, row_grid,
                                                      row_program, row_sum_with, rows_to_global, scaled_rows,
-                                                     state_walk, store, update, vectors, zeros)
-from twomamba_jax.kernels.parallel.mosaic_gpu import interpret_params, matmul, matmul_into
+                                                     state_walk, store, update, vectors, walk_parts,
+                                                     walk_starts, zeros)
+from twomamba_jax.kernels.parallel.mosaic_gpu import interpret_params, matmul, matmuls
 from twomamba_jax.kernels.parallel.mosaic_gpu_backward import add_to_global, to_global
 
 CHECKPOINT = 16  # chunks per segment of the log-decay's cotangent (states kept after every 16th chunk), at least
-CHECKPOINT_BYTES = 8 * 2**30  # the most the kept states may take; beyond it the segments grow
+CHECKPOINT_BYTES = 8 * 2**30  # the most the kept states may take; beyond it the parts grow
 CHECKPOINT_BYTES_PER_HEAD = 2 * (HEAD_DIM**3 + HEAD_DIM**2) * 4  # S and dS, Z and dZ, float32: 2 MiB
 
 
@@ -55,7 +57,7 @@ def checkpoint_interval(batch_heads, num_chunks, bytes_per_head=CHECKPOINT_BYTES
     """Chunks per segment: ``CHECKPOINT``, doubled until the kept states (``bytes_per_head`` a head and
     checkpoint: power 2's 2 MiB by default) fit in ``CHECKPOINT_BYTES``. For power 2: 16 chunks (4 GiB at 1 x
     131072 tokens, 16 heads) up to about 4M tokens times heads, then 32, 64, ... (8 x 131072: 64). Longer
-    segments sum more terms in one float32 reverse sum, a less accurate log-decay cotangent, but the memory stays
+    parts sum more terms in one float32 reverse sum, a less accurate log-decay cotangent, but the memory stays
     bounded."""
     per_checkpoint = batch_heads * bytes_per_head
     interval = CHECKPOINT
@@ -116,19 +118,24 @@ def backward(q, k, v, log_decay, d_out, d_den, numerator0, normalizer0, d_numera
                            {**row_blocks("rq"), "rk": (ROWS_PER_PROGRAM + 1, CHUNK)}),
          **own_scratch(dtype, interpret), **_column_scratch()}, row_grid(bh), interpret)(
         *qkv_dy, ops.row_factors, with_row(ops.key_factors, ops.key_decay), ops.chunk_decay, d_numerator, dv)
+    parts = walk_parts(bh, padded // CHUNK)
+    walk = dict(num_heads=heads, parts=parts, stages=stages, interpret=interpret)
+    z0 = walk_starts(ops.k, ops.k, ops.key_decay, ops.chunk_decay, normalizer0, **walk)
     dq_norm, dq_intra, dk_intra, kept_z = launch(
-        functools.partial(_normalizer_dq_kernel, scale=scale, **common), "twomamba_chunked_normalizer_dq",
-        (tokens(), tokens(), tokens(), kept_normalizers),
+        functools.partial(_normalizer_dq_kernel, scale=scale, parts=parts, **common),
+        "twomamba_chunked_normalizer_dq", (tokens(), tokens(), tokens(), kept_normalizers),
         {**ring_scratch(stages, dtype, ("q", "k", "v", "dy"), vectors("c", "ek", "g_rows", "g_cols", "dden")),
-         **own_scratch(dtype, interpret)}, head_grid(bh), interpret)(
-        *qkv_dy, ops.row_decay, ops.key_decay, ops.log2_decay, ops.log2_decay, d_den, ops.chunk_decay,
-        normalizer0, dv)
+         **own_scratch(dtype, interpret)}, head_grid(bh, parts), interpret)(
+        *qkv_dy, ops.row_decay, ops.key_decay, ops.log2_decay, ops.log2_decay, d_den, ops.chunk_decay, z0, dv)
+    dz_factor = ops.row_decay * d_den
+    dz0 = walk_starts(ops.q, ops.q, dz_factor, ops.chunk_decay, d_normalizer, reverse=True, **walk)
     dk_norm, d_normalizer0, kept_dz = launch(
-        functools.partial(_normalizer_dk_kernel, **common), "twomamba_chunked_normalizer_dk",
-        (tokens(), jax.ShapeDtypeStruct((bh, dim, dim), F32), kept_normalizers),
+        functools.partial(_normalizer_dk_kernel, parts=parts, **common), "twomamba_chunked_normalizer_dk",
+        (tokens(), jax.ShapeDtypeStruct((bh * parts, dim, dim), F32), kept_normalizers),
         {**ring_scratch(stages, dtype, ("q", "k"), vectors("ek", "cdd"), consumers=1),
-         **own_scratch(dtype, interpret)}, head_grid(bh), interpret)(
-        ops.q, ops.k, ops.key_decay, ops.row_decay * d_den, ops.chunk_decay, d_normalizer)
+         **own_scratch(dtype, interpret)}, head_grid(bh, parts), interpret)(
+        ops.q, ops.k, ops.key_decay, dz_factor, ops.chunk_decay, dz0)
+    d_normalizer0 = d_normalizer0.reshape(bh, parts, dim, dim)[:, 0]
 
     token_major = lambda rows: jnp.moveaxis(rows.reshape(batch, heads, dim, padded), (1, 2), (2, 3))
     dq = token_major(dq_rows) + dq_norm + dq_intra
@@ -144,13 +151,13 @@ def backward(q, k, v, log_decay, d_out, d_den, numerator0, normalizer0, d_numera
 
 
 def _segment_sums(spans, ends, interval):
-    """spans (B, Np, H), ends (B, H, segments) -> (B, Np, H): the reverse cumulative sum of ``spans`` within each
+    """spans (B, Np, H), ends (B, H, parts) -> (B, Np, H): the reverse cumulative sum of ``spans`` within each
     segment of ``interval`` chunks, plus its segment's end."""
     batch, padded, heads = spans.shape
-    segments, length = ends.shape[-1], interval * CHUNK
-    spans = jnp.pad(spans, [(0, 0), (0, segments * length - padded), (0, 0)]).reshape(batch, segments, length, heads)
+    parts, length = ends.shape[-1], interval * CHUNK
+    spans = jnp.pad(spans, [(0, 0), (0, parts * length - padded), (0, 0)]).reshape(batch, parts, length, heads)
     sums = jnp.flip(jnp.cumsum(jnp.flip(spans, 2), 2), 2) + jnp.moveaxis(ends, 1, 2)[:, :, None]
-    return sums.reshape(batch, segments * length, heads)[:, :padded]
+    return sums.reshape(batch, parts * length, heads)[:, :padded]
 
 
 def with_row(factors, per_token):
@@ -198,7 +205,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, dy_ref, rk_ref, cd_ref, s0_ref, dq_ref, kept
     @pl.when(wg < 2)
     def _compute():
         plgpu.set_max_registers(232, action="increase")
-        state_tile, vals_tile, f32_tile, _, _ = own_tiles(smem, wg)
+        state_tile, vals_tile, f32_tile, staging, _ = own_tiles(smem, wg)
 
         def chunk(c, states):
             slot = lax.rem(c, jnp.int32(stages))
@@ -245,13 +252,17 @@ def _dkv_kernel(q_ref, k_ref, v_ref, dy_ref, rq_ref, rk_ref, cd_ref, ds_ref, dv_
             decay, twice_ek = cd_ref[head, c], 2.0 * factor("rk", slot, ROWS_PER_PROGRAM)
             d_values, columns, carried = zeros(), [], []
             for row, grad in zip(p.own_rows, grads):
-                store(state_tile, grad)
+                # The three products are independent: operands staged, issued together, one wait.
+                state_tile[...] = grad.astype(state_tile.dtype)
+                vals_tile[...] = scaled_rows(tile("dy", slot), factor("rq", slot, row)).astype(vals_tile.dtype)
+                plgpu.commit_smem()
                 keys = scaled_rows(tile("k", slot), factor("rk", slot, row)).astype(state_tile.dtype)
-                d_values = matmul_into(d_values, keys, state_tile, staging)  # (k u_a) dS_a
-                through = matmul(tile("v", slot), state_tile.transpose((1, 0)), (CHUNK, HEAD_DIM))  # v dS_a^T
+                d_values, through, updated = matmuls(  # (k u_a) dS_a, v dS_a^T, the carried dS_a
+                    [d_values, zeros(), grad * decay],
+                    [(0, keys, state_tile), (1, tile("v", slot), state_tile.transpose((1, 0))),
+                     (2, tile("q", slot).transpose((1, 0)), vals_tile)], interpret, staging)
                 columns.append(twice_ek * row_sum_with(tile("k", slot), through))
-                store(vals_tile, scaled_rows(tile("dy", slot), factor("rq", slot, row)))
-                carried.append(update(grad, decay, tile("q", slot), vals_tile, interpret))
+                carried.append(updated)
             plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
             _write_columns(smem, wg, columns, _own_columns(dk_ref, p, c))
             add_to_global(d_values, f32_tile,
@@ -264,25 +275,24 @@ def _dkv_kernel(q_ref, k_ref, v_ref, dy_ref, rq_ref, rk_ref, cd_ref, ds_ref, dv_
 
 def _normalizer_dq_kernel(q_ref, k_ref, v_ref, dy_ref, c_ref, ek_ref, g_rows_ref, g_cols_ref, dden_ref, cd_ref,
                           z0_ref, dv_ref, dq_norm_ref, dq_intra_ref, dk_intra_ref, kept_ref, *, scale, num_heads,
-                          stages, num_chunks, interval, interpret, **smem):
-    head, batch, query_head, wait_tile, rows_of = head_program(
-        smem, (q_ref, k_ref, v_ref, dy_ref), ("q", "k", "v", "dy"),
-        {"c": c_ref, "ek": ek_ref, "g_rows": g_rows_ref, "g_cols": g_cols_ref, "dden": dden_ref}, num_heads,
-        num_chunks, stages)
+                          parts, stages, num_chunks, interval, interpret, **smem):
+    p = head_program(smem, (q_ref, k_ref, v_ref, dy_ref), ("q", "k", "v", "dy"),
+                     {"c": c_ref, "ek": ek_ref, "g_rows": g_rows_ref, "g_cols": g_cols_ref, "dden": dden_ref},
+                     num_heads, num_chunks, stages, parts=parts)
     wg = lax.axis_index("wg")
     tile, _, column = loaders(smem)
 
     @pl.when(wg == 0)
     def _normalizer():  # dq += 2 dden c (Z q), from the (q c) Z the walk reads out
         plgpu.set_max_registers(232, action="increase")
+        f32_tile = smem["f32_smem"].at[wg]
         twice_dden = lambda slot, through: lax.broadcast_in_dim(2.0 * column("dden", slot, 1), through.shape, [0])
-        state_walk(smem, wg, z0_ref.at[head], lambda c: cd_ref[head, c], wait_tile, [Readout("q", "c")],
-                   ("k", "k", "ek"), lambda slot, results: results[0] * twice_dden(slot, results[0]),
-                   lambda c, d_queries: to_global([(d_queries, smem["f32_smem"].at[wg], rows_of(dq_norm_ref, c))],
-                                                  wait=False),
-                   num_chunks=num_chunks, stages=stages, interpret=interpret,
-                   keep=lambda c, z: _at_checkpoint(c, num_chunks, interval, lambda m: to_global(
-                       [(z, smem["f32_smem"].at[wg], kept_ref.at[head, m])])))
+        state_walk(smem, wg, p, z0_ref.at[p.program], cd_ref, [Readout("q", "c")], ("k", "k", "ek"),
+                   lambda slot, results: results[0] * twice_dden(slot, results[0]),
+                   lambda c, d_queries: to_global([(d_queries, f32_tile, p.rows_of(dq_norm_ref, c))], wait=False),
+                   stages=stages, interpret=interpret,
+                   keep=lambda c, z: _at_checkpoint(c, num_chunks, interval,
+                                                    lambda m: to_global([(z, f32_tile, kept_ref.at[p.head, m])])))
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == 1)
@@ -290,25 +300,25 @@ def _normalizer_dq_kernel(q_ref, k_ref, v_ref, dy_ref, c_ref, ek_ref, g_rows_ref
         plgpu.set_max_registers(232, action="increase")
         ds_tile, w_tile, f32_tile, staging, total = own_tiles(smem, wg)
 
-        @pl.loop(jnp.int32(0), jnp.int32(num_chunks))
-        def _(c):
-            slot = lax.rem(c, jnp.int32(stages))
-            wait_tile(slot)
+        @pl.loop(jnp.int32(0), jnp.int32(p.steps))
+        def _(s):
+            c, slot = p.chunk_of_step(s), lax.rem(s, jnp.int32(stages))
+            p.wait_tile(slot)
             dq, dk, d_values = intra_gradients(tile, column, slot, power=2, scale=scale, ds_tile=ds_tile,
                                                w_tile=w_tile, staging=staging, interpret=interpret,
                                                dden=column("dden", slot, 1))
             plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
-            to_global([(dq, f32_tile, rows_of(dq_intra_ref, c)), (dk, f32_tile, rows_of(dk_intra_ref, c))],
+            to_global([(dq, f32_tile, p.rows_of(dq_intra_ref, c)), (dk, f32_tile, p.rows_of(dk_intra_ref, c))],
                       wait=False)
-            add_to_global(d_values, f32_tile, dv_ref.at[0, batch, pl.ds(c * CHUNK, CHUNK), query_head], total)
+            add_to_global(d_values, f32_tile, p.rows_of(dv_ref.at[0], c), total)
 
         plgpu.wait_smem_to_gmem(0)
 
 
 def _normalizer_dk_kernel(q_ref, k_ref, ek_ref, cdd_ref, cd_ref, dz_ref, dk_norm_ref, dz0_ref, kept_ref, *,
-                          num_heads, stages, num_chunks, interval, interpret, **smem):
-    head, _, _, wait_tile, rows_of = head_program(smem, (q_ref, k_ref), "qk", {"ek": ek_ref, "cdd": cdd_ref},
-                                                  num_heads, num_chunks, stages, reverse=True)
+                          num_heads, parts, stages, num_chunks, interval, interpret, **smem):
+    p = head_program(smem, (q_ref, k_ref), "qk", {"ek": ek_ref, "cdd": cdd_ref}, num_heads, num_chunks, stages,
+                     reverse=True, parts=parts)
     wg = lax.axis_index("wg")
 
     @pl.when(wg == 0)
@@ -316,10 +326,10 @@ def _normalizer_dk_kernel(q_ref, k_ref, ek_ref, cdd_ref, cd_ref, dz_ref, dk_norm
         plgpu.set_max_registers(232, action="increase")
         f32_tile = smem["f32_smem"].at[wg]
         grad = state_walk(
-            smem, wg, dz_ref.at[head], lambda c: cd_ref[head, c], wait_tile, [Readout("k", "ek")], ("q", "q", "cdd"),
+            smem, wg, p, dz_ref.at[p.program], cd_ref, [Readout("k", "ek")], ("q", "q", "cdd"),
             lambda slot, results: 2.0 * results[0],
-            lambda c, d_keys: to_global([(d_keys, f32_tile, rows_of(dk_norm_ref, c))], wait=False),
-            num_chunks=num_chunks, stages=stages, interpret=interpret, reverse=True,
+            lambda c, d_keys: to_global([(d_keys, f32_tile, p.rows_of(dk_norm_ref, c))], wait=False),
+            stages=stages, interpret=interpret, reverse=True,
             keep=lambda c, dz: _at_checkpoint(c, num_chunks, interval,
-                                              lambda m: to_global([(dz, f32_tile, kept_ref.at[head, m])])))
-        to_global([(grad, f32_tile, dz0_ref.at[head])])
+                                              lambda m: to_global([(dz, f32_tile, kept_ref.at[p.head, m])])))
+        to_global([(grad, f32_tile, dz0_ref.at[p.program])])

@@ -8,7 +8,9 @@ them exact zeros, see ``ops.numerics``):
 
     y = c (q S) + W v,  W = (scale q k^T) * e^(g_i - g_j) masked to j <= i;  S <- e^(g_L) S + k^T (v u).
 
-Three kernels, grid (B H,), three warpgroups (two compute, one streaming the chunks' tiles by TMA):
+Three kernels, grid (B H P,), three warpgroups (two compute, one streaming the chunks' tiles by TMA). Where B H
+alone leaves SMs idle, each head's chunks split into P parts (``walk_parts``), each walked by its own program from
+the state ``walk_starts`` gives it (a two-level scan: the parts' own walks from zero, then combined across parts):
 
 - ``_forward_kernel``: warpgroup 0 walks S and adds (q c) S to y, warpgroup 1 adds each chunk's W v.
 - ``_dq_kernel``, first chunk to last: warpgroup 0 walks S again for ``dq += (dy c) S^T`` and keeps S at the
@@ -34,24 +36,15 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from twomamba_jax.kernels.chunked.mosaic_gpu import (CHUNK, F32, Readout, head_grid, head_program, intra_gradients,
-                                                     intra_tile, launch, loaders, own_scratch, own_tiles, pad_tokens,
-                                                     ring_scratch, state_walk, vectors, zeros)
+                                                     intra_tile, launch, loaders, operands, own_scratch, own_tiles,
+                                                     pad_tokens, ring_scratch, state_walk, vectors, walk_parts,
+                                                     walk_starts, zeros)
 from twomamba_jax.kernels.chunked.mosaic_gpu_backward import (_at_checkpoint, _segment_sums, checkpoint_interval,
                                                               checkpoints)
-from twomamba_jax.kernels.layout import heads_first
-from twomamba_jax.kernels.parallel.mosaic_gpu import LOG2E, interpret_params, matmul_into
+from twomamba_jax.kernels.parallel.mosaic_gpu import interpret_params, matmul_into
 from twomamba_jax.kernels.parallel.mosaic_gpu_backward import add_to_global, to_global
 
 STATE_BYTES_PER_HEAD = 2 * 64 * 64 * 4  # a checkpoint of S and of dS, float32
-
-
-def _decays(log_decay, scale, padded):
-    """(c = scale e^g, u = e^(g_L - g), both (B H, Np); e^(g_L) (B H, chunks); g log2(e) (B H, Np)) of the
-    log-decay (B, N, H)."""
-    gamma = jnp.cumsum(heads_first(log_decay.astype(F32), padded).reshape(-1, padded // CHUNK, CHUNK), -1)
-    last = gamma[..., -1:]
-    flat = lambda x: x.reshape(-1, padded)
-    return flat(scale * jnp.exp(gamma)), flat(jnp.exp(last - gamma)), jnp.exp(last[..., 0]), flat(gamma * LOG2E)
 
 
 def forward(q, k, v, log_decay, state0, *, scale, stages=2, interpret=False):
@@ -59,19 +52,22 @@ def forward(q, k, v, log_decay, state0, *, scale, stages=2, interpret=False):
     Returns y (B, N, H, 64) float32 and the final state (B H, 64, 64) float32."""
     batch, length, heads, dim = q.shape
     interpret = interpret_params(interpret)
-    padded = -(-length // CHUNK) * CHUNK
-    c, u, chunk_decay, log2_decay = _decays(log_decay, scale, padded)
-    bh = c.shape[0]
+    ops = operands(q, k, v, log_decay, scale, power=1)
+    (q, k, v), c, u, chunk_decay, log2_decay = ops[:3], ops.row_decay, ops.key_decay, ops.chunk_decay, ops.log2_decay
+    bh, padded = c.shape
+    parts = walk_parts(bh, padded // CHUNK)
+    starts = walk_starts(k, v, u, chunk_decay, state0, num_heads=heads, parts=parts, stages=stages,
+                         interpret=interpret)
     y = jax.new_ref(jnp.zeros((2 if interpret else 1, batch, padded, heads, dim), F32))
     state = launch(
-        functools.partial(_forward_kernel, scale=scale, num_heads=heads, stages=stages, num_chunks=padded // CHUNK,
-                          interpret=interpret), "twomamba_chunked_power1",
-        jax.ShapeDtypeStruct((bh, dim, dim), F32),
+        functools.partial(_forward_kernel, scale=scale, num_heads=heads, parts=parts, stages=stages,
+                          num_chunks=padded // CHUNK, interpret=interpret), "twomamba_chunked_power1",
+        jax.ShapeDtypeStruct((bh * parts, dim, dim), F32),
         {**ring_scratch(stages, q.dtype, "qkv", vectors("c", "ek", "g_rows", "g_cols")),
-         **own_scratch(q.dtype, interpret)}, head_grid(bh), interpret)(
-        *(pad_tokens(x, padded) for x in (q, k, v)), c, u, log2_decay, log2_decay, chunk_decay, state0, y)
+         **own_scratch(q.dtype, interpret)}, head_grid(bh, parts), interpret)(
+        q, k, v, c, u, log2_decay, log2_decay, chunk_decay, starts, y)
     y = y[...].sum(0) if interpret else y[...][0]
-    return y[:, :length], state
+    return y[:, :length], state.reshape(bh, parts, dim, dim)[:, -1]
 
 
 def backward(q, k, v, log_decay, d_out, state0, d_state, carried, *, scale, stages=2, interpret=False):
@@ -80,29 +76,35 @@ def backward(q, k, v, log_decay, d_out, state0, d_state, carried, *, scale, stag
     cotangent, float32."""
     batch, length, heads, dim = q.shape
     interpret = interpret_params(interpret)
-    padded = -(-length // CHUNK) * CHUNK
+    ops = operands(q, k, v, log_decay, scale, power=1)
+    (q, k, v), c, u, chunk_decay, log2_decay = ops[:3], ops.row_decay, ops.key_decay, ops.chunk_decay, ops.log2_decay
+    bh, padded = c.shape
     num_chunks = padded // CHUNK
-    c, u, chunk_decay, log2_decay = _decays(log_decay, scale, padded)
-    bh = c.shape[0]
     interval = checkpoint_interval(bh, num_chunks, STATE_BYTES_PER_HEAD)
     kept = checkpoints(num_chunks, interval)
     tokens = jax.ShapeDtypeStruct((batch, padded, heads, dim), F32)
     kept_states = jax.ShapeDtypeStruct((bh, max(kept, 1), dim, dim), F32)  # never written if kept = 0
-    common = dict(num_heads=heads, stages=stages, num_chunks=num_chunks, interval=interval, interpret=interpret)
-    q, k, v, dy = (pad_tokens(x, padded) for x in (q, k, v, d_out.astype(q.dtype)))
+    parts = walk_parts(bh, num_chunks)
+    common = dict(num_heads=heads, parts=parts, stages=stages, num_chunks=num_chunks, interval=interval,
+                  interpret=interpret)
+    dy = pad_tokens(d_out.astype(q.dtype), padded)
+    walk = dict(num_heads=heads, parts=parts, stages=stages, interpret=interpret)
+    starts = walk_starts(k, v, u, chunk_decay, state0, **walk)
+    grad_starts = walk_starts(q, dy, c, chunk_decay, d_state, reverse=True, **walk)
 
     dq_inter, dq_intra, dk_intra, dv_intra, kept_s = launch(
         functools.partial(_dq_kernel, scale=scale, **common), "twomamba_chunked_power1_dq",
         (tokens, tokens, tokens, tokens, kept_states),
         {**ring_scratch(stages, q.dtype, ("q", "k", "v", "dy"), vectors("c", "ek", "g_rows", "g_cols")),
-         **own_scratch(q.dtype, interpret)}, head_grid(bh), interpret)(
-        q, k, v, dy, c, u, log2_decay, log2_decay, chunk_decay, state0)
+         **own_scratch(q.dtype, interpret)}, head_grid(bh, parts), interpret)(
+        q, k, v, dy, c, u, log2_decay, log2_decay, chunk_decay, starts)
     dk_inter, dv_inter, d_state0, kept_ds = launch(
         functools.partial(_dkv_kernel, **common), "twomamba_chunked_power1_dkv",
-        (tokens, tokens, jax.ShapeDtypeStruct((bh, dim, dim), F32), kept_states),
+        (tokens, tokens, jax.ShapeDtypeStruct((bh * parts, dim, dim), F32), kept_states),
         {**ring_scratch(stages, q.dtype, ("q", "k", "v", "dy"), vectors("c", "ek"), consumers=1),
-         **own_scratch(q.dtype, interpret)}, head_grid(bh), interpret)(
-        q, k, v, dy, c, u, chunk_decay, d_state)
+         **own_scratch(q.dtype, interpret)}, head_grid(bh, parts), interpret)(
+        q, k, v, dy, c, u, chunk_decay, grad_starts)
+    d_state0 = d_state0.reshape(bh, parts, dim, dim)[:, 0]
 
     dq, dk, dv = dq_inter + dq_intra, dk_inter + dk_intra, dv_inter + dv_intra
     spans = jnp.sum(q.astype(F32) * dq, -1) - jnp.sum(k.astype(F32) * dk, -1)  # row minus column sums of dW W
@@ -120,31 +122,30 @@ def intra_weights(tile, column, slot, scale):
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, c_ref, ek_ref, g_rows_ref, g_cols_ref, cd_ref, s0_ref, y_ref, s_ref, *,
-                    scale, num_heads, stages, num_chunks, interpret, **smem):
-    head, _, _, wait_tile, rows_of = head_program(
-        smem, (q_ref, k_ref, v_ref), "qkv", {"c": c_ref, "ek": ek_ref, "g_rows": g_rows_ref, "g_cols": g_cols_ref},
-        num_heads, num_chunks, stages)
+                    scale, num_heads, parts, stages, num_chunks, interpret, **smem):
+    p = head_program(smem, (q_ref, k_ref, v_ref), "qkv",
+                     {"c": c_ref, "ek": ek_ref, "g_rows": g_rows_ref, "g_cols": g_cols_ref}, num_heads, num_chunks,
+                     stages, parts=parts)
     wg = lax.axis_index("wg")
     tile, _, column = loaders(smem)
     _, _, f32_tile, staging, total = own_tiles(smem, wg)
-    add_y = lambda c, y: add_to_global(y, f32_tile, rows_of(y_ref.at[wg if interpret else 0], c), total)
+    add_y = lambda c, y: add_to_global(y, f32_tile, p.rows_of(y_ref.at[wg if interpret else 0], c), total)
 
     @pl.when(wg == 0)
     def _walk():  # y += (q c) S
         plgpu.set_max_registers(232, action="increase")
-        state = state_walk(smem, wg, s0_ref.at[head], lambda c: cd_ref[head, c], wait_tile, [Readout("q", "c")],
-                           ("k", "v", "ek"), lambda slot, results: results[0], add_y, num_chunks=num_chunks,
-                           stages=stages, interpret=interpret)
-        to_global([(state, f32_tile, s_ref.at[head])])
+        state = state_walk(smem, wg, p, s0_ref.at[p.program], cd_ref, [Readout("q", "c")], ("k", "v", "ek"),
+                           lambda slot, results: results[0], add_y, stages=stages, interpret=interpret)
+        to_global([(state, f32_tile, s_ref.at[p.program])])
 
     @pl.when(wg == 1)
     def _intra():  # y += W v
         plgpu.set_max_registers(232, action="increase")
 
-        @pl.loop(jnp.int32(0), jnp.int32(num_chunks))
-        def _(c):
-            slot = lax.rem(c, jnp.int32(stages))
-            wait_tile(slot)
+        @pl.loop(jnp.int32(0), jnp.int32(p.steps))
+        def _(s):
+            c, slot = p.chunk_of_step(s), lax.rem(s, jnp.int32(stages))
+            p.wait_tile(slot)
             weights = intra_weights(tile, column, slot, scale).astype(q_ref.dtype)
             y = matmul_into(zeros(), weights, tile("v", slot), staging)
             plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
@@ -154,11 +155,11 @@ def _forward_kernel(q_ref, k_ref, v_ref, c_ref, ek_ref, g_rows_ref, g_cols_ref, 
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, dy_ref, c_ref, ek_ref, g_rows_ref, g_cols_ref, cd_ref, s0_ref, dq_inter_ref,
-               dq_intra_ref, dk_intra_ref, dv_intra_ref, kept_ref, *, scale, num_heads, stages, num_chunks, interval,
-               interpret, **smem):
-    head, _, _, wait_tile, rows_of = head_program(
-        smem, (q_ref, k_ref, v_ref, dy_ref), ("q", "k", "v", "dy"),
-        {"c": c_ref, "ek": ek_ref, "g_rows": g_rows_ref, "g_cols": g_cols_ref}, num_heads, num_chunks, stages)
+               dq_intra_ref, dk_intra_ref, dv_intra_ref, kept_ref, *, scale, num_heads, parts, stages, num_chunks,
+               interval, interpret, **smem):
+    p = head_program(smem, (q_ref, k_ref, v_ref, dy_ref), ("q", "k", "v", "dy"),
+                     {"c": c_ref, "ek": ek_ref, "g_rows": g_rows_ref, "g_cols": g_cols_ref}, num_heads, num_chunks,
+                     stages, parts=parts)
     wg = lax.axis_index("wg")
     tile, _, column = loaders(smem)
     ds_tile, w_tile, f32_tile, staging, _ = own_tiles(smem, wg)
@@ -166,50 +167,48 @@ def _dq_kernel(q_ref, k_ref, v_ref, dy_ref, c_ref, ek_ref, g_rows_ref, g_cols_re
     @pl.when(wg == 0)
     def _walk():  # dq += (dy c) S^T
         plgpu.set_max_registers(232, action="increase")
-        state_walk(smem, wg, s0_ref.at[head], lambda c: cd_ref[head, c], wait_tile, [Readout("dy", "c", True)],
-                   ("k", "v", "ek"), lambda slot, results: results[0],
-                   lambda c, dq: to_global([(dq, f32_tile, rows_of(dq_inter_ref, c))], wait=False),
-                   num_chunks=num_chunks, stages=stages, interpret=interpret,
+        state_walk(smem, wg, p, s0_ref.at[p.program], cd_ref, [Readout("dy", "c", True)], ("k", "v", "ek"),
+                   lambda slot, results: results[0],
+                   lambda c, dq: to_global([(dq, f32_tile, p.rows_of(dq_inter_ref, c))], wait=False),
+                   stages=stages, interpret=interpret,
                    keep=lambda c, s: _at_checkpoint(c, num_chunks, interval,
-                                                    lambda m: to_global([(s, f32_tile, kept_ref.at[head, m])])))
+                                                    lambda m: to_global([(s, f32_tile, kept_ref.at[p.head, m])])))
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == 1)
     def _intra():
         plgpu.set_max_registers(232, action="increase")
 
-        @pl.loop(jnp.int32(0), jnp.int32(num_chunks))
-        def _(c):
-            slot = lax.rem(c, jnp.int32(stages))
-            wait_tile(slot)
+        @pl.loop(jnp.int32(0), jnp.int32(p.steps))
+        def _(s):
+            c, slot = p.chunk_of_step(s), lax.rem(s, jnp.int32(stages))
+            p.wait_tile(slot)
             dq, dk, dv = intra_gradients(tile, column, slot, power=1, scale=scale, ds_tile=ds_tile, w_tile=w_tile,
                                          staging=staging, interpret=interpret)
             plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
-            to_global([(dq, f32_tile, rows_of(dq_intra_ref, c)), (dk, f32_tile, rows_of(dk_intra_ref, c)),
-                       (dv, f32_tile, rows_of(dv_intra_ref, c))], wait=False)
+            to_global([(dq, f32_tile, p.rows_of(dq_intra_ref, c)), (dk, f32_tile, p.rows_of(dk_intra_ref, c)),
+                       (dv, f32_tile, p.rows_of(dv_intra_ref, c))], wait=False)
 
         plgpu.wait_smem_to_gmem(0)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, dy_ref, c_ref, ek_ref, cd_ref, ds_ref, dk_ref, dv_ref, ds0_ref, kept_ref, *,
-                num_heads, stages, num_chunks, interval, interpret, **smem):
-    head, _, _, wait_tile, rows_of = head_program(
-        smem, (q_ref, k_ref, v_ref, dy_ref), ("q", "k", "v", "dy"), {"c": c_ref, "ek": ek_ref}, num_heads,
-        num_chunks, stages, reverse=True)
+                num_heads, parts, stages, num_chunks, interval, interpret, **smem):
+    p = head_program(smem, (q_ref, k_ref, v_ref, dy_ref), ("q", "k", "v", "dy"), {"c": c_ref, "ek": ek_ref},
+                     num_heads, num_chunks, stages, reverse=True, parts=parts)
     wg = lax.axis_index("wg")
     f32_tile = smem["f32_smem"].at[wg]
 
     def write(c, grads):
         dv, dk = grads
-        to_global([(dv, f32_tile, rows_of(dv_ref, c)), (dk, f32_tile, rows_of(dk_ref, c))], wait=False)
+        to_global([(dv, f32_tile, p.rows_of(dv_ref, c)), (dk, f32_tile, p.rows_of(dk_ref, c))], wait=False)
 
     @pl.when(wg == 0)
     def _walk():  # dv += (k u) dS, dk += (v u) dS^T, dS <- e^(g_L) dS + q^T (dy c)
         plgpu.set_max_registers(232, action="increase")
-        grad = state_walk(smem, wg, ds_ref.at[head], lambda c: cd_ref[head, c], wait_tile,
-                          [Readout("k", "ek"), Readout("v", "ek", True)], ("q", "dy", "c"),
-                          lambda slot, results: results, write, num_chunks=num_chunks, stages=stages,
-                          interpret=interpret, reverse=True,
+        grad = state_walk(smem, wg, p, ds_ref.at[p.program], cd_ref, [Readout("k", "ek"), Readout("v", "ek", True)],
+                          ("q", "dy", "c"), lambda slot, results: results, write, stages=stages, interpret=interpret,
+                          reverse=True,
                           keep=lambda c, ds: _at_checkpoint(
-                              c, num_chunks, interval, lambda m: to_global([(ds, f32_tile, kept_ref.at[head, m])])))
-        to_global([(grad, f32_tile, ds0_ref.at[head])])
+                              c, num_chunks, interval, lambda m: to_global([(ds, f32_tile, kept_ref.at[p.head, m])])))
+        to_global([(grad, f32_tile, ds0_ref.at[p.program])])

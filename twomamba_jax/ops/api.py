@@ -35,14 +35,14 @@ DENSE_MAX_ELEMENTS = 2**27  # B * H * N^2 above this (512 MiB per float32 tile) 
 # bf16, fwd + bwd). With the Triton-lowered kernels ("gpu"): power 2 is faster flash-style at 2k / 4k / 8k tokens
 # (1.5 / 4.6 / 16.4 ms against 6.9 / 13.0 / 25.4) and chunked at 32k (25.9 ms against ~4 x 16.4); power 1 is
 # faster chunked at every length (0.67 against 1.34 ms at 2k). On Hopper (Mosaic GPU kernels), power 2 at one row:
-# flash-style 4.43 / 9.59 ms at 16k / 24k tokens against the chunked kernels' 6.65 / 9.96, chunked 13.2 ms at 32k
-# against ~19.5 (flash-style's 8k time scaled as N^2); at 2 x 16384 8.92 against 11.33. Inputs the Mosaic GPU
-# kernels do not take keep the "gpu" entry; so does CPU, which runs the GPU kernels.
-PARALLEL_MAX_LEN = {"gpu": {1: 0, 2: 8192}, "hopper": {1: 0, 2: 24576}, "cpu": {1: 0, 2: 8192}}
-# Power 1 on Hopper: the Mosaic GPU chunked kernels walk one head per program, the Triton ones split dv over
-# programs when few heads run; measured on the H200 (fwd + bwd), Mosaic GPU 1.45 ms against 1.63 at 4 x 8192 with
-# 16 heads (64 programs), 4.21 against 3.74 at 1 x 32768 (16). Below this many rows times heads, Triton.
-HOPPER_POWER1_MIN_HEADS = 64
+# flash-style 4.42 ms at 16k tokens against the chunked kernels' 4.78, and 9.67 at 24k against chunked 9.41 at 32k
+# (single-state walks in parts since). Inputs the Mosaic GPU kernels do not take keep the "gpu" entry; so does
+# CPU, which runs the GPU kernels.
+PARALLEL_MAX_LEN = {"gpu": {1: 0, 2: 8192}, "hopper": {1: 0, 2: 16384}, "cpu": {1: 0, 2: 8192}}
+# Power 1 on Hopper: the Mosaic GPU chunked kernels walk each head's chunks in up to 8 parts, one program each;
+# measured on the H200 (fwd + bwd, 16 heads), Mosaic GPU against Triton 0.34 / 0.29 ms at 1 x 2048, 0.42 / 0.47
+# at 4 x 2048, 0.38 / 1.01 at 1 x 8192, 1.23 / 3.81 at 1 x 32768. Below this many rows x heads x tokens, Triton.
+HOPPER_POWER1_MIN_HEAD_TOKENS = 64 * 2048
 
 
 def _dense_is_small(batch_heads: int, length: int) -> bool:
@@ -127,8 +127,8 @@ def _kernel(family: str, q, k, v, *, power, requested, normalize=None, **limits)
     if family == "chunked" and backend == "gpu" and _has_wgmma():
         from twomamba_jax.kernels.chunked import hopper_unsupported_reason
 
-        few_heads = power == 1 and q.shape[0] * q.shape[2] < HOPPER_POWER1_MIN_HEADS
-        if not few_heads and hopper_unsupported_reason(q, k, v, power=power, normalize=normalize, **limits) is None:
+        small = power == 1 and q.shape[0] * q.shape[2] * q.shape[1] < HOPPER_POWER1_MIN_HEAD_TOKENS
+        if not small and hopper_unsupported_reason(q, k, v, power=power, normalize=normalize, **limits) is None:
             kernel_backend = "mosaic_gpu"  # else the Triton kernels
     return functools.partial(attention, backend=kernel_backend, interpret=backend == "cpu")
 
