@@ -14,6 +14,12 @@ import pytest  # noqa: E402
 jax.config.update("jax_enable_x64", True)
 
 
+def pytest_collection_modifyitems(items):
+    """Tests marked ``slow`` first (in their order): started last, one would keep a worker busy after the others
+    have finished."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture
 def rng(request):
     """A fresh generator per test, seeded from the test's name so failures reproduce."""

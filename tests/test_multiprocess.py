@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 STEPS = 16
 
@@ -73,6 +74,7 @@ def _assert_close(got, expected):
     np.testing.assert_allclose(got[1], expected[1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_processes_train_like_one_and_resume_across_processes(tmp_path):
     single = tmp_path / "single"
     _launch(single, processes=1, devices_each=4)

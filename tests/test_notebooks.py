@@ -46,6 +46,7 @@ def test_quickstart_runs(tmp_path, monkeypatch):
     assert "(2, 512, 256)" in text  # the layer's output shape
 
 
+@pytest.mark.slow
 def test_compare_mixers_trains_and_evaluates_every_mixer(tmp_path, monkeypatch):
     text, images = _run("compare_mixers", tmp_path, monkeypatch, steps=3)
     assert images == 2  # the loss curves and the NIAH heatmaps
@@ -57,6 +58,7 @@ def test_compare_mixers_trains_and_evaluates_every_mixer(tmp_path, monkeypatch):
         assert parameters > 0 and math.isfinite(loss) and math.isfinite(loss_1024) and 0 <= accuracy <= 1
 
 
+@pytest.mark.slow
 def test_decode_memory_compares_state_and_cache(tmp_path, monkeypatch):
     text, images = _run("decode_memory", tmp_path, monkeypatch, steps=4)
     assert images == 2  # memory by context, decode speed by context

@@ -16,6 +16,7 @@ def _module():
     return module
 
 
+@pytest.mark.slow
 def test_meshes_train_and_agree_with_one_device(capsys):
     rows = _module().main(["--smoke", "--mixers", "2mamba", "--gpus", "1", "2", "--meshes", "data",
                            "fsdp x tensor"])

@@ -107,13 +107,13 @@ def decode_state_bytes(config: nn.ModelConfig, batch_size: int, max_len: int) ->
     - exp (2Mamba-E): 2 max_len H d cached keys and values and max_len H float32 log-decays, a fill counter, and
       the conv history;
     - Mamba-2: H d_state head_dim (its SSM state, H = d_ssm / head_dim) and (w - 1)(d_ssm + 2 groups d_state);
-    - softmax: 2 max_len Hkv d and a fill counter.
+    - softmax: 2 max_len Hkv d, a fill counter and each sequence's document start (int32).
     """
     mixer, heads, dim = config.mixer, config.num_heads, config.head_dim
     item, state = np.dtype(config.dtype).itemsize, 4
     counter = 0  # the KV caches' fill count: one int32 per layer, not per sequence
     if isinstance(mixer, nn.AttentionConfig):
-        per_sequence, counter = 2 * max_len * (mixer.num_kv_heads or heads) * dim * item, 4
+        per_sequence, counter = 2 * max_len * (mixer.num_kv_heads or heads) * dim * item + 4, 4
     elif isinstance(mixer, nn.Mamba2Config):
         d_ssm = mixer.d_ssm or mixer.expand * config.model_dim
         per_sequence = (d_ssm // mixer.head_dim) * mixer.d_state * mixer.head_dim * state

@@ -18,24 +18,31 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from twomamba_jax.ops.validation import check_segment_ids
+
 
 def generate(model, prompt, *, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, seed: int = 0, on_tokens: Callable[[jax.Array], None] | None = None):
+             top_p: float | None = None, seed: int = 0, on_tokens: Callable[[jax.Array], None] | None = None,
+             segment_ids=None):
     """The prompt followed by ``max_new_tokens`` generated tokens: (B, N + max_new_tokens) int32.
 
     model: a ``LanguageModel``; prompt: (B, N) integer token ids, N >= 1. temperature 0 is greedy (argmax);
     above 0 the logits are divided by it and sampled, after keeping the ``top_k`` most likely tokens and then the
     smallest set whose probability reaches ``top_p`` (either None: no cut). ``seed`` fixes the samples: the same
     seed gives the same tokens. ``on_tokens`` is called with each new (B,) column as soon as it exists (to
-    stream text).
+    stream text). ``segment_ids``: (B, N) integers, the documents of packed prompt rows (see
+    ``LanguageModel.step``): each row continues its last document, which alone the new tokens see.
     """
     prompt = _check(prompt, max_new_tokens, temperature, top_k, top_p)
     batch, length = prompt.shape
+    if segment_ids is not None:
+        segment_ids = jnp.asarray(segment_ids)
+        check_segment_ids(segment_ids, batch, length)
     graphdef, state = nnx.split(model)
     prefill, step = compiled_steps(graphdef, float(temperature), top_k, top_p)
     key = jax.random.key(seed)
     cache = model.init_cache(batch, max_len=length + max_new_tokens)
-    token, cache = prefill(state, prompt, cache, jax.random.fold_in(key, 0))
+    token, cache = prefill(state, prompt, cache, jax.random.fold_in(key, 0), segment_ids)
     tokens = [token]
     if on_tokens is not None:
         on_tokens(token)
@@ -91,12 +98,12 @@ def _nucleus(logits, top_p: float):
 
 @functools.cache
 def compiled_steps(graphdef, temperature: float, top_k: int | None, top_p: float | None):
-    """(prefill, step), jitted: (state, tokens (B, T), cache, key) -> (next token (B,), cache); kept per model
-    structure and sampler, so later calls reuse the compiled steps."""
+    """(prefill, step), jitted: (state, tokens (B, T), cache, key[, segment ids (B, T) or None]) -> (next token
+    (B,), cache); kept per model structure and sampler, so later calls reuse the compiled steps."""
     pick = _sampler(temperature, top_k, top_p)
 
-    def advance(state, tokens, cache, key):
-        logits, cache = nnx.merge(graphdef, state).step(tokens, cache)
+    def advance(state, tokens, cache, key, segment_ids=None):
+        logits, cache = nnx.merge(graphdef, state).step(tokens, cache, segment_ids)
         return pick(logits[:, -1].astype(jnp.float32), key), cache
 
     prefill = jax.jit(advance)

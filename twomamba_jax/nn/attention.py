@@ -14,6 +14,7 @@ from twomamba_jax import ops
 from twomamba_jax.nn import initializers as inits
 from twomamba_jax.nn.layers import check_model_input
 from twomamba_jax.nn.partitioning import per_head
+from twomamba_jax.ops.numerics import document_starts
 from twomamba_jax.ops.state import check_cache_room, map_query_blocks, poison_overflow, write_tokens
 
 
@@ -40,11 +41,14 @@ class AttentionConfig:
 
 
 class AttentionCache(NamedTuple):
-    """keys, values: (B, L, H_kv, d) with L the capacity; length: () int32 tokens stored."""
+    """keys, values: (B, L, H_kv, d) with L the capacity; length: () int32 tokens stored; start: (B,) int32 the
+    slot where each row's current document starts (0 unless a packed prompt came with segment ids): the next token
+    attends to the slots from there on."""
 
     keys: jax.Array
     values: jax.Array
     length: jax.Array
+    start: jax.Array
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -107,10 +111,14 @@ class SoftmaxAttention(nnx.Module):
         """Empty KV cache with room for ``max_len`` tokens."""
         ops.validation.check_positive_int("max_len", max_len)
         shape = (batch_size, max_len, self.num_kv_heads, self.head_dim)
-        return AttentionCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype), jnp.zeros((), jnp.int32))
+        return AttentionCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype), jnp.zeros((), jnp.int32),
+                              jnp.zeros((batch_size,), jnp.int32))
 
-    def step(self, x: jax.Array, cache: AttentionCache) -> tuple[jax.Array, AttentionCache]:
-        """Append x: (B, T, M) to the cache and attend over everything stored. Returns (y (B, T, M), cache)."""
+    def step(self, x: jax.Array, cache: AttentionCache, segment_ids: jax.Array | None = None
+             ) -> tuple[jax.Array, AttentionCache]:
+        """Append x: (B, T, M) to the cache and attend over its current document. Returns (y (B, T, M), cache).
+        segment_ids: (B, T) integers, the documents of a packed prompt, or None: the cache's current document
+        continues into the first one, no token sees an earlier document, and the next token continues the last."""
         check_model_input(x, self.model_dim)
         length, capacity = x.shape[1], cache.keys.shape[1]
         check_cache_room("cache", capacity, cache.length, length)
@@ -118,16 +126,24 @@ class SoftmaxAttention(nnx.Module):
         q, k, v = self._project(x, positions)
         keys = write_tokens(cache.keys, k, cache.length)
         values = write_tokens(cache.values, v, cache.length)
+        starts = jnp.broadcast_to(cache.start[:, None], (x.shape[0], length))  # (B, T): each token's document start
+        if segment_ids is not None:
+            ops.validation.check_segment_ids(segment_ids, *x.shape[:2])
+            begins = jnp.where(document_starts(segment_ids), positions, 0)
+            starts = jnp.maximum(starts, jax.lax.cummax(begins, axis=1))
 
         def attend(block):
-            rows, row_positions = block
-            visible = jnp.arange(capacity)[None, :] <= row_positions[0][:, None]  # causal over the filled slots
+            rows, row_positions, row_starts = block
+            slots = jnp.arange(capacity)
+            # causal over the filled slots of the row's document: (B, 1, rows, L)
+            visible = (slots <= row_positions[0][:, None]) & (slots >= row_starts[..., None])
             return jax.nn.dot_product_attention(rows, keys.astype(q.dtype), values.astype(q.dtype),
-                                                mask=visible[None, None], implementation="xla")
+                                                mask=visible[:, None], implementation="xla")
 
-        y = map_query_blocks(attend, (q, positions[None]), keys=capacity, batch_heads=q.shape[0] * q.shape[2])
+        y = map_query_blocks(attend, (q, positions[None], starts), keys=capacity,
+                             batch_heads=q.shape[0] * q.shape[2])
         y = poison_overflow(y, capacity, cache.length, length)
-        return self._merge(y), AttentionCache(keys, values, cache.length + length)
+        return self._merge(y), AttentionCache(keys, values, cache.length + length, starts[:, -1])
 
     def _project(self, x, positions):
         dtype = self.dtype

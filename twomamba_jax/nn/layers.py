@@ -91,7 +91,8 @@ class CausalConv(nnx.Module):
         its own array, where slicing a convolved fused array copies it once more (and XLA's gradient of the
         fused filter reduced over a slice ran ~0.5 ms a layer of the small LM on the H200).
 
-        Returns (u (B, T, *channels) or that part, the new history: the last w - 1 inputs).
+        Returns (u (B, T, *channels) or that part, the new history: the last w - 1 inputs, those of documents
+        before the last one zeroed, so that the next call continues the last document alone).
         """
         kernel, bias = self.kernel[...], None if self.bias is None else self.bias[...]
         if part is not None:
@@ -113,7 +114,11 @@ class CausalConv(nnx.Module):
         u = sum(kernel[s] * tap for s, tap in enumerate(taps))
         if bias is not None:
             u = u + bias.astype(x.dtype)
-        return u, padded[:, padded.shape[1] - offset:]
+        history = padded[:, padded.shape[1] - offset:]
+        if segment_ids is not None:
+            last = document[:, document.shape[1] - offset:] == document[:, -1:]
+            history = jnp.where(last.reshape(last.shape + (1,) * (x.ndim - 2)), history, 0)
+        return u, history
 
 
 def check_model_input(x, model_dim: int) -> None:

@@ -136,9 +136,12 @@ class Mamba2(nnx.Module):
                                dtype=self.dtype),
         )
 
-    def step(self, x: jax.Array, cache: Mamba2Cache) -> tuple[jax.Array, Mamba2Cache]:
-        """Advance over x: (B, T, M), T >= 1. Returns (y (B, T, M), cache)."""
-        return self._forward(x, cache=cache)
+    def step(self, x: jax.Array, cache: Mamba2Cache, segment_ids: jax.Array | None = None
+             ) -> tuple[jax.Array, Mamba2Cache]:
+        """Advance over x: (B, T, M), T >= 1. Returns (y (B, T, M), cache). segment_ids: (B, T) integers, the
+        documents of a packed prompt, or None: the cache continues the first one, no token sees an earlier
+        document, and the cache returned holds the last document alone."""
+        return self._forward(x, cache=cache, segment_ids=segment_ids)
 
     def _forward(self, x, cache: Mamba2Cache | None, segment_ids=None):
         check_model_input(x, self.model_dim)
@@ -165,7 +168,8 @@ class Mamba2(nnx.Module):
         if cache is None:
             y, state = ssd(xs, dt, A, B, C, segment_ids=segment_ids, **common), None
         else:
-            y, state = ssd(xs, dt, A, B, C, initial_state=cache.ssm, return_state=True, **common)
+            y, state = ssd(xs, dt, A, B, C, initial_state=cache.ssm, return_state=True, segment_ids=segment_ids,
+                           **common)
         D = self.D[...].astype(dtype)
         y = y + xs * (D if cfg.d_has_hdim else D[:, None])
 

@@ -144,9 +144,12 @@ class DecayedAttention(nnx.Module):
                                    dtype=self.dtype)
         return MixerCache(conv=conv, attention=attention)
 
-    def step(self, x: jax.Array, cache: MixerCache) -> tuple[jax.Array, MixerCache]:
-        """Advance the cache over x: (B, T, M), T >= 1 (a prompt to prefill, or one token). Returns (y, cache)."""
-        return self._mix(x, cache=cache)
+    def step(self, x: jax.Array, cache: MixerCache, segment_ids: jax.Array | None = None
+             ) -> tuple[jax.Array, MixerCache]:
+        """Advance the cache over x: (B, T, M), T >= 1 (a prompt to prefill, or one token). Returns (y, cache).
+        segment_ids: (B, T) integers, the documents of a packed prompt, or None: the cache continues the first
+        one, no token sees an earlier document, and the cache returned holds the last document alone."""
+        return self._mix(x, cache=cache, segment_ids=segment_ids)
 
     @property
     def _normalize(self):
@@ -200,7 +203,8 @@ class DecayedAttention(nnx.Module):
             y = y[:, None]
         else:
             y, state = ops.decayed_attention(q, k, v, log_decay, chunk_size=cfg.chunk_size, impl=cfg.impl,
-                                             initial_state=cache.attention, return_state=True, **kwargs)
+                                             initial_state=cache.attention, return_state=True,
+                                             segment_ids=segment_ids, **kwargs)
 
         if residual is not None:
             y = y + residual

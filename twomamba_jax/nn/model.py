@@ -80,8 +80,8 @@ class Block(nnx.Module):
         x = batch_sharded(x + self.mixer(self.mixer_norm(x), segment_ids).astype(x.dtype))
         return batch_sharded(x + self.mlp(self.mlp_norm(x)).astype(x.dtype))
 
-    def step(self, x: jax.Array, cache):
-        y, cache = self.mixer.step(self.mixer_norm(x), cache)
+    def step(self, x: jax.Array, cache, segment_ids: jax.Array | None = None):
+        y, cache = self.mixer.step(self.mixer_norm(x), cache, segment_ids)
         x = x + y.astype(x.dtype)
         return x + self.mlp(self.mlp_norm(x)).astype(x.dtype), cache
 
@@ -113,12 +113,15 @@ class LanguageModel(nnx.Module):
         """One decoding cache per block; ``max_len`` bounds the KV caches (softmax, exp)."""
         return tuple(block.mixer.init_cache(batch_size, max_len) for block in self.blocks)
 
-    def step(self, tokens: jax.Array, cache: tuple) -> tuple[jax.Array, tuple]:
-        """Advance over tokens: (B, T) (a prompt, or one token). Returns (logits (B, T, vocab), cache)."""
+    def step(self, tokens: jax.Array, cache: tuple, segment_ids: jax.Array | None = None) -> tuple[jax.Array, tuple]:
+        """Advance over tokens: (B, T) (a prompt, or one token). Returns (logits (B, T, vocab), cache).
+        segment_ids: (B, T) integers, the documents of a packed prompt, or None: what the cache holds continues
+        into the first document, no token sees an earlier one, and the cache returned holds each row's last
+        document alone (generation continues it)."""
         x = self._embed(tokens)
         new_cache = []
         for block, block_cache in zip(self.blocks, cache, strict=True):
-            x, block_cache = block.step(x, block_cache)
+            x, block_cache = block.step(x, block_cache, segment_ids)
             new_cache.append(block_cache)
         return self._logits(x), tuple(new_cache)
 
