@@ -9,8 +9,9 @@ Each mixer is built exactly as ``twomamba-train`` builds it (the trainer's ``set
 AdamW state, sharded over all local devices, bf16 compute, per-block remat) and fed random tokens. Columns:
 compile time of the train step and of the eval step (lower + compile, seconds), steady-state tokens/s (median
 of timed steps after warm-up steps; compile excluded), its ratio to the first mixer listed (softmax by default)
-and MFU (the trainer's FLOP count: 6 per matmul parameter plus the causal mixer core, over the device's dense
-bf16 peak). ``--profile K`` also traces a few steps per row and prints the K device operations (kernels, XLA
+and MFU (the trainer's FLOP count: 6 per matmul parameter plus softmax attention's causal core for every mixer,
+so that mixers compare at equal work, over the device's dense bf16 peak: a chunked mixer at long rows does fewer
+FLOPs than counted and can read above 100%, e.g. mamba2s at 1 x 32768). ``--profile K`` also traces a few steps per row and prints the K device operations (kernels, XLA
 fusions, copies) that took the most time per step, so a gap between two mixers can be pinned to operations.
 """
 

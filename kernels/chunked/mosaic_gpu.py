@@ -587,9 +587,7 @@ def _normalizer_kernel(q_ref, k_ref, v_ref, er_ref, ek_ref, g_rows_ref, g_cols_r
         def _(s):
             c, slot = p.chunk_of_step(s), lax.rem(s, jnp.int32(stages))
             p.wait_tile(slot)
-            scores, decay = intra_tile(tile("q", slot), tile("k", slot), column("g_rows", slot, 1),
-                                       column("g_cols", slot, 0), scale)
-            weights = (scores * scores * decay).astype(q_ref.dtype)
+            weights = intra_weights(tile, column, slot, scale, power=2).astype(q_ref.dtype)
             den = jnp.sum(weights.astype(F32), axis=1)  # the weights as the matmul reads them
             y = matmul_into(zeros(), weights, tile("v", slot), staging)
             plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
@@ -622,9 +620,11 @@ def intra_gradients(tile, column, slot, *, power, scale, ds_tile, w_tile, stagin
                                                  (2, w_tile.transpose((1, 0)), tile("dy", slot))], interpret, staging)
 
 
-def intra_tile(q_tile, k_tile, g_row, g_col, scale):
-    """(scale q.k, exp2(g_i - g_j) masked to j <= i) of a chunk's (C, C) tile, g in base 2."""
+def intra_weights(tile, column, slot, scale, power):
+    """A chunk's (C, C) weights ``(scale q k^T)^power e^(g_i - g_j)`` masked to j <= i, float32, from the ring's
+    q and k tiles and g (base 2) as rows and as columns."""
     shape = (CHUNK, CHUNK)
-    scores = matmul(q_tile, k_tile.transpose((1, 0)), shape) * scale
-    log_decay = lax.broadcast_in_dim(g_row, shape, [0]) - lax.broadcast_in_dim(g_col, shape, [1])
-    return scores, diagonal_decay(log_decay, causal_mask(shape))
+    scores = matmul(tile("q", slot), tile("k", slot).transpose((1, 0)), shape) * scale
+    log_decay = (lax.broadcast_in_dim(column("g_rows", slot, 1), shape, [0])
+                 - lax.broadcast_in_dim(column("g_cols", slot, 0), shape, [1]))
+    return (scores * scores if power == 2 else scores) * diagonal_decay(log_decay, causal_mask(shape))

@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from twomamba_jax.kernels.chunked.mosaic_gpu import (CHUNK, F32, Readout, head_grid, head_program, intra_gradients,
-                                                     intra_tile, launch, loaders, operands, own_scratch, own_tiles,
+                                                     intra_weights, launch, loaders, operands, own_scratch, own_tiles,
                                                      pad_tokens, ring_scratch, state_walk, vectors, walk_parts,
                                                      walk_starts, zeros)
 from twomamba_jax.kernels.chunked.mosaic_gpu_backward import (_at_checkpoint, _segment_sums, checkpoint_interval,
@@ -114,13 +114,6 @@ def backward(q, k, v, log_decay, d_out, state0, d_state, carried, *, scale, stag
     return cut(dq), cut(dk), cut(dv), cut(d_log_decay), d_state0
 
 
-def intra_weights(tile, column, slot, scale):
-    """A chunk's (C, C) weights W = scale q k^T e^(g_i - g_j), masked to j <= i."""
-    scores, decay = intra_tile(tile("q", slot), tile("k", slot), column("g_rows", slot, 1),
-                               column("g_cols", slot, 0), scale)
-    return scores * decay
-
-
 def _forward_kernel(q_ref, k_ref, v_ref, c_ref, ek_ref, g_rows_ref, g_cols_ref, cd_ref, s0_ref, y_ref, s_ref, *,
                     scale, num_heads, parts, stages, num_chunks, interpret, **smem):
     p = head_program(smem, (q_ref, k_ref, v_ref), "qkv",
@@ -146,7 +139,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, c_ref, ek_ref, g_rows_ref, g_cols_ref, 
         def _(s):
             c, slot = p.chunk_of_step(s), lax.rem(s, jnp.int32(stages))
             p.wait_tile(slot)
-            weights = intra_weights(tile, column, slot, scale).astype(q_ref.dtype)
+            weights = intra_weights(tile, column, slot, scale, power=1).astype(q_ref.dtype)
             y = matmul_into(zeros(), weights, tile("v", slot), staging)
             plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
             add_y(c, y)

@@ -135,7 +135,7 @@ class SoftmaxAttention(nnx.Module):
         def attend(block):
             rows, row_positions, row_starts = block
             slots = jnp.arange(capacity)
-            # causal over the filled slots of the row's document: (B, 1, rows, L)
+            # causal over the filled slots of each row's document: (B, rows, L)
             visible = (slots <= row_positions[0][:, None]) & (slots >= row_starts[..., None])
             return jax.nn.dot_product_attention(rows, keys.astype(q.dtype), values.astype(q.dtype),
                                                 mask=visible[:, None], implementation="xla")
