@@ -11,8 +11,9 @@ compile time of the train step and of the eval step (lower + compile, seconds), 
 of timed steps after warm-up steps; compile excluded), its ratio to the first mixer listed (softmax by default)
 and MFU (the trainer's FLOP count: 6 per matmul parameter plus softmax attention's causal core for every mixer,
 so that mixers compare at equal work, over the device's dense bf16 peak: a chunked mixer at long rows does fewer
-FLOPs than counted and can read above 100%, e.g. mamba2s at 1 x 32768). ``--profile K`` also traces a few steps per row and prints the K device operations (kernels, XLA
-fusions, copies) that took the most time per step, so a gap between two mixers can be pinned to operations.
+FLOPs than counted and can read above 100%, e.g. mamba2s at 1 x 32768). ``--profile K`` also traces a few
+steps per row and prints the K device operations (kernels, XLA fusions, copies) that took the most time per step,
+so a gap between two mixers can be pinned to operations.
 """
 
 from __future__ import annotations
