@@ -61,9 +61,11 @@ def test_values_states_and_gradients_match_the_oracle(rng, monkeypatch, backend,
         monkeypatch.setattr(hopper_backward, "CHECKPOINT", 1)
         monkeypatch.setattr(hopper_backward, "CHECKPOINT_BYTES", 3 * hopper_backward.CHECKPOINT_BYTES_PER_HEAD)
         assert hopper_backward.checkpoint_interval(2, 3) == 2
-        # and the single-state walks in parts of one chunk each, started by the two-level scan
+        # and the single-state walks in 2 parts of 2 chunks (4 programs: the 3 chunks padded to 4), started by
+        # the two-level scan
         monkeypatch.setattr(hopper, "MIN_PART_CHUNKS", 1)
-        assert hopper.walk_parts(2, 3) == 3
+        monkeypatch.setattr(hopper, "PROGRAMS", 4)
+        assert hopper.walk_parts(2, 3) == 2
     q, k, v, a = random_qkv(rng, batch=1, length=length, heads=2, key_dim=dim, value_dim=value_dim, dtype=dtype,
                             decay=decay, non_negative=(power == 1 and normalize == "softmax"))
     a = None if a is None else a.astype(jnp.float32)
@@ -211,10 +213,12 @@ def test_hopper_checkpoint_memory_is_bounded():
 
 def test_hopper_walks_split_into_parts_only_where_heads_leave_programs_idle():
     assert [hopper.walk_parts(bh, chunks) for bh, chunks in [(16, 512), (64, 128), (128, 512), (16, 2048),
-                                                              (2, 48), (2, 47), (16, 17), (33, 512)]] == \
-        [8, 2, 1, 8, 3, 1, 1, 4]
-    parts, chunks = hopper.walk_parts(16, 512), 512
-    assert 16 * parts <= hopper.PROGRAMS and chunks % parts == 0 and chunks // parts >= hopper.MIN_PART_CHUNKS
+                                                              (2, 48), (2, 47), (16, 17), (33, 512), (16, 313)]] == \
+        [8, 2, 1, 8, 3, 2, 1, 4, 8]
+    # The chunks padded to a multiple of the parts: 20000 tokens, 313 chunks -> 320 (8 parts of 40).
+    q = jax.ShapeDtypeStruct((1, 20000, 16, 64), jnp.bfloat16)
+    ops = jax.eval_shape(lambda q: hopper.operands(q, q, q, jnp.zeros(q.shape[:3]), 0.125), q)
+    assert ops.q.shape == (1, 320 * 64, 16, 64) and ops.chunk_decay.shape == (16, 320)
 
 
 def test_hopper_forward_stops_at_document_starts(rng):

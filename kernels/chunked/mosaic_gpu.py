@@ -133,7 +133,7 @@ def to_symmetric_transpose(d_numerator, d_normalizer):
 
 
 class Operands(NamedTuple):
-    """What the kernels read, tokens padded to whole chunks (Np)."""
+    """What the kernels read, tokens padded to whole chunks (Np), as many as the walks' ``parts`` divide."""
 
     q: jax.Array  # (B, Np, H, d), as given
     k: jax.Array  # (B, Np, H, d)
@@ -144,6 +144,7 @@ class Operands(NamedTuple):
     log2_decay: jax.Array  # (B H, Np) g log2(e), for the intra-chunk tiles
     row_factors: jax.Array  # (B H, d, Np) r_a = scale^2 q_a e^g per row a of the state, rows first
     key_factors: jax.Array  # (B H, d, Np) u_a = k_a e^(g_L - g)
+    parts: int  # of each head's chunks, for the single-state walks (``walk_parts``)
 
 
 def pad_tokens(x, padded):
@@ -155,8 +156,10 @@ def operands(q, k, v, log_decay, scale, power=2) -> Operands:
     """The kernels' operands from the mixer's: q, k, v (B, N, H, d), log_decay (B, N, H); the readout's factor
     per token is scale^power e^g (power 1's kernels use no per-row factors: jit drops them)."""
     batch, length, heads, _ = q.shape
-    bh, padded = batch * heads, -(-length // CHUNK) * CHUNK
-    num_chunks = padded // CHUNK
+    bh, num_chunks = batch * heads, -(-length // CHUNK)
+    parts = walk_parts(bh, num_chunks)
+    num_chunks = -(-num_chunks // parts) * parts  # zero tokens after the last change nothing (decay 1, k = v = 0)
+    padded = num_chunks * CHUNK
     q, k, v = (pad_tokens(x, padded) for x in (q, k, v))
     gamma = jnp.cumsum(heads_first(log_decay.astype(F32), padded).reshape(bh, num_chunks, CHUNK), -1)
     last = gamma[..., -1:]
@@ -164,7 +167,7 @@ def operands(q, k, v, log_decay, scale, power=2) -> Operands:
     key_decay = jnp.exp(last - gamma).reshape(bh, padded)
     by_rows = lambda x, factor: jnp.swapaxes(heads_first(x.astype(F32), padded) * factor[..., None], 1, 2)
     return Operands(q, k, v, row_decay, key_decay, jnp.exp(last[..., 0]), gamma.reshape(bh, padded) * LOG2E,
-                    by_rows(q, row_decay), by_rows(k, key_decay))
+                    by_rows(q, row_decay), by_rows(k, key_decay), parts)
 
 
 def forward(q, k, v, log_decay, numerator0, normalizer0, *, scale, stages=2, interpret=False):
@@ -189,7 +192,7 @@ def forward(q, k, v, log_decay, numerator0, normalizer0, *, scale, stages=2, int
                         **own_scratch(q.dtype, interpret)},
                        row_grid(bh), interpret)(
         ops.q, ops.k, ops.v, ops.row_factors, ops.key_factors, ops.chunk_decay, numerator0, y)
-    parts = walk_parts(bh, padded // CHUNK)
+    parts = ops.parts
     z0 = walk_starts(ops.k, ops.k, ops.key_decay, ops.chunk_decay, normalizer0, num_heads=heads, parts=parts,
                      stages=stages, interpret=interpret)
     den, normalizer = launch(
@@ -470,11 +473,10 @@ def state_walk(smem, wg, p, s0, cd_ref, products, update_with, readout, write, *
 
 
 def walk_parts(batch_heads, num_chunks):
-    """Segments each head's single-state walks split into: the most that divides ``num_chunks`` into runs of
-    at least ``MIN_PART_CHUNKS`` while B H P stays within ``PROGRAMS`` (1 where B H fills the GPU)."""
-    most = max(1, PROGRAMS // batch_heads)
-    return max(p for p in range(1, most + 1)
-               if num_chunks % p == 0 and (p == 1 or num_chunks // p >= MIN_PART_CHUNKS))
+    """Parts each head's single-state walks split into: as many as keep B H P within ``PROGRAMS`` and each part
+    at least ``MIN_PART_CHUNKS`` long (1 where B H alone fills the GPU). ``operands`` pads the chunks to a
+    multiple of it (fewer than P chunks more)."""
+    return max(1, min(PROGRAMS // batch_heads, num_chunks // MIN_PART_CHUNKS))
 
 
 def walk_starts(keys, values, factor, chunk_decay, s0, *, num_heads, parts, reverse=False, stages=2,

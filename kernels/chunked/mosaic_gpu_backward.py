@@ -43,13 +43,13 @@ from twomamba_jax.kernels.chunked.mosaic_gpu import (CHUNK, F32, HEAD_DIM, ROWS_
                                                      loaders, operands, own_scratch, own_tiles, pad_tokens,
                                                      receive_rows, ring_scratch, row_blocks, row_blocks_of, row_grid,
                                                      row_program, row_sum_with, rows_to_global, scaled_rows,
-                                                     state_walk, store, update, vectors, walk_parts,
-                                                     walk_starts, zeros)
+                                                     state_walk, store, update, vectors, walk_starts,
+                                                     zeros)
 from twomamba_jax.kernels.parallel.mosaic_gpu import interpret_params, matmul, matmuls
 from twomamba_jax.kernels.parallel.mosaic_gpu_backward import add_to_global, to_global
 
 CHECKPOINT = 16  # chunks per segment of the log-decay's cotangent (states kept after every 16th chunk), at least
-CHECKPOINT_BYTES = 8 * 2**30  # the most the kept states may take; beyond it the parts grow
+CHECKPOINT_BYTES = 8 * 2**30  # the most the kept states may take; beyond it the segments grow
 CHECKPOINT_BYTES_PER_HEAD = 2 * (HEAD_DIM**3 + HEAD_DIM**2) * 4  # S and dS, Z and dZ, float32: 2 MiB
 
 
@@ -57,7 +57,7 @@ def checkpoint_interval(batch_heads, num_chunks, bytes_per_head=CHECKPOINT_BYTES
     """Chunks per segment: ``CHECKPOINT``, doubled until the kept states (``bytes_per_head`` a head and
     checkpoint: power 2's 2 MiB by default) fit in ``CHECKPOINT_BYTES``. For power 2: 16 chunks (4 GiB at 1 x
     131072 tokens, 16 heads) up to about 4M tokens times heads, then 32, 64, ... (8 x 131072: 64). Longer
-    parts sum more terms in one float32 reverse sum, a less accurate log-decay cotangent, but the memory stays
+    segments sum more terms in one float32 reverse sum, a less accurate log-decay cotangent, but the memory stays
     bounded."""
     per_checkpoint = batch_heads * bytes_per_head
     interval = CHECKPOINT
@@ -118,7 +118,7 @@ def backward(q, k, v, log_decay, d_out, d_den, numerator0, normalizer0, d_numera
                            {**row_blocks("rq"), "rk": (ROWS_PER_PROGRAM + 1, CHUNK)}),
          **own_scratch(dtype, interpret), **_column_scratch()}, row_grid(bh), interpret)(
         *qkv_dy, ops.row_factors, with_row(ops.key_factors, ops.key_decay), ops.chunk_decay, d_numerator, dv)
-    parts = walk_parts(bh, padded // CHUNK)
+    parts = ops.parts
     walk = dict(num_heads=heads, parts=parts, stages=stages, interpret=interpret)
     z0 = walk_starts(ops.k, ops.k, ops.key_decay, ops.chunk_decay, normalizer0, **walk)
     dq_norm, dq_intra, dk_intra, kept_z = launch(
@@ -151,13 +151,13 @@ def backward(q, k, v, log_decay, d_out, d_den, numerator0, normalizer0, d_numera
 
 
 def _segment_sums(spans, ends, interval):
-    """spans (B, Np, H), ends (B, H, parts) -> (B, Np, H): the reverse cumulative sum of ``spans`` within each
+    """spans (B, Np, H), ends (B, H, segments) -> (B, Np, H): the reverse cumulative sum of ``spans`` within each
     segment of ``interval`` chunks, plus its segment's end."""
     batch, padded, heads = spans.shape
-    parts, length = ends.shape[-1], interval * CHUNK
-    spans = jnp.pad(spans, [(0, 0), (0, parts * length - padded), (0, 0)]).reshape(batch, parts, length, heads)
+    segments, length = ends.shape[-1], interval * CHUNK
+    spans = jnp.pad(spans, [(0, 0), (0, segments * length - padded), (0, 0)]).reshape(batch, segments, length, heads)
     sums = jnp.flip(jnp.cumsum(jnp.flip(spans, 2), 2), 2) + jnp.moveaxis(ends, 1, 2)[:, :, None]
-    return sums.reshape(batch, parts * length, heads)[:, :padded]
+    return sums.reshape(batch, segments * length, heads)[:, :padded]
 
 
 def with_row(factors, per_token):

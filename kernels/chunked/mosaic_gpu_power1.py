@@ -37,8 +37,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from twomamba_jax.kernels.chunked.mosaic_gpu import (CHUNK, F32, Readout, head_grid, head_program, intra_gradients,
                                                      intra_weights, launch, loaders, operands, own_scratch, own_tiles,
-                                                     pad_tokens, ring_scratch, state_walk, vectors, walk_parts,
-                                                     walk_starts, zeros)
+                                                     pad_tokens, ring_scratch, state_walk, vectors, walk_starts,
+                                                     zeros)
 from twomamba_jax.kernels.chunked.mosaic_gpu_backward import (_at_checkpoint, _segment_sums, checkpoint_interval,
                                                               checkpoints)
 from twomamba_jax.kernels.parallel.mosaic_gpu import interpret_params, matmul_into
@@ -55,7 +55,7 @@ def forward(q, k, v, log_decay, state0, *, scale, stages=2, interpret=False):
     ops = operands(q, k, v, log_decay, scale, power=1)
     (q, k, v), c, u, chunk_decay, log2_decay = ops[:3], ops.row_decay, ops.key_decay, ops.chunk_decay, ops.log2_decay
     bh, padded = c.shape
-    parts = walk_parts(bh, padded // CHUNK)
+    parts = ops.parts
     starts = walk_starts(k, v, u, chunk_decay, state0, num_heads=heads, parts=parts, stages=stages,
                          interpret=interpret)
     y = jax.new_ref(jnp.zeros((2 if interpret else 1, batch, padded, heads, dim), F32))
@@ -84,7 +84,7 @@ def backward(q, k, v, log_decay, d_out, state0, d_state, carried, *, scale, stag
     kept = checkpoints(num_chunks, interval)
     tokens = jax.ShapeDtypeStruct((batch, padded, heads, dim), F32)
     kept_states = jax.ShapeDtypeStruct((bh, max(kept, 1), dim, dim), F32)  # never written if kept = 0
-    parts = walk_parts(bh, num_chunks)
+    parts = ops.parts
     common = dict(num_heads=heads, parts=parts, stages=stages, num_chunks=num_chunks, interval=interval,
                   interpret=interpret)
     dy = pad_tokens(d_out.astype(q.dtype), padded)
