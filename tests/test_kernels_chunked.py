@@ -61,11 +61,12 @@ def test_values_states_and_gradients_match_the_oracle(rng, monkeypatch, backend,
         monkeypatch.setattr(hopper_backward, "CHECKPOINT", 1)
         monkeypatch.setattr(hopper_backward, "CHECKPOINT_BYTES", 3 * hopper_backward.CHECKPOINT_BYTES_PER_HEAD)
         assert hopper_backward.checkpoint_interval(2, 3) == 2
-        # and the single-state walks in 2 parts of 2 chunks (4 programs: the 3 chunks padded to 4), started by
-        # the two-level scan
+        # and the single-state walks in parts started by the two-level scan: power 2 in 3 parts of one chunk,
+        # power 1 in 2 parts of 2 chunks (4 programs: the 3 chunks padded to 4)
         monkeypatch.setattr(hopper, "MIN_PART_CHUNKS", 1)
-        monkeypatch.setattr(hopper, "PROGRAMS", 4)
-        assert hopper.walk_parts(2, 3) == 2
+        if power == 1:
+            monkeypatch.setattr(hopper, "PROGRAMS", 4)
+        assert hopper.walk_parts(2, 3) == (2 if power == 1 else 3)
     q, k, v, a = random_qkv(rng, batch=1, length=length, heads=2, key_dim=dim, value_dim=value_dim, dtype=dtype,
                             decay=decay, non_negative=(power == 1 and normalize == "softmax"))
     a = None if a is None else a.astype(jnp.float32)

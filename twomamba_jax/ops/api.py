@@ -39,7 +39,7 @@ DENSE_MAX_ELEMENTS = 2**27  # B * H * N^2 above this (512 MiB per float32 tile) 
 # (single-state walks in parts since). Inputs the Mosaic GPU kernels do not take keep the "gpu" entry; so does
 # CPU, which runs the GPU kernels.
 PARALLEL_MAX_LEN = {"gpu": {1: 0, 2: 8192}, "hopper": {1: 0, 2: 16384}, "cpu": {1: 0, 2: 8192}}
-# Power 1 on Hopper: the Mosaic GPU chunked kernels walk each head's chunks in up to 8 parts, one program each;
+# Power 1 on Hopper: the Mosaic GPU chunked kernels walk each head's chunks in parts (8 at 16 heads, B = 1);
 # measured on the H200 (fwd + bwd, 16 heads), Mosaic GPU against Triton 0.34 / 0.29 ms at 1 x 2048, 0.42 / 0.47
 # at 4 x 2048, 0.38 / 1.01 at 1 x 8192, 1.23 / 3.81 at 1 x 32768. Below this many rows x heads x tokens, Triton.
 HOPPER_POWER1_MIN_HEAD_TOKENS = 64 * 2048
