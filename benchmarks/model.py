@@ -4,16 +4,18 @@
     python benchmarks/model.py --mixers linear 2mamba --shapes 32x1024 --layers 6 --model-dim 512
     python benchmarks/model.py --smoke                          # tiny model and shapes, e.g. on CPU
     python benchmarks/model.py --mixers softmax 2mamba --shapes 16x2048 --profile 25   # + where the time goes
+    python benchmarks/model.py --mixers softmax 2mamba --shapes 1x32768 --remat-policy save_attention
 
-Each mixer is built exactly as ``twomamba-train`` builds it (the trainer's ``setup``: float32 parameters and
-AdamW state, sharded over all local devices, bf16 compute, per-block remat) and fed random tokens. Columns:
-compile time of the train step and of the eval step (lower + compile, seconds), steady-state tokens/s (median
-of timed steps after warm-up steps; compile excluded), its ratio to the first mixer listed (softmax by default)
-and MFU (the trainer's FLOP count: 6 per matmul parameter plus softmax attention's causal core for every mixer,
-so that mixers compare at equal work, over the device's dense bf16 peak: a chunked mixer at long rows does fewer
-FLOPs than counted and can read above 100%, e.g. mamba2s at 1 x 32768). ``--profile K`` also traces a few
-steps per row and prints the K device operations (kernels, XLA fusions, copies) that took the most time per step,
-so a gap between two mixers can be pinned to operations.
+Each mixer is built exactly as ``twomamba-train`` builds it (the trainer's ``setup``: float32 parameters and AdamW
+state, sharded over all local devices, bf16 compute, per-block remat; ``--remat-policy save_attention`` keeps the
+attention kernels' outputs rather than recomputing them, for every mixer alike: Pallas kernels and cuDNN) and fed
+random tokens. Columns: compile time of the train step and of the eval step (lower + compile, seconds),
+steady-state tokens/s (median of timed steps after warm-up steps; compile excluded), its ratio to the first mixer
+listed (softmax by default) and MFU (the trainer's FLOP count: 6 per matmul parameter plus softmax attention's
+causal core for every mixer, so that mixers compare at equal work, over the device's dense bf16 peak: a chunked
+mixer at long rows does fewer FLOPs than counted and can read above 100%, e.g. mamba2s at 1 x 32768). ``--profile
+K`` also traces a few steps per row and prints the K device operations (kernels, XLA fusions, copies) that took
+the most time per step, so a gap between two mixers can be pinned to operations.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ SHAPES = ("16x2048", "4x8192")
 def _config(mixer: str, batch: int, length: int, args) -> train_config.TrainConfig:
     config = train_config.load_config("small")
     model = dataclasses.replace(config.model, size=args.size, mixer=mixer, remat=not args.no_remat,
-                                num_layers=args.layers, model_dim=args.model_dim)
+                                remat_policy=args.remat_policy, num_layers=args.layers, model_dim=args.model_dim)
     data = dataclasses.replace(config.data, source="mqar", seq_len=length, batch_size=batch,
                                vocab_size=args.vocab_size)
     return dataclasses.replace(config, model=model, data=data, precision=args.precision)
@@ -121,19 +123,24 @@ def main():
     parser.add_argument("--vocab-size", type=int, default=32000)
     parser.add_argument("--precision", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--no-remat", action="store_true", help="keep activations instead of rematerializing")
+    parser.add_argument("--remat-policy", default="full", choices=("full", "save_attention"),
+                        help="what the backward recomputes: the whole block, or all but the attention kernels")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per row")
     parser.add_argument("--profile", type=int, default=0, metavar="K",
                         help="also print the K device operations that take the most time per step")
     parser.add_argument("--smoke", action="store_true", help="tiny model and shapes, to check the script")
     args = parser.parse_args()
+    if args.no_remat and args.remat_policy != "full":
+        parser.error("--remat-policy: applies only with remat (drop --no-remat)")
     if args.smoke:
         args.size, args.shapes, args.vocab_size, args.warmup, args.steps = "tiny", ["2x64"], 256, 1, 2
     shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes]
     device = jax.devices()[0]
     print(f"{jax.device_count()} x {device.device_kind}, jax {jax.__version__}, size {args.size}"
           f"{f', {args.layers} layers' if args.layers else ''}{f', M={args.model_dim}' if args.model_dim else ''}, "
-          f"{args.precision}, remat {not args.no_remat}; median of {args.steps} steps after {args.warmup}", flush=True)
+          f"{args.precision}, remat {'off' if args.no_remat else args.remat_policy}; "
+          f"median of {args.steps} steps after {args.warmup}", flush=True)
     rows = []
     for batch, length in shapes:
         yardstick = None

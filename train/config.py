@@ -26,6 +26,8 @@ class ModelConfig:
     chunk_size: int | None = _field(None, "override of the mixer's chunk size")
     impl: str | None = _field(None, "override of the mixer's decayed_attention impl (auto, pallas, chunked, ...)")
     remat: bool = _field(False, "rematerialize each block in the backward (saves activation memory)")
+    remat_policy: str = _field("full", "with remat, what the backward recomputes: full (the whole block) | "
+                                       "save_attention (all but the attention kernels' forwards)")
     model_dim: int | None = _field(None, "override of the size's model width M")
     num_layers: int | None = _field(None, "override of the size's layer count")
     num_heads: int | None = _field(None, "override of the size's head count")

@@ -47,7 +47,8 @@ def model_config(config: TrainConfig, vocab_size: int) -> nn.ModelConfig:
     sizes = dict(presets.MODEL_SIZES[m.size])
     sizes.update({key: getattr(m, key) for key in sizes if getattr(m, key) is not None})
     return nn.ModelConfig(vocab_size=vocab_size, mixer=presets.mixer_config(m.mixer, **overrides),
-                          dtype=PRECISIONS[config.precision], remat=m.remat, **sizes)
+                          dtype=PRECISIONS[config.precision], remat=m.remat,
+                          remat_policy=m.remat_policy, **sizes)
 
 
 def _init_distributed(mesh_config) -> None:

@@ -60,7 +60,7 @@ def load(workdir: str | os.PathLike) -> Trained:
             raise _no_checkpoint(workdir)
         tokenizer = None if config.data.source in synthetic.TASKS else make_tokenizer(config.data.tokenizer)
         vocab_size = config.data.vocab_size if tokenizer is None else tokenizer.vocab_size
-        model_cfg = dataclasses.replace(model_config(config, vocab_size), remat=False)
+        model_cfg = dataclasses.replace(model_config(config, vocab_size), remat=False, remat_policy="full")
         graphdef, abstract = nnx.split(nnx.eval_shape(lambda: nn.LanguageModel(model_cfg, rngs=nnx.Rngs(0))),
                                        nnx.Param)
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

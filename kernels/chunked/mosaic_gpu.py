@@ -152,12 +152,13 @@ def pad_tokens(x, padded):
     return jnp.pad(x, [(0, 0), (0, padded - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
 
 
-def operands(q, k, v, log_decay, scale, power=2) -> Operands:
+def operands(q, k, v, log_decay, scale, power=2, parts=None) -> Operands:
     """The kernels' operands from the mixer's: q, k, v (B, N, H, d), log_decay (B, N, H); the readout's factor
-    per token is scale^power e^g (power 1's kernels use no per-row factors: jit drops them)."""
+    per token is scale^power e^g (power 1's kernels use no per-row factors: jit drops them). ``parts``: of the
+    single-state walks (default ``walk_parts``; a backward takes its forward's)."""
     batch, length, heads, _ = q.shape
     bh, num_chunks = batch * heads, -(-length // CHUNK)
-    parts = walk_parts(bh, num_chunks)
+    parts = walk_parts(bh, num_chunks) if parts is None else parts
     num_chunks = -(-num_chunks // parts) * parts  # zero tokens after the last change nothing (decay 1, k = v = 0)
     padded = num_chunks * CHUNK
     q, k, v = (pad_tokens(x, padded) for x in (q, k, v))
@@ -170,19 +171,21 @@ def operands(q, k, v, log_decay, scale, power=2) -> Operands:
                     by_rows(q, row_decay), by_rows(k, key_decay), parts)
 
 
-def forward(q, k, v, log_decay, numerator0, normalizer0, *, scale, stages=2, interpret=False):
+def forward(q, k, v, log_decay, numerator0, normalizer0, *, scale, parts=None, stages=2, interpret=False):
     """The chunked power-2 forward on Hopper, token-major operands (as the model holds them).
 
     q, k, v: (B, N, H, 64) bfloat16; log_decay: (B, N, H) float32 (<= 0);
     numerator0: (B H, 64, 64, 64), normalizer0: (B H, 64, 64) float32, the initial states in the full layout
-    (``to_full``). ``interpret``: run in the Mosaic GPU interpreter. Returns the unnormalized output (B, N, H, 64)
-    and the normalizer of every token (B H, N), float32, and the final states in the full layout.
+    (``to_full``). ``parts``: of the normalizer's walk (default ``walk_parts``). ``interpret``: run in the Mosaic
+    GPU interpreter. Returns the unnormalized output (B, N, H, 64)
+    and the normalizer of every token (B H, N), float32, the final states in the full layout, and the state each
+    part of the normalizer's walk starts from (``walk_starts``; the backward's walk reads it again).
     """
     batch, length, heads, dim = q.shape
     if reason := unsupported_reason(q, k, v, power=2):
         raise ValueError(f"q, k, v: {reason}")
     interpret = interpret_params(interpret)
-    ops = operands(q, k, v, log_decay, scale)
+    ops = operands(q, k, v, log_decay, scale, parts=parts)
     bh, padded = ops.row_decay.shape
     y = jax.new_ref(jnp.zeros((2 if interpret else 1, batch, padded, heads, dim), F32))
     common = dict(num_heads=heads, stages=stages, num_chunks=padded // CHUNK, interpret=interpret)
@@ -204,7 +207,7 @@ def forward(q, k, v, log_decay, numerator0, normalizer0, *, scale, stages=2, int
                    ops.chunk_decay, z0, y)
     y = y[...].sum(0) if interpret else y[...][0]
     normalizer = normalizer.reshape(bh, parts, dim, dim)[:, -1]
-    return y[:, :length], den.sum(0)[:, :length], numerator, normalizer
+    return y[:, :length], den.sum(0)[:, :length], numerator, normalizer, z0
 
 
 def launch(kernel, name, out_type, scratch, grid, interpret):
@@ -291,6 +294,7 @@ class HeadProgram(NamedTuple):
     batch: jax.Array
     query_head: jax.Array
     steps: int  # chunks it walks
+    reverse: bool  # whether it walks them last to first
     chunk_of_step: object  # the chunk of step s of the walk
     wait_tile: object  # wait_tile(slot)
     rows_of: object  # rows_of(ref, c): chunk c's (C, d) rows of a token-major output
@@ -310,7 +314,7 @@ def head_program(smem, refs, names, per_token, num_heads, num_chunks, stages, re
     issue, wait_tile = chunk_ring(smem, token_tiles(refs, names, batch, query_head), sources, chunk_of_step)
     pl.when(lax.axis_index("wg") == 2)(lambda: stream(jnp.int32(steps), stages, smem["consumed_bar"], issue))
     rows_of = lambda ref, c: ref.at[batch, pl.ds(c * CHUNK, CHUNK), query_head]
-    return HeadProgram(program, head, batch, query_head, steps, chunk_of_step, wait_tile, rows_of)
+    return HeadProgram(program, head, batch, query_head, steps, reverse, chunk_of_step, wait_tile, rows_of)
 
 
 def send_rows(smem, src_of_row):
@@ -431,8 +435,7 @@ class Readout(NamedTuple):
     transposed: bool = False
 
 
-def state_walk(smem, wg, p, s0, cd_ref, products, update_with, readout, write, *, stages, interpret, reverse=False,
-               keep=None):
+def state_walk(smem, wg, p, s0, cd_ref, products, update_with, readout, write, *, stages, interpret, keep=None):
     """Compute warpgroup ``wg`` carrying one (64, 64) float32 state from ``s0`` (a global tile) over the chunks of
     ``p`` (a ``HeadProgram``), in the order the ring streams them: ``S <- e^(g_L) S + keys^T (values * factor)``,
     ``update_with`` = (keys, values, factor) naming ring entries, e^(g_L) of chunk c ``cd_ref[head, c]``.
@@ -440,7 +443,8 @@ def state_walk(smem, wg, p, s0, cd_ref, products, update_with, readout, write, *
     Per chunk, for the state before its update, each of ``products`` (``Readout``s) gives ``(tile * factor) S``
     (or ``S^T``), (C, 64) float32; ``readout(slot, results)`` makes of them what the chunk writes while its tiles
     are held, and ``write(c, that)`` runs once they are released. ``keep(c, S)`` gets the state at the boundary
-    after chunk c: a forward walk's updated state, a reverse walk's incoming one. Returns the last state."""
+    after chunk c: a forward walk's updated state, a reverse walk's (``p.reverse``) incoming one. Returns the last
+    state."""
     state_tile, vals_tile, f32_tile, staging, _ = own_tiles(smem, wg)
     tile, _, column = loaders(smem)
     keys, values, value_factor = update_with
@@ -449,7 +453,7 @@ def state_walk(smem, wg, p, s0, cd_ref, products, update_with, readout, write, *
 
     def step(s, state):
         c = p.chunk_of_step(s)
-        if keep is not None and reverse:
+        if keep is not None and p.reverse:
             keep(c, state)
         slot = lax.rem(s, jnp.int32(stages))
         p.wait_tile(slot)
@@ -465,7 +469,7 @@ def state_walk(smem, wg, p, s0, cd_ref, products, update_with, readout, write, *
         result = readout(slot, results)
         plgpu.barrier_arrive(smem["consumed_bar"].at[slot])
         write(c, result)
-        if keep is not None and not reverse:
+        if keep is not None and not p.reverse:
             keep(c, state)
         return state
 
@@ -509,8 +513,8 @@ def walk_starts(keys, values, factor, chunk_decay, s0, *, num_heads, parts, reve
     return starts.reshape(bh * parts, HEAD_DIM, HEAD_DIM)
 
 
-def _part_kernel(keys_ref, values_ref, factor_ref, cd_ref, zero_ref, out_ref, *, num_heads, parts,
-                    num_chunks, stages, reverse, interpret, **smem):
+def _part_kernel(keys_ref, values_ref, factor_ref, cd_ref, zero_ref, out_ref, *, num_heads, parts, num_chunks,
+                 stages, reverse, interpret, **smem):
     p = head_program(smem, (keys_ref, values_ref), ("keys", "values"), {"factor": factor_ref}, num_heads,
                      num_chunks, stages, reverse=reverse, parts=parts)
     wg = lax.axis_index("wg")
@@ -519,7 +523,7 @@ def _part_kernel(keys_ref, values_ref, factor_ref, cd_ref, zero_ref, out_ref, *,
     def _walk():
         plgpu.set_max_registers(232, action="increase")
         state = state_walk(smem, wg, p, zero_ref, cd_ref, [], ("keys", "values", "factor"), lambda *_: None,
-                           lambda *_: None, stages=stages, interpret=interpret, reverse=reverse)
+                           lambda *_: None, stages=stages, interpret=interpret)
         to_global([(state, smem["f32_smem"].at[wg], out_ref.at[p.program])])
 
 

@@ -78,11 +78,12 @@ def _at_checkpoint(c, num_chunks, interval, action):
     pl.when(due)(lambda: action(lax.div(c, jnp.int32(interval))))
 
 
-def backward(q, k, v, log_decay, d_out, d_den, numerator0, normalizer0, d_numerator, d_normalizer, carried, *,
-             scale, stages=2, interpret=False):
+def backward(q, k, v, log_decay, d_out, d_den, numerator0, z0, d_numerator, d_normalizer, carried, *, scale,
+             stages=2, interpret=False):
     """Cotangents of ``mosaic_gpu.forward``'s inputs.
 
-    q, k, v, log_decay, numerator0, normalizer0 as the forward took them; d_out: (B, N, H, dv) the cotangent of
+    q, k, v, log_decay, numerator0 as the forward took them; z0: the normalizer walk's part starts it returned (its parts, too);
+    d_out: (B, N, H, dv) the cotangent of
     the unnormalized output; d_den: (B H, N) of the normalizer; d_numerator (B H, d, d, dv), d_normalizer
     (B H, d, d): of the final states (full layout, symmetric); carried: (B H,) the final states' <S, dS> (both
     states). Returns dq, dk, dv and d_log_decay (B, N, H) in float32, and the initial states' cotangents (full
@@ -90,7 +91,7 @@ def backward(q, k, v, log_decay, d_out, d_den, numerator0, normalizer0, d_numera
     """
     batch, length, heads, dim = q.shape
     interpret = interpret_params(interpret)
-    ops = operands(q, k, v, log_decay, scale)
+    ops = operands(q, k, v, log_decay, scale, parts=z0.shape[0] // (batch * heads))  # the forward's parts
     bh, padded = ops.row_decay.shape
     dy = pad_tokens(d_out.astype(q.dtype), padded)
     d_den = jnp.pad(d_den.astype(F32), [(0, 0), (0, padded - length)])
@@ -120,7 +121,6 @@ def backward(q, k, v, log_decay, d_out, d_den, numerator0, normalizer0, d_numera
         *qkv_dy, ops.row_factors, with_row(ops.key_factors, ops.key_decay), ops.chunk_decay, d_numerator, dv)
     parts = ops.parts
     walk = dict(num_heads=heads, parts=parts, stages=stages, interpret=interpret)
-    z0 = walk_starts(ops.k, ops.k, ops.key_decay, ops.chunk_decay, normalizer0, **walk)
     dq_norm, dq_intra, dk_intra, kept_z = launch(
         functools.partial(_normalizer_dq_kernel, scale=scale, parts=parts, **common),
         "twomamba_chunked_normalizer_dq", (tokens(), tokens(), tokens(), kept_normalizers),
@@ -329,7 +329,7 @@ def _normalizer_dk_kernel(q_ref, k_ref, ek_ref, cdd_ref, cd_ref, dz_ref, dk_norm
             smem, wg, p, dz_ref.at[p.program], cd_ref, [Readout("k", "ek")], ("q", "q", "cdd"),
             lambda slot, results: 2.0 * results[0],
             lambda c, d_keys: to_global([(d_keys, f32_tile, p.rows_of(dk_norm_ref, c))], wait=False),
-            stages=stages, interpret=interpret, reverse=True,
+            stages=stages, interpret=interpret,
             keep=lambda c, dz: _at_checkpoint(c, num_chunks, interval,
                                               lambda m: to_global([(dz, f32_tile, kept_ref.at[p.head, m])])))
         to_global([(grad, f32_tile, dz0_ref.at[p.program])])

@@ -47,12 +47,14 @@ from twomamba_jax.kernels.parallel.mosaic_gpu_backward import add_to_global, to_
 STATE_BYTES_PER_HEAD = 2 * 64 * 64 * 4  # a checkpoint of S and of dS, float32
 
 
-def forward(q, k, v, log_decay, state0, *, scale, stages=2, interpret=False):
+def forward(q, k, v, log_decay, state0, *, scale, parts=None, stages=2, interpret=False):
     """q, k, v: (B, N, H, 64) bfloat16; log_decay: (B, N, H) float32 (<= 0); state0: (B H, 64, 64) float32.
-    Returns y (B, N, H, 64) float32 and the final state (B H, 64, 64) float32."""
+    Returns y (B, N, H, 64) float32, the final state (B H, 64, 64) float32 and the state each part of the walk
+    starts from (B H P, 64, 64) (``walk_starts``; the backward's walk reads it again). ``parts``: P (default
+    ``walk_parts``)."""
     batch, length, heads, dim = q.shape
     interpret = interpret_params(interpret)
-    ops = operands(q, k, v, log_decay, scale, power=1)
+    ops = operands(q, k, v, log_decay, scale, power=1, parts=parts)
     (q, k, v), c, u, chunk_decay, log2_decay = ops[:3], ops.row_decay, ops.key_decay, ops.chunk_decay, ops.log2_decay
     bh, padded = c.shape
     parts = ops.parts
@@ -67,16 +69,16 @@ def forward(q, k, v, log_decay, state0, *, scale, stages=2, interpret=False):
          **own_scratch(q.dtype, interpret)}, head_grid(bh, parts), interpret)(
         q, k, v, c, u, log2_decay, log2_decay, chunk_decay, starts, y)
     y = y[...].sum(0) if interpret else y[...][0]
-    return y[:, :length], state.reshape(bh, parts, dim, dim)[:, -1]
+    return y[:, :length], state.reshape(bh, parts, dim, dim)[:, -1], starts
 
 
-def backward(q, k, v, log_decay, d_out, state0, d_state, carried, *, scale, stages=2, interpret=False):
-    """Cotangents of ``forward``'s inputs: d_out (B, N, H, 64) of y, d_state (B H, 64, 64) of the final state,
-    carried (B H,) the final state's <S, dS>. Returns dq, dk, dv, d_log_decay (B, N, H) and the initial state's
-    cotangent, float32."""
+def backward(q, k, v, log_decay, d_out, starts, d_state, carried, *, scale, stages=2, interpret=False):
+    """Cotangents of ``forward``'s inputs: starts, the part starts ``forward`` returned (its parts, too);
+    d_out (B, N, H, 64) of y, d_state (B H, 64, 64) of the final state, carried (B H,) the final state's <S, dS>.
+    Returns dq, dk, dv, d_log_decay (B, N, H) and the initial state's cotangent, float32."""
     batch, length, heads, dim = q.shape
     interpret = interpret_params(interpret)
-    ops = operands(q, k, v, log_decay, scale, power=1)
+    ops = operands(q, k, v, log_decay, scale, power=1, parts=starts.shape[0] // (batch * heads))
     (q, k, v), c, u, chunk_decay, log2_decay = ops[:3], ops.row_decay, ops.key_decay, ops.chunk_decay, ops.log2_decay
     bh, padded = c.shape
     num_chunks = padded // CHUNK
@@ -89,7 +91,6 @@ def backward(q, k, v, log_decay, d_out, state0, d_state, carried, *, scale, stag
                   interpret=interpret)
     dy = pad_tokens(d_out.astype(q.dtype), padded)
     walk = dict(num_heads=heads, parts=parts, stages=stages, interpret=interpret)
-    starts = walk_starts(k, v, u, chunk_decay, state0, **walk)
     grad_starts = walk_starts(q, dy, c, chunk_decay, d_state, reverse=True, **walk)
 
     dq_inter, dq_intra, dk_intra, dv_intra, kept_s = launch(
@@ -201,7 +202,6 @@ def _dkv_kernel(q_ref, k_ref, v_ref, dy_ref, c_ref, ek_ref, cd_ref, ds_ref, dk_r
         plgpu.set_max_registers(232, action="increase")
         grad = state_walk(smem, wg, p, ds_ref.at[p.program], cd_ref, [Readout("k", "ek"), Readout("v", "ek", True)],
                           ("q", "dy", "c"), lambda slot, results: results, write, stages=stages, interpret=interpret,
-                          reverse=True,
                           keep=lambda c, ds: _at_checkpoint(
                               c, num_chunks, interval, lambda m: to_global([(ds, f32_tile, kept_ref.at[p.head, m])])))
         to_global([(grad, f32_tile, ds0_ref.at[p.program])])

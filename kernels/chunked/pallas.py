@@ -28,6 +28,7 @@ from twomamba_jax.kernels.chunked.tiles import one_hot
 from twomamba_jax.kernels.layout import heads_first, heads_last, unsupported_dims, unsupported_dtypes
 from twomamba_jax.ops.numerics import NORMALIZER_EPS, zero_log_decay
 from twomamba_jax.ops.features import feature_size
+from twomamba_jax.ops.remat import named_forward
 from twomamba_jax.ops.state import RecurrentState, init_state
 
 KERNEL_CHUNKS = (16, 32, 64, 128)
@@ -62,6 +63,7 @@ class _Config(NamedTuple):
     chunk_size: int
     backend: str  # a key of BACKENDS
     interpret: bool
+    parts: int = 1  # Hopper: of the single-state walks (``mosaic_gpu.walk_parts``), decided once for both passes
 
 
 class _Prepared(NamedTuple):
@@ -120,7 +122,8 @@ def _states(p: _Prepared, config: _Config, options):
 
 
 def _forward(q, k, v, log_decay, numerator0, normalizer0, config: _Config):
-    """Returns ((y, final numerator, final normalizer), the normalizer of every token (BH, Np))."""
+    """Returns ((y, final numerator, final normalizer), what the backward reads besides the inputs and y: the
+    normalizer of every token (BH, Np) and, from the Hopper kernels, the final states and the walks' part starts)."""
     if config.backend == HOPPER:
         return _forward_hopper(q, k, v, log_decay, numerator0, normalizer0, config)
     batch, length, heads, dk = q.shape
@@ -132,7 +135,7 @@ def _forward(q, k, v, log_decay, numerator0, normalizer0, config: _Config):
         p.q, p.k, p.v, p.gamma, numerators, normalizers, *p.pairs, normalize=config.normalize, **options)
     numerator = numerator[:, :features].reshape(batch, heads, features, -1)
     normalizer = normalizer[:, :features].reshape(batch, heads, features)
-    return (heads_last(y, batch, length), numerator, normalizer), token_normalizer
+    return (heads_last(y, batch, length), numerator, normalizer), (token_normalizer,)
 
 
 def _forward_hopper(q, k, v, log_decay, numerator0, normalizer0, config: _Config):
@@ -141,19 +144,19 @@ def _forward_hopper(q, k, v, log_decay, numerator0, normalizer0, config: _Config
     flat = lambda x: x.reshape(batch * heads, *x.shape[2:])
     padded = -(-length // config.chunk_size) * config.chunk_size
     if config.power == 1:  # unnormalized: no normalizer is carried (the caller drops it; it passes through)
-        y, numerator = hopper_power1.forward(q, k, v, log_decay, flat(numerator0).astype(jnp.float32),
-                                             scale=config.scale, interpret=config.interpret)
-        return ((y.astype(v.dtype), numerator.reshape(numerator0.shape).astype(numerator0.dtype), normalizer0),
-                jnp.zeros((batch * heads, padded), jnp.float32))
-    y, den, numerator, normalizer = hopper_kernels.forward(
+        y, numerator, starts = hopper_power1.forward(q, k, v, log_decay, flat(numerator0).astype(jnp.float32),
+                                                     scale=config.scale, parts=config.parts,
+                                                     interpret=config.interpret)
+        outputs = (y.astype(v.dtype), numerator.reshape(numerator0.shape).astype(numerator0.dtype), normalizer0)
+        return outputs, (jnp.zeros((batch * heads, padded), jnp.float32), *outputs[1:], starts)
+    y, den, numerator, normalizer, starts = hopper_kernels.forward(
         q, k, v, log_decay, *hopper_kernels.to_full(flat(numerator0), flat(normalizer0)), scale=config.scale,
-        interpret=config.interpret)
+        parts=config.parts, interpret=config.interpret)
     if config.normalize:
         y = y / jnp.maximum(den, NORMALIZER_EPS).reshape(batch, heads, length).transpose(0, 2, 1)[..., None]
     numerator, normalizer = hopper_kernels.to_symmetric(numerator, normalizer)
-    token_normalizer = jnp.pad(den, [(0, 0), (0, padded - length)])
-    return ((y.astype(v.dtype), numerator.reshape(numerator0.shape), normalizer.reshape(normalizer0.shape)),
-            token_normalizer)
+    outputs = (y.astype(v.dtype), numerator.reshape(numerator0.shape), normalizer.reshape(normalizer0.shape))
+    return outputs, (jnp.pad(den, [(0, 0), (0, padded - length)]), *outputs[1:], starts)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -162,9 +165,10 @@ def _attention(q, k, v, log_decay, numerator0, normalizer0, config):
 
 
 def _attention_fwd(q, k, v, log_decay, numerator0, normalizer0, config):
-    outputs, token_normalizer = _forward(q, k, v, log_decay, numerator0, normalizer0, config)
-    final_states = outputs[1:] if config.backend == HOPPER else ()  # the log-decay cotangent's <S, dS>
-    return outputs, (q, k, v, log_decay, numerator0, normalizer0, outputs[0], token_normalizer, *final_states)
+    # Named, so that a rematerialized block can keep them rather than run this forward again (ops.remat).
+    outputs, saved = named_forward(_forward, q, k, v, log_decay, numerator0, normalizer0, config,
+                                   static_argnums=(6,))
+    return outputs, (q, k, v, log_decay, numerator0, normalizer0, outputs[0], *saved)
 
 
 def _output_cotangents(d_y, y, token_normalizer, normalize, kernel_dtype=None):
@@ -184,7 +188,8 @@ def _output_cotangents(d_y, y, token_normalizer, normalize, kernel_dtype=None):
 
 def _backward_hopper(config, residuals, cotangents):
     """``_attention_bwd`` on the Hopper kernels: cotangents of the symmetric states to the full layout and back."""
-    q, k, v, log_decay, numerator0, normalizer0, y, token_normalizer, numerator, normalizer = residuals
+    # The final states give the log-decay cotangent's <S, dS>; the starts are where the walks' parts began.
+    q, k, v, log_decay, numerator0, normalizer0, y, token_normalizer, numerator, normalizer, starts = residuals
     d_y, d_numerator, d_normalizer = cotangents
     batch, length, heads, _ = q.shape
     if not config.normalize:  # the normalizer is no output the caller sees
@@ -197,13 +202,13 @@ def _backward_hopper(config, residuals, cotangents):
     flat = lambda x: x.reshape(batch * heads, *x.shape[2:]).astype(jnp.float32)
     if config.power == 1:  # unnormalized: d_out is d_y, and the normalizer passed through
         dq, dk, dv, d_log_decay, d_numerator0 = hopper_power1.backward(
-            q, k, v, log_decay, d_y, flat(numerator0), flat(d_numerator), carried.reshape(-1), scale=config.scale,
+            q, k, v, log_decay, d_y, starts, flat(d_numerator), carried.reshape(-1), scale=config.scale,
             interpret=config.interpret)
         return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_log_decay.astype(log_decay.dtype),
                 d_numerator0.reshape(numerator0.shape).astype(numerator0.dtype), d_normalizer.astype(normalizer0.dtype))
     dq, dk, dv, d_log_decay, *d_initial = hopper_backward.backward(
         q, k, v, log_decay, heads_last(d_out, batch, length), d_den[:, :length],
-        *hopper_kernels.to_full(flat(numerator0), flat(normalizer0)),
+        hopper_kernels.to_full(flat(numerator0), flat(normalizer0))[0], starts,
         *hopper_kernels.to_symmetric_transpose(flat(d_numerator), flat(d_normalizer)), carried.reshape(-1),
         scale=config.scale, interpret=config.interpret)
     d_numerator0, d_normalizer0 = hopper_kernels.to_full_transpose(*d_initial)
@@ -280,7 +285,10 @@ def chunked_attention_pallas(q, k, v, log_decay, *, power, normalize, scale, chu
     normalizer0 = initial_state.normalizer
     if normalizer0 is None:
         normalizer0 = jnp.zeros(initial_state.numerator.shape[:-1], jnp.float32)
-    config = _Config(power, normalize, float(scale), chunk_size, backend, interpret)
+    # The Hopper walks' parts, decided here, outside the forward's cached trace (``ops.remat.named_forward``):
+    # a change of ``walk_parts``'s constants reaches it (the backward reads the forward's from its residuals).
+    parts = hopper_kernels.walk_parts(batch * heads, -(-q.shape[1] // chunk_size)) if backend == HOPPER else 1
+    config = _Config(power, normalize, float(scale), chunk_size, backend, interpret, parts)
     y, numerator, normalizer = _attention(q, k, v, log_decay, initial_state.numerator, normalizer0, config)
     if not return_state:
         return y

@@ -19,6 +19,7 @@ from twomamba_jax.kernels.parallel import mosaic_gpu, mosaic_gpu_backward
 from twomamba_jax.kernels.parallel import tpu as tpu_kernels
 from twomamba_jax.kernels.parallel import triton as triton_kernels
 from twomamba_jax.ops.numerics import NORMALIZER_EPS, zero_log_decay
+from twomamba_jax.ops.remat import named_forward
 
 _HEADS_FIRST = {"triton": triton_kernels, "tpu": tpu_kernels}  # kernels on (B H, Np, d) operands
 
@@ -108,7 +109,9 @@ def _heads_first(q, k, v, scale, padded):
 
 def _attention_fwd(q, k, v, log_decay, config):
     # Normalized powers keep y's float32 value for the backward's delta (see _normalized_cotangents).
-    y_parts, stat = _forward(q, k, v, log_decay, config, precise=_normalized_power(config))
+    # Named, so that a rematerialized block can keep them rather than run this forward again (ops.remat).
+    y_parts, stat = named_forward(_forward, q, k, v, log_decay, config, _normalized_power(config),
+                                  static_argnums=(4, 5))
     return y_parts[0].astype(v.dtype), (q, k, v, log_decay, y_parts, stat)
 
 

@@ -17,6 +17,9 @@ from twomamba_jax.nn.mixer import DecayedAttention, MixerConfig
 from twomamba_jax.nn.partitioning import batch_sharded
 
 AnyMixerConfig = MixerConfig | Mamba2Config | AttentionConfig
+# What a rematerialized block keeps for its backward (ModelConfig.remat_policy): nothing, or the attention
+# kernels' outputs (jax.checkpoint policies).
+REMAT_POLICIES = {"full": None, "save_attention": ops.remat.save_attention}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +32,11 @@ class ModelConfig:
     dtype: compute dtype of the mixers and MLPs (e.g. jnp.bfloat16); param_dtype: parameter dtype (float32
       recommended). The residual stream between blocks is float32 (or wider) whatever the compute dtype.
     remat: recompute each block's activations in the backward instead of storing them (``nnx.remat``).
+    remat_policy: with ``remat``, what the backward recomputes: "full" (the whole block) or "save_attention"
+      (the block but the attention kernels' forwards, whose outputs and statistics it keeps: about B N H (dv + 1)
+      values a layer; ``ops.remat.save_attention``). Blocks without such kernels (e.g. the dense form on CPU)
+      recompute fully; on Hopper the Mosaic GPU kernels' outputs are kept under either policy (their forwards
+      write through a ref, an effect, and remat keeps what effectful operations return).
     """
 
     vocab_size: int
@@ -43,11 +51,16 @@ class ModelConfig:
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    remat_policy: str = "full"
 
     def __post_init__(self):
         for name in ("vocab_size", "model_dim", "num_layers", "num_heads", "head_dim", "mlp_dim"):
             ops.validation.check_positive_int(name, getattr(self, name))
         inits.check_init(self.init)
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy: expected one of {tuple(REMAT_POLICIES)}; got {self.remat_policy!r}")
+        if self.remat_policy != "full" and not self.remat:
+            raise ValueError(f"remat_policy: {self.remat_policy!r} applies only with remat=True")
         if not isinstance(self.mixer, AnyMixerConfig):
             raise ValueError("mixer: expected a MixerConfig, Mamba2Config or AttentionConfig "
                              f"(see twomamba_jax.presets.mixer_config); got {self.mixer!r}")
@@ -104,7 +117,7 @@ class LanguageModel(nnx.Module):
         attention, and stops states and convolutions, at document starts); None: each row is one sequence."""
         x = self._embed(tokens)
         run = lambda block, x, ids: block(x, ids)  # each mixer checks the ids
-        apply = nnx.remat(run) if self.config.remat else run
+        apply = nnx.remat(run, policy=REMAT_POLICIES[self.config.remat_policy]) if self.config.remat else run
         for block in self.blocks:
             x = apply(block, x, segment_ids)
         return self._logits(x)
