@@ -12,7 +12,7 @@ from jax.extend import core as jax_core
 
 from twomamba_jax import nn, ops, presets
 from twomamba_jax.kernels.chunked import chunked_attention_pallas
-from tests.helpers import tree_rel_error
+from helpers import tree_rel_error
 
 # The forward kernel of each impl (by kernel name), which the backward runs again under full remat.
 FORWARD_KERNELS = {"pallas_chunked": "twomamba_chunk_outputs", "pallas_parallel": "twomamba_parallel_forward"}

@@ -82,12 +82,11 @@ def backward(q, k, v, log_decay, d_out, d_den, numerator0, z0, d_numerator, d_no
              stages=2, interpret=False):
     """Cotangents of ``mosaic_gpu.forward``'s inputs.
 
-    q, k, v, log_decay, numerator0 as the forward took them; z0: the normalizer walk's part starts it returned (its parts, too);
-    d_out: (B, N, H, dv) the cotangent of
-    the unnormalized output; d_den: (B H, N) of the normalizer; d_numerator (B H, d, d, dv), d_normalizer
-    (B H, d, d): of the final states (full layout, symmetric); carried: (B H,) the final states' <S, dS> (both
-    states). Returns dq, dk, dv and d_log_decay (B, N, H) in float32, and the initial states' cotangents (full
-    layout).
+    q, k, v, log_decay, numerator0 as the forward took them; z0: the normalizer walk's part starts it returned
+    (its parts, too); d_out: (B, N, H, dv) the cotangent of the unnormalized output; d_den: (B H, N) of the
+    normalizer; d_numerator (B H, d, d, dv), d_normalizer (B H, d, d): of the final states (full layout,
+    symmetric); carried: (B H,) the final states' <S, dS> (both states). Returns dq, dk, dv and d_log_decay
+    (B, N, H) in float32, and the initial states' cotangents (full layout).
     """
     batch, length, heads, dim = q.shape
     interpret = interpret_params(interpret)

@@ -35,8 +35,8 @@ class ModelConfig:
     remat_policy: with ``remat``, what the backward recomputes: "full" (the whole block) or "save_attention"
       (the block but the attention kernels' forwards, whose outputs and statistics it keeps: about B N H (dv + 1)
       values a layer; ``ops.remat.save_attention``). Blocks without such kernels (e.g. the dense form on CPU)
-      recompute fully; on Hopper the Mosaic GPU kernels' outputs are kept under either policy (their forwards
-      write through a ref, an effect, and remat keeps what effectful operations return).
+      recompute fully; on Hopper the Mosaic GPU chunked kernels' outputs are kept under either policy (their
+      forwards write through a ref, an effect, and remat keeps what effectful operations return).
     """
 
     vocab_size: int

@@ -1,11 +1,10 @@
 """What a rematerialized block may keep for its backward instead of computing it again.
 
-The attention kernels' forwards (the chunked and flash-style Pallas kernels, cuDNN's fused attention) are the
-costly part of recomputing a block, and what their backwards read is small: the output and a few numbers a token
-(the normalizer or softmax statistics; the final states). The Pallas kernels name those values
-``ATTENTION_RESIDUALS`` (``named_forward``); ``save_attention`` is the ``jax.checkpoint``
-policy that keeps them and cuDNN's forward outputs, so a block's backward recomputes its projections, norms and MLP
-but no attention kernel's forward.
+The attention kernels' forwards (the chunked and flash-style Pallas kernels, cuDNN's fused attention) are the costly
+part of recomputing a block, and what their backwards read is small: the output and a few numbers a token (the
+normalizer or softmax statistics; the final states). The Pallas kernels name those values ``ATTENTION_RESIDUALS``
+(``named_forward``); ``save_attention`` is the ``jax.checkpoint`` policy that keeps them and cuDNN's forward
+outputs, so a block's backward recomputes its projections, norms and MLP but no attention kernel's forward.
 """
 
 from __future__ import annotations
