@@ -177,9 +177,9 @@ def forward(q, k, v, log_decay, numerator0, normalizer0, *, scale, parts=None, s
     q, k, v: (B, N, H, 64) bfloat16; log_decay: (B, N, H) float32 (<= 0);
     numerator0: (B H, 64, 64, 64), normalizer0: (B H, 64, 64) float32, the initial states in the full layout
     (``to_full``). ``parts``: of the normalizer's walk (default ``walk_parts``). ``interpret``: run in the Mosaic
-    GPU interpreter. Returns the unnormalized output (B, N, H, 64)
-    and the normalizer of every token (B H, N), float32, the final states in the full layout, and the state each
-    part of the normalizer's walk starts from (``walk_starts``; the backward's walk reads it again).
+    GPU interpreter. Returns the unnormalized output (B, N, H, 64) and the normalizer of every token (B H, N),
+    float32, the final states in the full layout, and the state each part of the normalizer's walk starts from
+    (``walk_starts``; the backward's walk reads it again).
     """
     batch, length, heads, dim = q.shape
     if reason := unsupported_reason(q, k, v, power=2):
