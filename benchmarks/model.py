@@ -32,6 +32,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from twomamba_jax.nn.model import REMAT_POLICIES
 from twomamba_jax.train import config as train_config
 from twomamba_jax.train.metrics import peak_flops
 from twomamba_jax.train.trainer import setup
@@ -123,7 +124,7 @@ def main():
     parser.add_argument("--vocab-size", type=int, default=32000)
     parser.add_argument("--precision", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--no-remat", action="store_true", help="keep activations instead of rematerializing")
-    parser.add_argument("--remat-policy", default="full", choices=("full", "save_attention"),
+    parser.add_argument("--remat-policy", default="full", choices=tuple(REMAT_POLICIES),
                         help="what the backward recomputes: the whole block, or all but the attention kernels")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per row")

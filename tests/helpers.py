@@ -64,16 +64,18 @@ def prefill_then_step(module, inputs, prefill: int, max_len: int):
     return jnp.concatenate(outs, axis=1)
 
 
-def largest_intermediate(jaxpr) -> int:
-    """Elements of the largest array a jaxpr makes, inside scans, loops and VJPs too."""
-    largest = 0
+def all_equations(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs inside it (scans, loops, VJPs, jit and kernel calls)."""
     for eqn in jaxpr.eqns:
-        for var in eqn.outvars:
-            shape = getattr(var.aval, "shape", ())
-            largest = max(largest, int(np.prod(shape)) if shape else 1)
+        yield eqn
         for param in eqn.params.values():
             for sub in param if isinstance(param, (tuple, list)) else (param,):
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
-                    largest = max(largest, largest_intermediate(inner))
-    return largest
+                    yield from all_equations(inner)
+
+
+def largest_intermediate(jaxpr) -> int:
+    """Elements of the largest array a jaxpr makes, inside scans, loops and VJPs too."""
+    shapes = (getattr(var.aval, "shape", ()) for eqn in all_equations(jaxpr) for var in eqn.outvars)
+    return max((int(np.prod(shape)) if shape else 1 for shape in shapes), default=0)

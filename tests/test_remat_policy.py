@@ -8,28 +8,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.extend import core as jax_core
 
 from twomamba_jax import nn, ops, presets
 from twomamba_jax.kernels.chunked import chunked_attention_pallas
-from helpers import tree_rel_error
+from helpers import all_equations, tree_rel_error
 
 # The forward kernel of each impl (by kernel name), which the backward runs again under full remat.
 FORWARD_KERNELS = {"pallas_chunked": "twomamba_chunk_outputs", "pallas_parallel": "twomamba_parallel_forward"}
 
 
-def kernel_counts(jaxpr, counts=None) -> collections.Counter:
+def kernel_counts(jaxpr) -> collections.Counter:
     """How many times each Pallas kernel (by name) is called in ``jaxpr`` and the jaxprs inside it (Mosaic GPU
     kernels are ``mpmd_map`` calls)."""
-    counts = collections.Counter() if counts is None else counts
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name in ("pallas_call", "mpmd_map"):
-            counts[eqn.params["name"]] += 1
-        for value in eqn.params.values():
-            for inner in value if isinstance(value, tuple | list) else (value,):  # mpmd_map: a tuple of them
-                if isinstance(inner, jax_core.ClosedJaxpr | jax_core.Jaxpr):
-                    kernel_counts(getattr(inner, "jaxpr", inner), counts)
-    return counts
+    return collections.Counter(eqn.params["name"] for eqn in all_equations(jaxpr)
+                               if eqn.primitive.name in ("pallas_call", "mpmd_map"))
 
 
 def _model(impl, remat, policy="full"):
