@@ -33,6 +33,9 @@ def _fails(capsys, tmp_path, *args) -> str:
     (["--config.optim.learning_rate=inf"], "optim.learning_rate: expected a positive finite number; got inf"),
     (["--config.optim.learning_rate=0"], "optim.learning_rate: expected a positive finite number; got 0.0"),
     (["--config.optim.learning_rate=-1e-3"], "optim.learning_rate: expected a positive finite number; got -0.001"),
+    (["--config.model.remat_policy=save_attention"], "remat_policy: 'save_attention' applies only with remat=True"),
+    (["--config.model.remat=true", "--config.model.remat_policy=some"],
+     "remat_policy: expected one of ('full', 'save_attention'); got 'some'"),
 ])
 def test_config_mistakes_are_one_line_naming_the_key(capsys, tmp_path, args, expected):
     assert expected in _fails(capsys, tmp_path, *args)
